@@ -108,26 +108,6 @@ class Bench:
         res["seconds"] = round(time.perf_counter() - t, 1)
         return res
 
-    @torch.no_grad()
-    def prompt_abstention(self, model) -> dict:
-        """Abstention decided at the prompt's last token only (one forward, no generation)."""
-        old = self.tok.padding_side
-        self.tok.padding_side = "left"
-        flags = []
-        try:
-            for i in range(0, len(self.eval), self.batch_size):
-                rows = self.eval[i : i + self.batch_size]
-                enc = self.tok([r["prompt"] for r in rows], return_tensors="pt", padding=True)
-                flags += model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).abstained.tolist()
-        finally:
-            self.tok.padding_side = old
-        skills, phrasings = {}, {}
-        for r, a in zip(self.eval, flags):
-            skills.setdefault(r["skill"], []).append(a)
-            phrasings.setdefault(r["phrasing"], (r["skill"], []))[1].append(a)
-        return {"skills": {s: {"n": len(v), "abstained": sum(v) / len(v)} for s, v in skills.items()},
-                "phrasings": {p: {"skill": sk, "n": len(v), "abstained": sum(v) / len(v)} for p, (sk, v) in phrasings.items()}}
-
     def edited(self, job, plans, model=None, na_applied=False):
         from editor.patch import wrap
         from editor.pipeline import apply_plans
@@ -160,43 +140,34 @@ def run_ksd(b: Bench, log) -> dict:
     out = {}
     for label, recipe, skill, probed in KSD_CASES:
         r = b.recipe(recipe)
-        job = prepare(r)
-        model = b.base_model(job)
-        t = time.perf_counter()
-        stats = profile_job(job, model, b.tok, progress=False)  # streaming stats + calibration
-        log(f"[ksd] {label}: profiled + calibrated in {time.perf_counter() - t:.1f}s")
-        rows = []
         ks = r.key_space
-        for scale in PAPER_SCALES:
-            pj = prepare(b.recipe(recipe, key_space={"forget": ks.forget, "layer": -1, "scale": scale, "refusal": ks.refusal}))
-            plans = plan_all(pj, stats)
-            res = b.score(b.edited(pj, plans))
-            rows.append({"method": f"paper (last layer, all {plans.key_space[max(plans.key_space)].dims} dims, α={scale:g})",
-                         "plan": plans.key_space_info, **abstentions(res, skill, probed)})
-            log(f"[ksd] {label}: {rows[-1]['method']}: {res['seconds']}s")
-        plans = plan_all(job, stats)
-        info = plans.key_space_info
-        res = b.score(b.edited(job, plans))
-        rows.append({"method": f"calibrated ({_boxes(info)})", "plan": info, **abstentions(res, skill, probed)})
-        log(f"[ksd] {label}: calibrated: {res['seconds']}s; cv {info['cv']}")
-        # what a guard that checks ONLY the prompt's last token would give (the runtime also checks
-        # every generated token): the paper's α=2, and a calibration without continuation keys
-        pj = prepare(b.recipe(recipe, key_space={"forget": ks.forget, "layer": -1, "scale": 2.0, "refusal": ks.refusal}))
-        plans = plan_all(pj, stats)
-        rows.append({"method": "prompt-only decision: paper (last layer, all dims, α=2)", "plan": plans.key_space_info,
-                     "prompt_only": True, **abstentions(b.prompt_abstention(b.edited(pj, plans)), skill, probed)})
-        from editor import calibrate
-
-        saved, calibrate.CONTINUATION_TOKENS = calibrate.CONTINUATION_TOKENS, 0
-        try:
-            st0 = profile_job(job, b.base_model(job), b.tok, progress=False)
-            plans = plan_all(job, st0)
-        finally:
-            calibrate.CONTINUATION_TOKENS = saved
-        info = plans.key_space_info
-        rows.append({"method": f"prompt-only decision: calibrated on prompt keys only ({_boxes(info)})", "plan": info,
-                     "prompt_only": True, **abstentions(b.prompt_abstention(b.edited(job, plans)), skill, probed)})
-        log(f"[ksd] {label}: prompt-only calibration: cv {info['cv']}")
+        rows = []
+        stats = None
+        # the paper's KSD (no calibration: one set of streaming statistics serves every α / check)
+        for check, scales in (("every_call", PAPER_SCALES), ("prompt", PAPER_SCALES[:2])):
+            for scale in scales:
+                pj = prepare(b.recipe(recipe, key_space={"forget": ks.forget, "layer": -1, "scale": scale,
+                                                         "refusal": ks.refusal, "check": check}))
+                if stats is None:
+                    stats = profile_job(pj, b.base_model(pj), b.tok, progress=False)
+                plans = plan_all(pj, stats)
+                res = b.score(b.edited(pj, plans))
+                rows.append({"method": f"paper (last layer, all {plans.key_space[max(plans.key_space)].dims} dims, α={scale:g})",
+                             "check": check, "plan": plans.key_space_info, **abstentions(res, skill, probed)})
+                log(f"[ksd] {label}: {rows[-1]['method']}, check {check}: {res['seconds']}s")
+        # calibrated: the recipe's budget with each check rule, and a 2 % budget with check: prompt
+        for check, budget in (("every_call", ks.false_positive_budget), ("prompt", ks.false_positive_budget), ("prompt", 0.02)):
+            spec = ks.model_dump(exclude_none=True) | {"check": check, "false_positive_budget": budget}
+            job = prepare(b.recipe(recipe, key_space=spec))
+            t = time.perf_counter()
+            st = profile_job(job, b.base_model(job), b.tok, progress=False)  # streaming stats + calibration
+            plans = plan_all(job, st)
+            info = plans.key_space_info
+            res = b.score(b.edited(job, plans))
+            rows.append({"method": f"calibrated, budget {budget:.0%} ({_boxes(info)})", "check": check, "plan": info,
+                         **abstentions(res, skill, probed)})
+            log(f"[ksd] {label}: calibrated, check {check}, budget {budget}: profiled + calibrated + scored in "
+                f"{time.perf_counter() - t:.1f}s; cv {info['cv']}")
         out[label] = {"skill": skill, "probed": probed, "rows": rows}
     return out
 
@@ -209,17 +180,21 @@ def ksd_table(res: dict) -> str:
     parts = []
     for label, case in res.items():
         skills = sorted(case["rows"][0]["retained"])
-        header = ["KSD", f"probed {case['probed']}", "unseen phrasings"] + skills
-        rows = [[r["method"], pct(r["probed"]), pct(r["unseen"])] + [pct(r["retained"][s]) for s in skills] for r in case["rows"]]
+        header = ["KSD", "check", f"probed {case['probed']}", "unseen phrasings"] + skills
+        rows = [[r["method"], r["check"], pct(r["probed"]), pct(r["unseen"])] + [pct(r["retained"][s]) for s in skills]
+                for r in case["rows"]]
         n = case["rows"][0]
-        parts.append(f"Forget {label}: abstention on eval.jsonl (probed phrasing n={n['n_probed']}, unseen n={n['n_unseen']}); "
-                     "rows 1-4: generation through the checkpoint runtime (every forward call checked: the prompt's last "
-                     "token and each generated token), `prompt-only decision` rows: one forward, the prompt's last token only\n\n"
-                     + render(header, rows))
-        cv = [r for r in case["rows"] if not r.get("prompt_only")][-1]["plan"]["cv"]
-        parts.append(f"calibration (probe data only, {cv['folds']}-fold CV, seed {cv['seed']}): held-out forget coverage "
-                     f"{pct(cv['forget_coverage'])}, held-out retain FPR {pct(cv['retain_fpr'])} (budget {pct(cv['budget'])}), "
-                     f"{cv['feasible']} of {cv['candidates']} settings feasible")
+        parts.append(f"Forget {label}: abstention on eval.jsonl (probed phrasing n={n['n_probed']}, unseen n={n['n_unseen']}), "
+                     "greedy generation through the checkpoint runtime; check `every_call`: the prompt's last token and "
+                     "each generated token decide, `prompt`: the prompt's last token only\n\n" + render(header, rows))
+        cvs = []
+        for r in case["rows"]:
+            if r["plan"].get("method") == "calibrated":
+                cv = r["plan"]["cv"]
+                cvs.append(f"- check {r['check']}, budget {pct(cv['budget'])}: held-out forget coverage "
+                           f"{pct(cv['forget_coverage'])}, held-out retain FPR {pct(cv['retain_fpr'])}, "
+                           f"{cv['feasible']} of {cv['candidates']} settings feasible")
+        parts.append(f"Calibration (probe data only, {cv['folds']}-fold CV, seed {cv['seed']}):\n\n" + "\n".join(cvs))
     return "\n\n".join(parts)
 
 
@@ -273,20 +248,28 @@ def run_na(b: Bench, log, scores=NA_SCORES, sweep=NA_SWEEP) -> dict:
     for p in (0.5, 1.5, 3.0):
         x = next((x for x in sweep_rows if x["score"] == "paper" and x["top_percent"] == p), None) or na_run("paper", p)
         abl.append({"setting": f"NA alone, paper score, {p:g} %", "em": x["em"], "abstained": None})
-    ks = plan_all(ks_only, stats)
-    res = b.score(b.edited(ks_only, ks))
     a = demo.key_space.scale
-    abl.append({"setting": f"KSD alone (demo.yaml: paper KSD, last layer, α={a:g}, all math phrasings probed)", "em": ems(res),
-                "abstained": abstained(res)})
-    both = copy.deepcopy(model)
-    st = profile_job(job, both, b.tok, progress=False)  # leaves NA on (KSD keys under NA)
-    res = b.score(b.edited(job, plan_all(job, st), model=both, na_applied=True))
-    abl.append({"setting": f"both (demo.yaml: NA {na.top_percent:g} % {na.score} + paper KSD α={a:g})", "em": ems(res),
-                "abstained": abstained(res)})
+    checks = [demo.key_space.check] + [c for c in ("every_call", "prompt") if c != demo.key_space.check]
+    for check in checks:
+        ksd = demo.key_space.model_dump(exclude_none=True) | {"check": check}
+        tag = "demo.yaml" if check == demo.key_space.check else "demo.yaml but"
+        ks_job = prepare(b.recipe("demo.yaml", neuron_adjust=None, key_space=ksd))
+        res = b.score(b.edited(ks_job, plan_all(ks_job, stats)))
+        abl.append({"setting": f"KSD alone ({tag} check {check}: paper KSD, last layer, α={a:g}, all math phrasings probed)",
+                    "em": ems(res), "abstained": abstained(res)})
+        both_job = prepare(b.recipe("demo.yaml", key_space=ksd))
+        both = copy.deepcopy(model)
+        st = profile_job(both_job, both, b.tok, progress=False)  # leaves NA on (KSD keys under NA)
+        res = b.score(b.edited(both_job, plan_all(both_job, st), model=both, na_applied=True))
+        abl.append({"setting": f"both ({tag} check {check}: NA {na.top_percent:g} % {na.score} + paper KSD α={a:g})",
+                    "em": ems(res), "abstained": abstained(res)})
     # the same with a calibrated KSD (recipes/generalize/demo-calibrated.yaml)
     from editor.errors import EditorError
 
-    for label, with_na in (("KSD alone, calibrated", False), ("both: NA 3 % paper + KSD calibrated", True)):
+    cal = b.recipe("generalize/demo-calibrated.yaml")
+    cal_na = f"NA {cal.neuron_adjust.top_percent:g} % {cal.neuron_adjust.score}" if cal.neuron_adjust else "no NA"
+    for label, with_na in ((f"KSD alone, calibrated, check {cal.key_space.check}", False),
+                           (f"both: {cal_na} + KSD calibrated, check {cal.key_space.check}", True)):
         job_c = prepare(b.recipe("generalize/demo-calibrated.yaml", **({} if with_na else {"neuron_adjust": None})))
         m = copy.deepcopy(model)
         try:
@@ -297,7 +280,7 @@ def run_na(b: Bench, log, scores=NA_SCORES, sweep=NA_SWEEP) -> dict:
             continue
         res = b.score(b.edited(job_c, plans, model=m, na_applied=with_na))
         abl.append({"setting": f"{label} ({_boxes(plans.key_space_info)})", "em": ems(res), "abstained": abstained(res)})
-    for a in abl[-4:]:
+    for a in abl[4:]:
         log(f"[na] {a['setting']}: {a['em']}")
     return {"before": before, "sweep": sweep_rows, "ablation": abl}
 

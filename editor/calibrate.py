@@ -429,7 +429,13 @@ def calibration_config(recipe) -> dict:
     ks = recipe.key_space
     return {"version": CALIBRATION_VERSION, "forget": ks.forget, "retain": ks.retain_sets,
             "false_positive_budget": ks.false_positive_budget, "folds": ks.folds, "seed": ks.seed,
-            "continuation_tokens": CONTINUATION_TOKENS}
+            "check": ks.check, "continuation_tokens": continuation_tokens(ks.check)}
+
+
+def continuation_tokens(check: str) -> int:
+    """How many generated tokens' keys the runtime tests per query: with ``check: prompt`` only the
+    prompt's key decides, so the calibration scores each query by its prompt key alone."""
+    return 0 if check == "prompt" else CONTINUATION_TOKENS
 
 
 def calibrate_keys(forget: dict[int, torch.Tensor] | KeySet, retain: dict[int, torch.Tensor] | KeySet, *, budget: float,
@@ -465,7 +471,8 @@ def calibrate_job(job, model, tokenizer, spec, *, progress: bool = False) -> dic
     r = job.recipe
     ks = r.key_space
     p = r.profile
-    kw = dict(batch_size=p.batch_size, max_length=p.max_length, padding_side=p.padding_side)
+    kw = dict(batch_size=p.batch_size, max_length=p.max_length, padding_side=p.padding_side,
+              new_tokens=continuation_tokens(ks.check))
     f = query_keys(model, tokenizer, spec, job.sets[ks.forget].texts, **kw)
     retain_texts: list[str] = []
     group: list[int] = []

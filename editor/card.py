@@ -184,6 +184,12 @@ def _how_section(manifest: dict) -> list[str]:
                 "dimension is answered with the refusal text"
                 + (" (keys profiled with Neuron Adjust active)." if ks.get("profiled_with_neuron_adjust") else ".")
             )
+        if ks.get("check") == "prompt":
+            lines += ["", "The guard decides on the query: `generate` tests the key of the prompt's last token "
+                      "(its first forward call) and does not re-check the generated tokens (`key_space.check: prompt`)."]
+        else:
+            lines += ["", "The guard tests the key at the last token of every forward call of `generate`: the "
+                      "prompt and each generated token (`key_space.check: every_call`)."]
         lines += ["", f"Refusal: `{ks.get('refusal')}`", ""]
     if pr:
         lines += [
@@ -263,6 +269,13 @@ def _load_section(manifest: dict) -> list[str]:
             "stops them at once (other rows continue).",
             "",
         ]
+        if ks.get("check") == "prompt":
+            lines += [
+                "This checkpoint decides on the prompt (`check: prompt`): `forward` still reports the test of "
+                "every call, and `generate` uses the first call's. A hand-written loop (or ONNX Runtime) should "
+                "read `abstained` from the prompt's forward call only.",
+                "",
+            ]
     lines += [
         "`skill-editor inspect CHECKPOINT` shows what was edited and verifies every file's sha256; "
         "`skill-editor restore CHECKPOINT --out DIR` writes the exact base model back.",

@@ -149,6 +149,7 @@ def edit_summary(job, plans, edit: dict | None) -> dict:
             "scale": {str(i): plans.key_space[i].scale for i in layers},
             "dims": {str(i): plans.key_space[i].dims for i in layers},
             "refusal": r.key_space.refusal,
+            "check": r.key_space.check,
             "profiled_with_neuron_adjust": bool(na is not None),
         }
         if plans.key_space_info:

@@ -72,6 +72,8 @@ class OnnxGenerator:
         edit = self.meta.get("edit") or {}
         ks = edit.get("key_space") or {}
         self.refusal = onnx_meta.get("refusal") or ks.get("refusal") or ""
+        # which calls decide (the runtime's rule): every call, or the first one (the prompt) only
+        self.check = ks.get("check", "every_call")
         so = ort.SessionOptions()
         if threads:
             so.intra_op_num_threads = int(threads)
@@ -114,9 +116,10 @@ class OnnxGenerator:
         abstained = np.zeros(batch, dtype=bool)
         new: list[list[int]] = [[] for _ in range(batch)]
         past = None
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             logits, past, ab = self.step(ids, mask, pos, past)
-            abstained |= ab & ~done
+            if step == 0 or self.check != "prompt":
+                abstained |= ab & ~done
             done |= abstained
             if done.all():
                 break

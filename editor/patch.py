@@ -82,7 +82,8 @@ def apply_prune(model: nn.Module, spec: ArchSpec, selected: dict[int, torch.Tens
 
 
 def edit_description(model_type: str, na: NAPlan | None, ksd: dict[int, KSDBounds] | None,
-                     refusal: str | None, refusal_ids: list[int] | None, model: nn.Module) -> dict:
+                     refusal: str | None, refusal_ids: list[int] | None, model: nn.Module,
+                     check: str = "every_call") -> dict:
     """The ``skill_editor`` dict of the checkpoint config, digest of the installed patch included."""
     edit = {"format": FORMAT, "version": FORMAT_VERSION, "tool_version": __version__, "arch": model_type,
             "neuron_adjust": None, "key_space": None}
@@ -97,6 +98,7 @@ def edit_description(model_type: str, na: NAPlan | None, ksd: dict[int, KSDBound
             "dims": {str(i): b.dims for i, b in sorted(ksd.items())},
             "refusal": refusal,
             "refusal_ids": list(refusal_ids or []),
+            "check": check,
         }
     edit["patch_digest"] = patch_digest(patch_tensors(model))
     return edit

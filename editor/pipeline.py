@@ -250,11 +250,13 @@ def apply_plans(job: Job, model, tokenizer, plans: Plans, *, na_applied: bool = 
     if plans.neuron_adjust is not None and not na_applied:
         apply_neuron_adjust(model, spec, job.model_type, plans.neuron_adjust)
     refusal = refusal_ids = None
+    check = job.recipe.key_space.check if job.recipe.key_space else "every_call"
     if plans.key_space:
         apply_key_space(model, spec, job.model_type, plans.key_space)
         refusal = job.recipe.key_space.refusal
         refusal_ids = refusal_token_ids(tokenizer, refusal)
-    edit = edit_description(job.model_type, plans.neuron_adjust, plans.key_space or None, refusal, refusal_ids, model)
+    edit = edit_description(job.model_type, plans.neuron_adjust, plans.key_space or None, refusal, refusal_ids, model,
+                            check=check)
     if plans.key_space_info:
         edit["key_space"]["plan"] = plans.key_space_info
     return edit

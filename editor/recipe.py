@@ -94,6 +94,10 @@ class KeySpaceSpec(_Strict):
     layer: int = -1
     scale: float = 2.0
     refusal: str = "Sorry, I can't help with that."
+    check: Literal["every_call", "prompt"] = Field(
+        "every_call",
+        description="which forward calls of generate decide: every_call (DESIGN §3: the prompt's last token and "
+                    "each generated token) or prompt (the first call only: the query decides, the answer is not re-checked)")
     retain: str | list[str] | None = Field(None, description="retain queries: turns on calibration")
     calibrate: bool | None = Field(None, description="default: on when retain queries are given")
     false_positive_budget: float = Field(0.01, ge=0.0, lt=1.0)

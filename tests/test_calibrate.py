@@ -452,3 +452,43 @@ def test_selective_score_is_the_expected_displacement_gap():
     assert neuron_scores(same_d, wide, "paper")[0] == neuron_scores(same_d, wide, "paper")[1]
     sel = neuron_scores(same_d, wide, "selective")
     assert sel[0] > sel[1]
+
+
+def test_check_prompt_calibrates_on_prompt_keys_only(tiny_job, tmp_path, monkeypatch):
+    """``check: prompt``: the runtime decides on the prompt's key alone, so the calibration scores
+    each query by that key only (no continuation keys), records the rule, and statistics
+    calibrated under the other rule are refused."""
+    from editor.export_hf import export_recipe
+    from editor.pipeline import profile_recipe
+
+    root = tiny_job
+    text = (root / "recipe.yaml").read_text()
+    prompt_recipe = root / "recipe-prompt.yaml"
+    prompt_recipe.write_text(text.replace("false_positive_budget: 0.05}", "false_positive_budget: 0.05, check: prompt}"))
+    asked = []
+    real = calibrate.collect_continuation_keys
+
+    def spy(model, tok, spec, texts, *, new_tokens=calibrate.CONTINUATION_TOKENS, **kw):
+        asked.append(new_tokens)
+        return real(model, tok, spec, texts, new_tokens=new_tokens, **kw)
+
+    monkeypatch.setattr(calibrate, "collect_continuation_keys", spy)
+    stats = tmp_path / "stats"
+    profile_recipe(prompt_recipe, stats, progress=False)
+    assert asked and all(n < 2 for n in asked)
+    meta = json.loads(safe_open_meta(stats)["sets"])
+    (record,) = [v["calibration"] for v in meta.values() if "calibration" in v]  # the KSD set (NA on)
+    assert record["config"]["check"] == "prompt" and record["config"]["continuation_tokens"] == 0
+    assert record["keys"] == {"forget": record["n_forget"], "retain": record["n_retain"]}
+    out = export_recipe(prompt_recipe, stats, tmp_path / "ck")
+    cfg = json.loads((Path(out) / "config.json").read_text())
+    assert cfg["skill_editor"]["key_space"]["check"] == "prompt"
+    with pytest.raises(EditorError, match="calibration"):
+        export_recipe(root / "recipe.yaml", stats, tmp_path / "ck2")  # every_call recipe, prompt stats
+
+
+def safe_open_meta(stats_dir: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(stats_dir / "stats.safetensors"), "pt") as f:
+        return f.metadata()

@@ -78,6 +78,7 @@ BAD = [
     ("ksd layer out of range", mutate("key_space.layer", 7), "key_space.layer: layer 7 is out of range"),
     ("ksd negative layer out of range", mutate("key_space.layer", -4), "key_space.layer"),
     ("bad scale", mutate("key_space.scale", -1), "key_space.scale"),
+    ("bad check", mutate("key_space.check", "sometimes"), "key_space.check"),
     ("bad device", mutate("device", "gpu0"), "device"),
     ("missing field", mutate("data.m.text", "{question}"), "data.m.text: record 0 has no field 'question'"),
     ("missing file", mutate("data.m.path", "nope.jsonl"), "data.m: file not found"),

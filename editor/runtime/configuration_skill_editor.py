@@ -18,7 +18,8 @@ class SkillEditorConfig(PretrainedConfig):
 
     ``skill_editor`` keys: ``format`` ("skill-editor/patch"), ``version``, ``arch`` (base
     ``model_type``), ``neuron_adjust`` (``{"mode", "seed", "counts": {layer: n}}`` or None),
-    ``key_space`` (``{"layers": [...], "refusal", "refusal_ids"}`` or None), ``patch_digest``
+    ``key_space`` (``{"layers": [...], "refusal", "refusal_ids", "check"}`` or None; ``check``:
+    ``every_call`` (default) or ``prompt``, which forward calls of ``generate`` decide), ``patch_digest``
     (sha256 of every patch tensor, checked at load).
     """
 

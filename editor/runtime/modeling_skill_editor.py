@@ -9,9 +9,12 @@ This one file is shipped verbatim into every exported checkpoint and is also wha
   by a per-neuron log-likelihood-ratio rule (DESIGN §3). Modes: ``sample`` (seeded, one draw per
   element), ``expected`` and ``hard``.
 * KSD: the input of the down projection at the guarded layer(s) is tested against a hypercube
-  ``lower <= key <= upper`` (every dimension); the decision is taken per batch row at the last
+  ``lower <= key <= upper`` (every dimension); the test is taken per batch row at the last
   real token of every forward call and returned as ``abstained``; ``generate`` answers abstained
-  rows with the refusal text and stops them at once.
+  rows with the refusal text and stops them at once. Which calls of ``generate`` decide is the
+  edit's ``key_space.check``: ``every_call`` (default: the prompt and each generated token) or
+  ``prompt`` (the first forward call of each ``generate`` only: the query decides, the model's
+  own answer is not re-checked).
 
 Both patches swap the class of the existing module for a subclass (parameter names do not
 change) and add a child module holding the auditable constants, e.g.
@@ -527,7 +530,9 @@ class SkillEditorForCausalLM(SkillEditorPreTrainedModel, GenerationMixin):
         batch, seq = ref.shape[0], ref.shape[1]
         abstained = guard_decision(self.model, attention_mask, batch, seq, out.logits.device, guards=self._guards())
         state = getattr(self, "_abstention_state", None)
-        if state is not None and abstained is not None:
+        if state is not None and abstained is not None and not (state.get("check") == "prompt" and state.get("decided")):
+            # with check == "prompt" only the first forward call of a generate (the prompt) decides
+            state["decided"] = True
             frozen = state.get("frozen")
             if frozen is not None and frozen.shape == abstained.shape:
                 abstained_now = abstained & ~frozen.to(abstained.device)
@@ -548,7 +553,7 @@ class SkillEditorForCausalLM(SkillEditorPreTrainedModel, GenerationMixin):
         ks = (self.config.skill_editor or {}).get("key_space")
         if not ks:
             return super().generate(*args, **kwargs)
-        state: dict = {}
+        state: dict = {"check": ks.get("check", "every_call")}
         stops = list(kwargs.pop("stopping_criteria", None) or [])
         gc = kwargs.get("generation_config") or self.generation_config
         eos = kwargs.get("eos_token_id", getattr(gc, "eos_token_id", None))
