@@ -3,6 +3,13 @@ file) and ``restore`` (the exact base model: undo the neuron permutation, drop t
 
 Works from the files alone (config.json, skill_editor.json, safetensors) — the checkpoint's
 shipped code is never imported or executed.
+
+An ONNX export directory (``editor.export_onnx``: model.onnx + external data, tokenizer files,
+skill_editor.json with an ``onnx`` section, deliberately no config.json) is recognised too: the
+same sha256 check of every file skill_editor.json lists (the graph and its external data must be
+listed), unlisted files, and — the analogue of the HF patch-digest check — the edit recorded in
+the graph's own metadata (``metadata_props["skill_editor"]``, read without the weights) must carry
+the manifest's patch digest. ``restore`` does not apply to ONNX exports.
 """
 
 from __future__ import annotations
@@ -24,6 +31,11 @@ INDEX = "model.safetensors.index.json"
 IGNORED = {".gitattributes", ".gitignore"}
 PATCH_MARKERS = (".neuron_adjust.", ".key_space.")
 BASE_PREFIX = "model."  # SkillEditorForCausalLM.base_model_prefix
+# an ONNX export (editor.export_onnx: MODEL_FILE, DATA_FILE, ONNX_FORMAT; kept literal here so that
+# inspecting needs neither the onnx packages nor the export module)
+ONNX_MODEL = "model.onnx"
+ONNX_DATA = "model.onnx.data"
+ONNX_FORMAT = "skill-editor/onnx"
 
 
 @dataclass
@@ -33,6 +45,8 @@ class Report:
     manifest: dict | None
     problems: list[str] = field(default_factory=list)
     checked: int = 0
+    format: str = "hf"  # "hf" (config.json + safetensors) or "onnx" (model.onnx + external data)
+    notes: list[str] = field(default_factory=list)  # what could not be checked (not a failure)
 
     @property
     def ok(self) -> bool:
@@ -40,6 +54,8 @@ class Report:
 
     @property
     def patched(self) -> bool:
+        if self.format == "onnx":
+            return bool(((self.manifest or {}).get("edit") or {}).get("patch_digest"))
         return self.config.get("model_type") == "skill_editor"
 
 
@@ -110,22 +126,53 @@ def _strip(name: str) -> str:
     return name[len(BASE_PREFIX):] if name.startswith(BASE_PREFIX) else name
 
 
+def is_onnx_export(ckpt) -> bool:
+    """An ONNX export directory: no config.json, and model.onnx or a skill_editor.json with an
+    ``onnx`` section."""
+    ckpt = Path(ckpt)
+    if (ckpt / "config.json").exists():
+        return False
+    if (ckpt / ONNX_MODEL).exists():
+        return True
+    try:
+        m = json.loads((ckpt / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(m, dict) and (isinstance(m.get("onnx"), dict) or m.get("format") == ONNX_FORMAT)
+
+
 def verify(ckpt) -> Report:
     """Check every file listed in skill_editor.json (exists, sha256), unlisted files, and for a
-    patched checkpoint the patch tensors against config.json's ``patch_digest``."""
+    patched checkpoint the patch tensors against config.json's ``patch_digest`` (an ONNX export:
+    the graph's recorded edit against the manifest's patch digest)."""
     ckpt = Path(ckpt)
     if not ckpt.is_dir():
         raise EditorError(f"{ckpt} is not a directory")
+    if is_onnx_export(ckpt):
+        return _verify_onnx(ckpt)
     config = _read_json(ckpt / "config.json", "config")
     rep = Report(ckpt, config, None)
-    mpath = ckpt / MANIFEST
+    _read_manifest(rep, "checkpoint")
+    _verify_files(rep)
+    if rep.patched:
+        rep.problems.extend(_verify_patch(ckpt, config, rep.manifest))
+    return rep
+
+
+def _read_manifest(rep: Report, what: str) -> None:
+    mpath = rep.path / MANIFEST
     if not mpath.exists():
-        rep.problems.append(f"missing {MANIFEST}: not a skill-editor checkpoint (nothing to verify against)")
-    else:
-        try:
-            rep.manifest = _read_json(mpath, "manifest")
-        except EditorError as e:
-            rep.problems.append(str(e))
+        rep.problems.append(f"missing {MANIFEST}: not a skill-editor {what} (nothing to verify against)")
+        return
+    try:
+        rep.manifest = _read_json(mpath, "manifest")
+    except EditorError as e:
+        rep.problems.append(str(e))
+
+
+def _verify_files(rep: Report) -> dict:
+    """sha256 of every file the manifest lists; files on disk it does not list. Returns the listing."""
+    ckpt = rep.path
     files = (rep.manifest or {}).get("files")
     if rep.manifest is not None and not isinstance(files, dict):
         rep.problems.append(f"{MANIFEST} lists no files")
@@ -150,9 +197,67 @@ def verify(ckpt) -> Report:
             if rel in IGNORED or any(part.startswith(".") for part in Path(rel).parts):
                 continue
             rep.problems.append(f"{rel}: not listed in {MANIFEST}")
-    if rep.patched:
-        rep.problems.extend(_verify_patch(ckpt, config, rep.manifest))
+    return files
+
+
+def _verify_onnx(ckpt: Path) -> Report:
+    """An ONNX export: the files (as for HF checkpoints; the graph and its external data must be
+    listed) and the edit recorded inside the graph against the manifest's patch digest."""
+    rep = Report(ckpt, {}, None, format="onnx")
+    _read_manifest(rep, "ONNX export")
+    m = rep.manifest
+    onnx_meta = (m or {}).get("onnx")
+    if m is not None and not isinstance(onnx_meta, dict):
+        rep.problems.append(f"{MANIFEST} has no onnx section: not a skill-editor ONNX export")
+    onnx_meta = onnx_meta if isinstance(onnx_meta, dict) else {}
+    if isinstance(onnx_meta.get("base_config"), dict):
+        rep.config = onnx_meta["base_config"]
+    files = _verify_files(rep)
+    if m is None:
+        return rep
+    data = onnx_meta.get("external_data") or ONNX_DATA
+    for rel in (ONNX_MODEL, data):
+        if rel not in files and not (ckpt / rel).is_file():
+            rep.problems.append(f"{rel}: missing")  # neither on disk nor listed (an unlisted file is reported above)
+    if any(p.startswith(f"{ONNX_MODEL}:") for p in rep.problems):
+        return rep  # the graph itself is missing or changed: that is the one finding
+    rep.problems.extend(_verify_graph_edit(ckpt, m, rep.notes))
     return rep
+
+
+def _verify_graph_edit(ckpt: Path, manifest: dict, notes: list[str]) -> list[str]:
+    """The graph's metadata (``export_onnx`` writes the format and the edit dict) against the
+    manifest: same patch digest, or neither has one. Reads model.onnx without its external data."""
+    try:
+        import onnx
+    except ImportError:
+        notes.append(f"the edit recorded in {ONNX_MODEL} was not compared (the onnx package is not installed)")
+        return []
+    try:
+        graph = onnx.load(str(ckpt / ONNX_MODEL), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - protobuf / onnx raise their own error types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return [f"{ONNX_MODEL}: cannot read the graph: {first}"]
+    props = {p.key: p.value for p in graph.metadata_props}
+    if props.get("skill_editor.format") != ONNX_FORMAT:
+        return [f"{ONNX_MODEL}: not a skill-editor graph (metadata skill_editor.format is {props.get('skill_editor.format')!r})"]
+    graph_edit: dict = {}
+    if "skill_editor" in props:
+        try:
+            graph_edit = json.loads(props["skill_editor"])
+        except ValueError as e:
+            return [f"{ONNX_MODEL}: its skill_editor metadata is not JSON: {e}"]
+        if not isinstance(graph_edit, dict):
+            return [f"{ONNX_MODEL}: its skill_editor metadata is not a JSON object"]
+    got = graph_edit.get("patch_digest")
+    want = (manifest.get("edit") or {}).get("patch_digest")
+    if got == want:
+        return []
+    if want is None:
+        return [f"{ONNX_MODEL} carries an edit (patch digest {str(got)[:12]}…) that {MANIFEST} does not record"]
+    if got is None:
+        return [f"{MANIFEST} records an edit (patch digest {str(want)[:12]}…) that {ONNX_MODEL} does not carry"]
+    return [f"{MANIFEST} and {ONNX_MODEL} record different patch digests (expected {str(want)[:12]}…, got {str(got)[:12]}…)"]
 
 
 def _verify_patch(ckpt: Path, config: dict, manifest: dict | None) -> list[str]:
@@ -206,12 +311,21 @@ def describe(rep: Report) -> str:
     edit = m.get("edit") or {}
     cedit = cfg.get("skill_editor") or {}
     base = m.get("base_model") or {}
+    onnx_meta = m.get("onnx") if isinstance(m.get("onnx"), dict) else {}
     lines = [f"checkpoint: {rep.path}"]
-    kind = "patched (custom code, trust_remote_code=True)" if rep.patched else "plain (base architecture, no custom code)"
+    if rep.format == "onnx":
+        what = "patched: the edit runs inside the graph" if rep.patched else "plain: no edit inside the graph"
+        kind = f"ONNX export ({ONNX_MODEL} + {onnx_meta.get('external_data') or ONNX_DATA}; {what}; runs with ONNX Runtime)"
+    else:
+        kind = "patched (custom code, trust_remote_code=True)" if rep.patched else "plain (base architecture, no custom code)"
     lines.append(f"kind:       {kind}")
-    arch = base.get("model_type") or cedit.get("arch") or cfg.get("model_type")
+    arch = base.get("model_type") or cedit.get("arch") or edit.get("arch") or cfg.get("model_type") or "?"
+    dtype = base.get("dtype") or cfg.get("dtype") or cfg.get("torch_dtype") or onnx_meta.get("dtype") or "?"
     lines.append(f"base model: {base.get('model', '?')}" + (f" @ {base['revision']}" if base.get("revision") else "")
-                 + f" ({arch}, {base.get('dtype') or cfg.get('dtype') or '?'})")
+                 + f" ({arch}, {dtype})")
+    recipe = m.get("recipe")
+    if isinstance(recipe, dict):
+        lines.append("recipe:     " + _recipe_line(recipe))
     methods = edit.get("methods") or [k for k in ("neuron_adjust", "key_space") if cedit.get(k)]
     lines.append(f"methods:    {', '.join(methods) or 'none'}")
     na = edit.get("neuron_adjust") or cedit.get("neuron_adjust")
@@ -227,13 +341,19 @@ def describe(rep: Report) -> str:
             lines.append(f"key space:  layer {layer}, k {_fmt((ks.get('k') or {}).get(str(layer)))}, "
                          f"scale (alpha) {_fmt((ks.get('scale') or {}).get(str(layer)))}, "
                          f"{(ks.get('dims') or {}).get(str(layer), '?')} guarded dims")
-        lines.append(f"  refusal: {ks.get('refusal')!r}")
+        plan = ks.get("plan")
+        if isinstance(plan, dict) and plan.get("method"):
+            lines.append("  plan: " + _ksd_plan_line(plan))
+        lines.append(f"  refusal: {ks.get('refusal')!r}" + (f", check {ks['check']}" if ks.get("check") else ""))
     pr = edit.get("prune")
     if pr:
         lines.append(f"prune:      {pr.get('total')} neurons zeroed (top {_fmt(pr.get('top_percent'))} %, forget {pr.get('forget')})")
         lines.append("  per layer: " + ", ".join(f"{k}:{v}" for k, v in sorted((pr.get("counts") or {}).items(), key=lambda kv: int(kv[0]))))
-    if cedit.get("patch_digest"):
-        lines.append(f"patch digest: {cedit['patch_digest']}")
+    digest = cedit.get("patch_digest") or (edit.get("patch_digest") if rep.format == "onnx" else None)
+    if digest:
+        lines.append(f"patch digest: {digest}")
+    if onnx_meta:
+        lines.append("onnx:       " + _onnx_line(onnx_meta))
     if m:
         lines.append(f"tool:       skill-editor {m.get('tool_version')}")
         st = m.get("statistics") or {}
@@ -251,10 +371,61 @@ def describe(rep: Report) -> str:
                 a = sc["after"][skill] or {}
                 lines.append(f"  score {skill}: exact match {_fmt(b.get('exact_match', '?'))} -> {_fmt(a.get('exact_match', '?'))}, "
                              f"abstained {_fmt(a.get('abstained', '?'))}")
-    n_files = len((m.get("files") or {}))
+    files = m.get("files") if isinstance(m.get("files"), dict) else {}
     status = "OK" if rep.ok else f"FAILED ({len(rep.problems)} problem{'s' if len(rep.problems) != 1 else ''})"
-    lines.append(f"verification: {status}; {rep.checked}/{n_files} files match their sha256")
+    matched = rep.checked - sum(1 for p in rep.problems if ": sha256 mismatch" in p)
+    lines.append(f"verification: {status}; {matched}/{len(files)} files match their sha256")
+    lines.extend(f"  note: {n}" for n in rep.notes)
     return "\n".join(lines)
+
+
+def _recipe_line(recipe: dict) -> str:
+    """The recipe in one line: its data sets (name: path) and the profile settings."""
+    parts = []
+    data = recipe.get("data")
+    if isinstance(data, dict) and data:
+        sets = []
+        for name, spec in data.items():
+            path = spec.get("path", "?") if isinstance(spec, dict) else spec
+            sets.append(f"{name} ({path})")
+        parts.append("data " + ", ".join(sets))
+    prof = recipe.get("profile")
+    if isinstance(prof, dict) and prof:
+        parts.append(f"profile batch {prof.get('batch_size', '?')} × max_length {prof.get('max_length', '?')}")
+    if recipe.get("dtype"):
+        parts.append(f"dtype {recipe['dtype']}")
+    ev = recipe.get("evaluate")
+    if isinstance(ev, dict) and ev.get("data"):
+        parts.append(f"scorecard on {ev['data']}")
+    return "; ".join(parts) or "?"
+
+
+def _pct(x: Any) -> str:
+    return f"{x * 100:.3g} %" if isinstance(x, (int, float)) else "?"
+
+
+def _ksd_plan_line(plan: dict) -> str:
+    """How the KSD box was chosen: the paper's fixed layer and α, or the calibration's CV record."""
+    if plan.get("method") != "calibrated":
+        return f"{plan.get('method')} (layer and α from the recipe, every key dim guarded)"
+    cv = plan.get("cv") or {}
+    line = (f"calibrated on {', '.join(plan.get('retain') or []) or '?'} (false-positive budget {_fmt(cv.get('budget', '?'))}, "
+            f"{cv.get('folds', '?')} folds, seed {cv.get('seed', '?')}): held-out forget coverage {_pct(cv.get('forget_coverage'))}, "
+            f"retain false positives {_pct(cv.get('retain_fpr'))}")
+    if cv.get("candidates") is not None:
+        line += f"; {cv.get('feasible', '?')} of {cv['candidates']} settings feasible"
+    return line
+
+
+def _onnx_line(meta: dict) -> str:
+    line = f"opset {meta.get('opset', '?')}, {meta.get('dtype', '?')}, {meta.get('num_layers', '?')} layers with KV cache"
+    v = meta.get("validation")
+    if isinstance(v, dict):
+        line += (f"; validated with ONNX Runtime: logits max |diff| {_fmt(v.get('max_abs_diff'))} (tol {_fmt(v.get('atol'))}), "
+                 f"{v.get('greedy_steps', '?')} greedy steps, abstention agrees on {v.get('abstention_checks', '?')} row-steps")
+    elif "validation" in meta:
+        line += "; not validated at export"
+    return line
 
 
 def inspect_checkpoint(ckpt) -> Report:
@@ -316,6 +487,9 @@ def restore(ckpt, out, *, overwrite: bool = False, max_shard_size="5GB", verify_
     if out.resolve() == ckpt.resolve():
         raise EditorError("restore: --out must differ from the checkpoint")
     rep = verify(ckpt)
+    if rep.format == "onnx":
+        raise EditorError(f"restore: {ckpt} is an ONNX export; restore works on HF checkpoints "
+                          f"(the graph does not keep the neuron permutation): restore the HF export of the same recipe")
     if verify_first and not rep.ok:
         raise EditorError(f"restore: {ckpt} fails verification: {rep.problems[0]}"
                           + (f" (+{len(rep.problems) - 1} more)" if len(rep.problems) > 1 else ""))

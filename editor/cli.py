@@ -137,7 +137,8 @@ def export_cmd(recipe: str, stats: str, out: str | None, fmt: str, max_shard_siz
 @friendly
 def inspect_cmd(checkpoint: str) -> None:
     """What CHECKPOINT edits (methods, layers, neurons, KSD), its provenance, and the sha256 of
-    every file; exit 1 with one line per problem when anything is missing or changed."""
+    every file; exit 1 with one line per problem when anything is missing or changed. CHECKPOINT is
+    an HF checkpoint or an ONNX export directory (model.onnx + external data)."""
     from editor.checkpoint import describe, verify
 
     rep = verify(checkpoint)

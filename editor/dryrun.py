@@ -13,10 +13,12 @@ What is checked, offline:
   other Hub data set is listed as "checked at run time".
 
 What is printed: the sets and how many texts each gives, the neurons Neuron Adjust / pruning
-selects (n = max(1, round(p·N/100)) over N = layers × d_ff), the resolved KSD layer, d_ff, and
+selects (n = max(1, round(p·N/100)) over N = layers × d_ff), the resolved KSD layer and scale — or,
+for a calibrated ``key_space`` (retain queries named, ``calibrate`` not false), that the layer(s),
+dims and α will be chosen by calibration, with its budget, folds, seed and retain sets — d_ff, and
 memory estimates — weights in the recipe's dtype (from the config's shapes), the statistics
-(O(layers × d_ff) per set), the per-batch transient of the profiler and what the edit adds to
-the checkpoint.
+(O(layers × d_ff) per set), the per-batch transient of the profiler, the calibration's keys and
+what the edit adds to the checkpoint.
 """
 
 from __future__ import annotations
@@ -282,6 +284,49 @@ def _few(d: dict, k: int = 8) -> str:
 # the plan
 # ---------------------------------------------------------------------------------------------
 
+
+def calibration_plan(recipe: Recipe, sets: dict[str, dict], n_layers: int, d_ff: int) -> dict:
+    """What the dry run can say about a calibrated ``key_space`` (docs/GENERALIZATION.md §1): the
+    layer(s), guarded dims and α are chosen at profile time by K-fold cross-validation on the forget
+    and retain queries, so the recipe's ``layer`` / ``scale`` are not used and are not shown as the
+    plan. The settings come from ``editor.calibrate.calibration_config`` (what the stored choice
+    must agree with). Returns {"lines": [...], "memory": str}."""
+    from editor import calibrate
+    from editor.calibrate import calibration_config
+
+    scales = getattr(calibrate, "SCALES", ())
+    ks = recipe.key_space
+    cfg = calibration_config(recipe)
+    retain = list(cfg.get("retain") or ks.retain_sets)
+    budget = float(cfg.get("false_positive_budget", ks.false_positive_budget))
+    folds = int(cfg.get("folds", ks.folds))
+    seed = cfg.get("seed", ks.seed)
+    cont = cfg.get("continuation_tokens")
+    lines = [
+        f"key_space    forget {ks.forget!r}: calibrated — the layer(s), the guarded dims and α (scale) are chosen by "
+        f"calibration at profile time; the recipe's layer ({ks.layer}) and scale ({ks.scale:g}) are not used",
+        f"             retain sets {', '.join(repr(r) for r in retain)}; false-positive budget {budget:g} "
+        f"({budget * 100:g} % per retain set), {folds}-fold cross-validation, seed {seed}",
+        f"             candidates: every layer 0..{n_layers - 1} (and pairs of the best), the top-m of the {d_ff} key dims "
+        f"for m on a grid, " + (f"α ∈ {{{', '.join(f'{a:g}' for a in scales)}}}" if scales else "α on a grid"),
+    ]
+    # keys held in memory (float32, CPU): per query its prompt key plus, when the runtime checks
+    # every call, up to continuation_tokens - 1 generated tokens' keys, at every layer
+    per_query = max(1, int(cont)) if cont is not None else None
+    counts = [sets[n].get("texts") if n in sets else None for n in [ks.forget, *retain]]
+    per = f"{per_query} key(s)" if per_query is not None else "its keys"
+    if per_query is not None and all(c is not None for c in counts):
+        q = sum(int(c) for c in counts)
+        memory = (f"≤ {q} queries × {per} × {n_layers} layers × {d_ff} × 4 B = "
+                  f"{human_bytes(q * per_query * n_layers * d_ff * 4)} of keys (float32, CPU)")
+    else:
+        memory = f"per query ≤ {per} × {n_layers} layers × {d_ff} × 4 B of keys (float32, CPU); query counts known at run time"
+    if cont is not None:
+        lines.append(f"             keys: each query's last prompt token" + (f" + up to {int(cont) - 1} greedy continuation tokens"
+                                                                             if int(cont) > 1 else " only"))
+    return {"lines": lines, "memory": memory}
+
+
 _LABELS = {"model", "architecture", "shape", "weights", "device", "data", "profile", "neuron_adjust", "prune",
            "key_space", "memory", "export", "push", "evaluate", "steps"}
 
@@ -398,19 +443,29 @@ def dry_run(recipe_path, *, model: str | None = None) -> str:
         n_sel = selection_count(pr.top_percent, total)
         add(f"prune        forget {pr.forget!r} vs retain {', '.join(repr(r) for r in pr.retain_sets)}: "
             f"top {pr.top_percent:g} % of {total} neurons → {n_sel} neurons zeroed (plain checkpoint)")
-    ksd_layer = None
+    calibration = None
     if recipe.key_space:
         ks = recipe.key_space
-        ksd_layer = resolve_layer(ks.layer, n_layers, "key_space.layer")
         extra = ""
         if recipe.neuron_adjust:
             stats_sets += 1
             extra = f"; keys profiled again with Neuron Adjust active ({ks.forget}@neuron_adjust)"
-        add(f"key_space    forget {ks.forget!r}: layer {ks.layer} → {ksd_layer} (of 0..{n_layers - 1}), key = last real token's "
-            f"down-projection input ({d_ff} dims), scale α = {ks.scale:g}{extra}")
         if ks.calibrated:
-            add(f"             calibrated on {', '.join(ks.retain_sets)} (false-positive budget {ks.false_positive_budget:g}, {ks.folds} folds)")
-        add(f"             refusal {json.dumps(ks.refusal, ensure_ascii=False)}")
+            calibration = calibration_plan(recipe, sets, n_layers, d_ff)
+            for line in calibration["lines"]:
+                add(line)
+            if extra:
+                add(f"             {extra[2:]}; the calibration's keys are collected with it active too")
+        else:
+            ksd_layer = resolve_layer(ks.layer, n_layers, "key_space.layer")
+            add(f"key_space    forget {ks.forget!r}: layer {ks.layer} → {ksd_layer} (of 0..{n_layers - 1}), key = last real token's "
+                f"down-projection input ({d_ff} dims), scale α = {ks.scale:g}{extra}")
+            if ks.retain_sets:
+                add(f"             calibrate: false — the retain sets {', '.join(repr(r) for r in ks.retain_sets)} "
+                    f"choose nothing; the recipe's layer and scale are used")
+        check = getattr(ks, "check", None)
+        add(f"             refusal {json.dumps(ks.refusal, ensure_ascii=False)}"
+            + (f"; check {check}" if check and check != "every_call" else ""))
 
     # memory: Moments per layer and kind = count + mean/M2 float64 + min/max float32 = 24 B/neuron
     acc = stats_sets * n_layers * 2 * d_ff * 24
@@ -426,9 +481,11 @@ def dry_run(recipe_path, *, model: str | None = None) -> str:
         n_sel = selection_count(recipe.neuron_adjust.top_percent, total)
         added += n_sel * 5 * 4 + n_layers * d_ff * 8  # a, b, c, slope, offset + inverse permutations
     if recipe.key_space:
-        added += 2 * d_ff * 4
+        added += (2 if calibration is not None else 1) * 2 * d_ff * 4  # lower + upper; calibration may pick 2 layers
     if added:
         add(f"             checkpoint: the base weights ({human_bytes(params * nbytes)}) + {human_bytes(added)} of edit tensors")
+    if calibration is not None:
+        add(f"             calibration: {calibration['memory']}")
     add("")
     e = recipe.export
     out = recipe.out_dir() if hasattr(recipe, "out_dir") else recipe.resolve(e.out)
@@ -440,6 +497,9 @@ def dry_run(recipe_path, *, model: str | None = None) -> str:
     steps = [f"profile {', '.join(profiled)}"]
     if recipe.neuron_adjust and recipe.key_space:
         steps.append(f"profile {recipe.key_space.forget} again with Neuron Adjust on")
+    if calibration is not None:
+        steps.append(f"calibrate key_space ({recipe.key_space.forget} vs {', '.join(recipe.key_space.retain_sets)}, "
+                     f"{recipe.key_space.folds}-fold CV)")
     steps += ["plan (" + ", ".join(recipe.methods) + ")", "patch", f"export {', '.join(e.formats)}"]
     add("steps        " + " → ".join(steps))
     return "\n".join(L) + "\n"
