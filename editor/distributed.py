@@ -29,6 +29,7 @@ for a fixed world size and batch size, but not the single-process draw.
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -291,7 +292,13 @@ class Dist:
 @contextmanager
 def session(timeout: timedelta = TIMEOUT) -> Iterator[Dist]:
     """The :class:`Dist` of this process: a process group when launched by torchrun with
-    ``WORLD_SIZE > 1`` (destroyed on exit, whatever happens), the trivial context otherwise."""
+    ``WORLD_SIZE > 1``, the trivial context otherwise.
+
+    The group is created once per process and destroyed when the process exits (``atexit``), not
+    at the end of each session: tearing it down between two sessions of one process (two
+    ``profile_recipe`` calls) races — rank 0 closes the rendezvous store on the shared
+    MASTER_PORT while a faster rank is already connecting for the next session ("connection
+    reset by peer", seen under load)."""
     ranks = env_ranks()
     if ranks is None:
         yield Dist()
@@ -302,13 +309,16 @@ def session(timeout: timedelta = TIMEOUT) -> Iterator[Dist]:
         raise EditorError("this torch build has no torch.distributed: run without torchrun")
     rank, world, local = ranks
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-    owned = not dist.is_initialized()
-    if owned:
+    if not dist.is_initialized():
         if torch.cuda.is_available() and local < torch.cuda.device_count():
             torch.cuda.set_device(local)
         dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout)
-    try:
-        yield Dist(rank=rank, world_size=world, local_rank=local, backend=backend)
-    finally:
-        if owned and dist.is_initialized():
-            dist.destroy_process_group()
+        atexit.register(_destroy_group)
+    yield Dist(rank=rank, world_size=world, local_rank=local, backend=backend)
+
+
+def _destroy_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
