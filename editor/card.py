@@ -325,8 +325,9 @@ def _provenance_section(manifest: dict) -> list[str]:
     digest = (manifest.get("edit") or {}).get("patch_digest")
     if digest:
         lines.append(f"- Patch digest (sha256 of the patch tensors): `{digest}`")
-    if st.get("sha256"):
-        lines.append(f"- Statistics: `{st.get('file', 'stats.safetensors')}` sha256 `{st['sha256']}`")
+    if st.get("digest"):
+        lines.append(f"- Statistics: `{st.get('file', 'stats.safetensors')}` content digest (sha256 of its metadata "
+                     f"and tensors) `{st['digest']}`")
     for name, info in sorted((st.get("sets") or {}).items()):
         if isinstance(info, dict):
             bits = [f"{k} {info[k]}" for k in ("texts", "tokens") if k in info]

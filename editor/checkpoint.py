@@ -359,6 +359,7 @@ def describe(rep: Report) -> str:
         st = m.get("statistics") or {}
         if st:
             lines.append(f"statistics: model {st.get('model')}" + (f" @ {st['revision']}" if st.get("revision") else "")
+                         + (f", digest {st['digest'][:16]}…" if st.get("digest") else "")
                          + (f", sha256 {st['sha256'][:16]}…" if st.get("sha256") else ""))
             for name, info in sorted((st.get("sets") or {}).items()):
                 if isinstance(info, dict):

@@ -38,7 +38,10 @@ def load_records(spec: DataSetSpec, base_dir: Path, set_name: str) -> tuple[list
         if not local.exists():
             raise EditorError(f"data.{set_name}: file not found: {local}")
         records = _read_local(local, set_name)
-        source = str(local)
+        # provenance as the recipe wrote it (relative paths stay relative to the recipe file), so
+        # the statistics and the exports are byte-identical wherever the project is checked out;
+        # the content itself is identified by the set's fingerprint
+        source = Path(spec.path).expanduser().as_posix()
     else:
         records = _read_hub(spec, set_name)
         source = f"hf://datasets/{spec.path}" + (f"/{spec.name}" if spec.name else "")

@@ -93,11 +93,11 @@ def build_edited(job, stats, *, model=None, tokenizer=None, na_applied: bool = F
 
 
 def stats_provenance(stats) -> dict | None:
-    """What the statistics were: a StatsFile (metadata), a path to stats.safetensors (metadata +
-    sha256) or in-memory sets ({name: SetStats})."""
+    """What the statistics were: a StatsFile or a path to stats.safetensors (metadata + content
+    digest, ``editor.stats.content_digest``) or in-memory sets ({name: SetStats})."""
     if stats is None:
         return None
-    from editor.stats import StatsFile, load_stats
+    from editor.stats import StatsFile, content_digest, load_stats
 
     path = None
     if isinstance(stats, (str, os.PathLike)):
@@ -119,7 +119,7 @@ def stats_provenance(stats) -> dict | None:
                 out[k] = v
         if path is not None:
             out["file"] = path.name
-            out["sha256"] = sha256_file(path)
+        out["digest"] = content_digest(stats)
         return out
     if isinstance(stats, dict):
         return {"sets": {k: getattr(v, "info", {}) for k, v in sorted(stats.items())}, "in_memory": True}

@@ -7,6 +7,7 @@ activation is stored and nothing is copied to the host until the file is written
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 
@@ -164,6 +165,19 @@ class StatsFile:
 
     def has_set(self, set_name: str) -> bool:
         return any(k.startswith(f"{set_name}.layers.") for k in self.tensors)
+
+
+def content_digest(stats: StatsFile) -> str:
+    """sha256 of what a statistics file holds — its metadata (keys sorted) and every tensor (name,
+    dtype, shape, bytes; names sorted) — independent of the file's byte layout: safetensors writes
+    the metadata map in no fixed order, so two profiles of the same data differ as files but not
+    here. Recorded as the statistics' provenance in every export."""
+    h = hashlib.sha256(json.dumps(stats.metadata, sort_keys=True).encode())
+    for name in sorted(stats.tensors):
+        t = stats.tensors[name].detach().to("cpu").contiguous()
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def load_stats(path) -> StatsFile:

@@ -371,7 +371,7 @@ def test_checkpoint_layout_and_manifest(built):
     assert m["recipe"]["neuron_adjust"]["forget"] == "forget"
     assert m["tool_version"]
     assert m["statistics"]["model"] == "model" and "forget" in m["statistics"]["sets"]
-    assert m["statistics"]["sha256"] == sha256_file(built["archs"]["llama"]["dir"] / "stats" / "stats.safetensors")
+    assert m["statistics"]["digest"] == _stats_digest(built["archs"]["llama"]["dir"] / "stats" / "stats.safetensors")
     edit = m["edit"]
     assert edit["methods"] == ["neuron_adjust", "key_space"]
     assert sum(edit["neuron_adjust"]["counts"].values()) == edit["neuron_adjust"]["total"] > 0
@@ -588,3 +588,19 @@ def test_single_method_exports(built, tmp_path, body):
     with torch.no_grad():
         out = loaded(**built["inputs"])
     assert (out.abstained is not None) == body.startswith("key_space")
+
+
+def _stats_digest(path) -> str:
+    """The statistics' content digest, written out literally: sha256 of the sorted metadata JSON,
+    then per tensor (sorted by name) [name, dtype, shape] as JSON and the raw bytes."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        h = hashlib.sha256(json.dumps(f.metadata(), sort_keys=True).encode())
+        for name in sorted(f.keys()):
+            t = f.get_tensor(name).contiguous()
+            h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

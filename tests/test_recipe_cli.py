@@ -191,3 +191,36 @@ def test_help_on_each_command():
     for cmd in main.commands:
         r = runner.invoke(main, [cmd, "--help"])
         assert r.exit_code == 0 and "Usage" in r.output
+
+
+def test_statistics_and_export_identical_in_another_checkout(workdir, tmp_path):
+    """Provenance records data paths as the recipe wrote them: the same project profiled and
+    exported from two directories gives byte-identical statistics and checkpoints."""
+    import shutil
+
+    from editor.export_hf import export_recipe
+    from editor.pipeline import profile_recipe
+
+    outs = []
+    for name in ("a", "b"):
+        d = tmp_path / name / "project"
+        d.mkdir(parents=True)
+        shutil.copytree(workdir / "model", d / "model")
+        shutil.copy(workdir / "data.jsonl", d / "data.jsonl")
+        p = write(d, base_recipe(), "r.yaml")
+        profile_recipe(p, d / "stats", progress=False)
+        export_recipe(p, d / "stats", d / "ckpt")
+        outs.append(d)
+    a, b = outs
+    # the statistics: same metadata and tensors (safetensors orders the metadata map itself)
+    got = []
+    for d in outs:
+        with safe_open(str(d / "stats" / "stats.safetensors"), framework="pt") as st:
+            got.append((st.metadata(), {k: st.get_tensor(k) for k in st.keys()}))
+    assert got[0][0] == got[1][0]
+    assert json.loads(got[0][0]["sets"])["m"]["source"] == "data.jsonl"
+    assert got[0][1].keys() == got[1][1].keys() and all(torch.equal(got[0][1][k], got[1][1][k]) for k in got[0][1])
+    files = sorted(f.name for f in (a / "ckpt").iterdir())
+    assert files == sorted(f.name for f in (b / "ckpt").iterdir())
+    for f in files:
+        assert (a / "ckpt" / f).read_bytes() == (b / "ckpt" / f).read_bytes(), f
