@@ -442,43 +442,58 @@ def _index(t: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor:
     return t.index_select(dim, idx).contiguous()
 
 
-def unpermute_layer(tensors: dict[str, torch.Tensor], spec, layer: int, perm: torch.Tensor) -> None:
-    """Undo ``editor.arch.permute_neurons`` on a state dict (names relative to the base model):
-    position j holds original neuron perm[j]; the inverse puts every neuron back in place."""
+def unpermute_plan(spec, layer: int, perm: torch.Tensor, shapes: dict[str, tuple]) -> dict[str, tuple[int, torch.Tensor]]:
+    """Undo ``editor.arch.permute_neurons`` for one layer, as an index per tensor (names relative
+    to the base model, ``shapes``: every tensor's shape): {name: (dim, index)} — position j holds
+    original neuron perm[j]; ``index_select(dim, index)`` puts every neuron back in place."""
     from editor.methods import inverse_permutation
 
     inv = inverse_permutation(perm.to(torch.int64))
     prefix = f"{spec.layers}.{layer}."
+    plan: dict[str, tuple[int, torch.Tensor]] = {}
 
     def rows(path: str, fused: bool) -> None:
         w_name = prefix + path + ".weight"
-        if w_name not in tensors:
+        if w_name not in shapes:
             raise EditorError(f"restore: tensor {w_name} not found")
-        w = tensors[w_name]
         out_dim = 1 if spec.layout == "conv1d" else 0
         idx = inv
         if fused:
-            half = w.shape[out_dim] // 2
+            half = shapes[w_name][out_dim] // 2
             idx = torch.cat([inv, inv + half])
-        tensors[w_name] = _index(w, out_dim, idx)
+        plan[w_name] = (out_dim, idx)
         b_name = prefix + path + ".bias"
-        if b_name in tensors:
-            tensors[b_name] = _index(tensors[b_name], 0, idx)
+        if b_name in shapes:
+            plan[b_name] = (0, idx)
 
     rows(spec.pre, spec.fused)
     if spec.up is not None:
         rows(spec.up, False)
     d_name = prefix + spec.down + ".weight"
-    if d_name not in tensors:
+    if d_name not in shapes:
         raise EditorError(f"restore: tensor {d_name} not found")
-    tensors[d_name] = _index(tensors[d_name], 0 if spec.layout == "conv1d" else 1, inv)
+    plan[d_name] = (0 if spec.layout == "conv1d" else 1, inv)
+    return plan
+
+
+def unpermute_layer(tensors: dict[str, torch.Tensor], spec, layer: int, perm: torch.Tensor) -> None:
+    """``unpermute_plan`` applied to an in-memory state dict."""
+    for name, (dim, idx) in unpermute_plan(spec, layer, perm, {k: tuple(v.shape) for k, v in tensors.items()}).items():
+        tensors[name] = _index(tensors[name], dim, idx)
+
+
+# safetensors' dtype names (``get_slice(...).get_dtype()``) → torch, to plan shards without loading
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 def restore(ckpt, out, *, overwrite: bool = False, max_shard_size="5GB", verify_first: bool = True) -> Path:
     """Write the exact base model of a patched checkpoint to ``out`` (atomically): neurons back
     in their original order, patch tensors dropped, the base config (plain architecture),
-    tokenizer and generation config. Loads without custom code."""
-    from huggingface_hub import save_torch_state_dict
+    tokenizer and generation config. Loads without custom code. Streams: the output shards are
+    planned from the tensors' shapes, and each is read, un-permuted and written before the next,
+    so memory holds one output shard (``max_shard_size``), not the model."""
     from transformers import AutoConfig
 
     from editor.runtime.modeling_skill_editor import arch_spec
@@ -506,24 +521,88 @@ def restore(ckpt, out, *, overwrite: bool = False, max_shard_size="5GB", verify_
     if not model_type:
         raise EditorError("restore: config.json has no text_config.model_type")
     spec = arch_spec(model_type)
-    tensors = {_strip(k): v for k, v in load_tensors(ckpt).items()}
-    perms = {}
-    for layer in sorted(int(i) for i in ((edit.get("neuron_adjust") or {}).get("counts") or {})):
-        name = f"{spec.layers}.{layer}.{spec.pre}.neuron_adjust.permutation"
-        if name not in tensors:
-            raise EditorError(f"restore: permutation {name} is missing")
-        perms[layer] = tensors[name]
-    tensors = {k: v for k, v in tensors.items() if not is_patch_tensor(k)}
+    sources, shapes, perms = _index_weights(ckpt, spec, edit)
+    plan: dict[str, tuple[int, torch.Tensor]] = {}
     for layer, perm in perms.items():
-        unpermute_layer(tensors, spec, layer, perm)
+        plan.update(unpermute_plan(spec, layer, perm, {k: v.shape for k, v in shapes.items()}))
     for k in ("_name_or_path", "transformers_version"):
         text.pop(k, None)
     base_config = AutoConfig.for_model(model_type, **text)
     skip = {"config.json", MANIFEST, "README.md", INDEX, "configuration_skill_editor.py", "modeling_skill_editor.py"}
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        save_torch_state_dict(tensors, str(tmp), max_shard_size=max_shard_size, metadata={"format": "pt"})
+        _write_streaming(tmp, sources, shapes, plan, max_shard_size)
         base_config.save_pretrained(str(tmp))
         for p in sorted(ckpt.iterdir()):
             if p.is_file() and p.name not in skip and not p.name.endswith(".safetensors") and not p.name.startswith("."):
                 shutil.copyfile(p, tmp / p.name)
     return Path(out)
+
+
+def _index_weights(ckpt: Path, spec, edit: dict):
+    """Without loading the weights: where each base tensor lives ({name: (file, key)}), its shape
+    and dtype (meta tensors), and the NA permutations (small) of the edited layers."""
+    from safetensors import safe_open
+
+    files = weight_files(ckpt)
+    if not files:
+        raise EditorError(f"{ckpt}: no model.safetensors (or shard index) found")
+    sources: dict[str, tuple[Path, str]] = {}
+    shapes: dict[str, torch.Tensor] = {}
+    perm_names = {f"{spec.layers}.{int(i)}.{spec.pre}.neuron_adjust.permutation": int(i)
+                  for i in ((edit.get("neuron_adjust") or {}).get("counts") or {})}
+    perms: dict[int, torch.Tensor] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for k in st.keys():
+                    name = _strip(k)
+                    if name in perm_names:
+                        perms[perm_names[name]] = st.get_tensor(k)
+                    if is_patch_tensor(name):
+                        continue
+                    sl = st.get_slice(k)
+                    dtype = _ST_DTYPES.get(sl.get_dtype())
+                    if dtype is None:
+                        raise EditorError(f"restore: tensor {k} has an unsupported dtype {sl.get_dtype()}")
+                    sources[name] = (f, k)
+                    shapes[name] = torch.empty(sl.get_shape(), dtype=dtype, device="meta")
+        except FileNotFoundError:
+            raise EditorError(f"{ckpt}: weight file {f.name} is missing") from None
+        except EditorError:
+            raise
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            raise EditorError(f"{ckpt}: cannot read {f.name}: {e}") from None
+    missing = sorted(n for n, i in perm_names.items() if i not in perms)
+    if missing:
+        raise EditorError(f"restore: permutation {missing[0]} is missing")
+    return sources, shapes, dict(sorted(perms.items()))
+
+
+def _write_streaming(tmp: Path, sources: dict, shapes: dict, plan: dict, max_shard_size) -> None:
+    """Write the base state dict shard by shard (the shard plan and file names of
+    ``huggingface_hub``, as ``save_pretrained`` names them); only one output shard in memory."""
+    from contextlib import ExitStack
+
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    split = split_torch_state_dict_into_shards(shapes, max_shard_size=max_shard_size)
+    with ExitStack() as stack:
+        handles: dict[Path, Any] = {}
+        for filename, names in split.filename_to_tensors.items():
+            shard = {}
+            for name in names:
+                f, key = sources[name]
+                if f not in handles:
+                    handles[f] = stack.enter_context(safe_open(str(f), framework="pt"))
+                t = handles[f].get_tensor(key)
+                if name in plan:
+                    dim, idx = plan[name]
+                    t = _index(t, dim, idx)
+                shard[name] = t.contiguous()
+            save_file(shard, str(tmp / filename), metadata={"format": "pt"})
+            del shard
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (tmp / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")

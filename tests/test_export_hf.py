@@ -604,3 +604,43 @@ def _stats_digest(path) -> str:
             h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def test_restore_streams_sharded_in_and_out(built, tmp_path):
+    """A sharded checkpoint restored with small output shards: every output shard is written on its
+    own (one ``save_file`` per shard, holding only that shard's tensors), the index maps every
+    tensor, and the tensors equal the base model's bit for bit."""
+    import safetensors.torch as st_torch
+
+    from editor.checkpoint import INDEX, restore
+    from editor.export_hf import export_recipe
+
+    arch = "llama"
+    d = built["archs"][arch]["dir"]
+    sharded = tmp_path / "sharded"
+    export_recipe(built["archs"][arch]["recipe"], d / "stats", sharded, max_shard_size="40KB")
+    assert (sharded / INDEX).exists(), "the input checkpoint is sharded"
+    writes = []
+    real = st_torch.save_file
+
+    def spy(tensors, filename, metadata=None):
+        writes.append((Path(filename).name, sorted(tensors)))
+        return real(tensors, filename, metadata=metadata)
+
+    st_torch.save_file = spy
+    try:
+        out = restore(sharded, tmp_path / "restored", max_shard_size="30KB")
+    finally:
+        st_torch.save_file = real
+    index = json.loads((out / INDEX).read_text())
+    assert len(writes) > 2 and len({w[0] for w in writes}) == len(writes)
+    assert {n for _, names in writes for n in names} == set(index["weight_map"])
+    for fname, names in writes:
+        assert all(index["weight_map"][n] == fname for n in names)
+    base = load_file(str(d / "model" / "model.safetensors"))
+    got = {}
+    for fname, _ in writes:
+        got.update(load_file(str(out / fname)))
+    assert set(got) == set(base)
+    for k in base:
+        assert got[k].dtype == base[k].dtype and torch.equal(got[k], base[k]), k
