@@ -495,7 +495,19 @@ def bench_generation(base, tok, spec, n_prompts, n_new, reps) -> dict:
         with paper_hooks(base, spec, paper, state):
             return base.generate(**enc, **kw)
 
-    variants = {"base": gen_base, "patched": gen_patched, "paper_hooks": gen_paper}
+    # the same patched model deciding on the prompt only (key_space.check: prompt)
+    from editor.patch import wrap
+
+    edit_prompt = copy.deepcopy(wrapped.config.skill_editor)
+    edit_prompt["key_space"]["check"] = "prompt"
+    wrapped_prompt = wrap(wrapped.model, edit_prompt)
+
+    def gen_patched_prompt():
+        out = wrapped_prompt.generate(**enc, **kw, return_dict_in_generate=True)
+        assert not bool(out["abstained"].any()), "the non-firing KSD bounds fired"
+        return out.sequences
+
+    variants = {"base": gen_base, "patched": gen_patched, "patched_prompt": gen_patched_prompt, "paper_hooks": gen_paper}
     names = list(variants)
     seqs = {}
     with torch.inference_mode():
@@ -513,6 +525,7 @@ def bench_generation(base, tok, spec, n_prompts, n_new, reps) -> dict:
     for n in names:
         assert seqs[n].shape[1] == enc["input_ids"].shape[1] + n_new, (n, seqs[n].shape)
     same_rows = int((seqs["patched"] == seqs["paper_hooks"]).all(dim=1).sum())
+    assert torch.equal(seqs["patched"], seqs["patched_prompt"]), "check: prompt changed tokens without abstaining"
 
     def overhead(a):  # median over repetitions of time(a) / time(base) - 1
         return statistics.median(ta / tb for ta, tb in zip(times[a], times["base"])) - 1
@@ -544,6 +557,7 @@ def bench_generation(base, tok, spec, n_prompts, n_new, reps) -> dict:
         "tokens_per_s": {n: round(new_tokens / statistics.median(times[n]), 1) for n in names},
         "seconds": {n: [round(t, 4) for t in times[n]] for n in names},
         "overhead_patched": round(overhead("patched"), 4),
+        "overhead_patched_prompt": round(overhead("patched_prompt"), 4),
         "overhead_paper_hooks": round(overhead("paper_hooks"), 4),
         "check_logits_max_abs_diff_patched_vs_paper_hooks": hook_diff,
         "check_logits_max_abs_diff_patched_vs_base": na_effect,
@@ -615,13 +629,15 @@ def report(res: dict) -> str:
         for label, g in gens:
             t = g["tokens_per_s"]
             rows.append([label, g["na_neurons"], f"{t['base']:,.0f}", f"{t['patched']:,.0f}", f"{100 * g['overhead_patched']:+.1f}%",
+                         f"{t['patched_prompt']:,.0f}", f"{100 * g['overhead_patched_prompt']:+.1f}%",
                          f"{t['paper_hooks']:,.0f}", f"{100 * g['overhead_paper_hooks']:+.1f}%",
                          f"{g['check_logits_max_abs_diff_patched_vs_paper_hooks']:.0e}",
                          f"{g['abstain_forward_calls']}/{g['full_forward_calls']}",
                          f"{1000 * g['abstain_seconds']:.0f}/{1000 * g['full_seconds_patched']:.0f}"])
-        out.append(fmt_table(["model", "NA neurons", "base", "patched", "overhead", "paper hooks", "overhead",
+        out.append(fmt_table(["model", "NA neurons", "base", "patched", "overhead", "check: prompt", "overhead", "paper hooks", "overhead",
                               "logits Δ", "abstain calls", "abstain ms"], rows))
-        out.append("   patched = NA expected on 3 % of the neurons + KSD on the last layer (bounds never fire); target overhead <= 10 % on CPU")
+        out.append("   patched = NA expected on 3 % of the neurons + KSD on the last layer (bounds never fire), check every_call; "
+                   "check: prompt = the same model deciding on the prompt only; target overhead <= 10 % on CPU")
         out.append("   logits Δ = max |patched − paper hooks| (same edit two ways); abstain: every row abstains -> forward calls / "
                    "time vs. a full generation")
     out.append("")

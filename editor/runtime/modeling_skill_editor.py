@@ -237,11 +237,14 @@ class KeySpace(nn.Module):
         self.register_buffer("lower", torch.full((d_ff,), float("-inf"), dtype=torch.float32))
         self.register_buffer("upper", torch.full((d_ff,), float("inf"), dtype=torch.float32))
         self.inside: torch.Tensor | None = None
+        self.enabled = True  # off only inside ``generate`` once a ``check: prompt`` decision is taken
 
     def _apply(self, fn, recurse=True):
         return _apply_keep_dtype(self, fn)
 
     def observe(self, key: torch.Tensor) -> None:
+        if not self.enabled:
+            return
         k = key.float()
         self.inside = ((k >= self.lower) & (k <= self.upper)).all(dim=-1)
 
@@ -524,14 +527,25 @@ class SkillEditorForCausalLM(SkillEditorPreTrainedModel, GenerationMixin):
         # ``position_ids`` and ``logits_to_keep`` are named in the signature: ``generate`` derives
         # position ids from the attention mask (left padding) and asks for the last position's
         # logits only for models whose ``forward`` declares them.
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         inputs_embeds=inputs_embeds, logits_to_keep=logits_to_keep, **kwargs)
+        state = getattr(self, "_abstention_state", None)
+        guards = self._guards()
+        # with check == "prompt" only the first forward call of a generate (the prompt) decides;
+        # the later calls of that generate skip the box test altogether
+        skip = state is not None and state.get("check") == "prompt" and state.get("decided")
+        if skip:
+            for g in guards:
+                g.enabled = False
+        try:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             inputs_embeds=inputs_embeds, logits_to_keep=logits_to_keep, **kwargs)
+        finally:
+            if skip:
+                for g in guards:
+                    g.enabled = True
         ref = input_ids if input_ids is not None else inputs_embeds
         batch, seq = ref.shape[0], ref.shape[1]
-        abstained = guard_decision(self.model, attention_mask, batch, seq, out.logits.device, guards=self._guards())
-        state = getattr(self, "_abstention_state", None)
-        if state is not None and abstained is not None and not (state.get("check") == "prompt" and state.get("decided")):
-            # with check == "prompt" only the first forward call of a generate (the prompt) decides
+        abstained = guard_decision(self.model, attention_mask, batch, seq, out.logits.device, guards=guards)
+        if state is not None and abstained is not None:
             state["decided"] = True
             frozen = state.get("frozen")
             if frozen is not None and frozen.shape == abstained.shape:
