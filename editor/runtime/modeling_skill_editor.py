@@ -361,6 +361,8 @@ def last_real_index(attention_mask: torch.Tensor | None, batch: int, seq: int, d
     """
     if attention_mask is None or attention_mask.dim() != 2:
         return torch.full((batch,), seq - 1, device=device, dtype=torch.long), torch.ones(batch, dtype=torch.bool, device=device)
+    if seq == 1:  # a generation step with a cache: the one token, real unless masked
+        return torch.zeros(batch, device=device, dtype=torch.long), attention_mask[:, -1].to(device) != 0
     m = attention_mask[:, -seq:].to(device=device, dtype=torch.long)
     pos = torch.arange(1, seq + 1, device=device, dtype=torch.long)
     idx = (m * pos).argmax(dim=-1)
@@ -402,6 +404,7 @@ class _AbstentionStop(StoppingCriteria):
     def __init__(self, state: dict, eos_ids: list[int]):
         self.state = state
         self.eos_ids = eos_ids
+        self._eos: torch.Tensor | None = None  # eos_ids as a tensor on the ids' device, made once
 
     def __call__(self, input_ids, scores, **kwargs):
         flags = self.state.get("flags")
@@ -409,7 +412,9 @@ class _AbstentionStop(StoppingCriteria):
             flags = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         flags = flags.to(input_ids.device)
         if self.eos_ids:
-            eos = torch.isin(input_ids[:, -1], torch.tensor(self.eos_ids, device=input_ids.device))
+            if self._eos is None or self._eos.device != input_ids.device:
+                self._eos = torch.tensor(self.eos_ids, device=input_ids.device)
+            eos = torch.isin(input_ids[:, -1], self._eos)
             frozen = self.state.get("frozen")
             frozen = eos & ~flags if frozen is None else (frozen.to(input_ids.device) | (eos & ~flags))
             self.state["frozen"] = frozen
