@@ -77,9 +77,10 @@ def setup():
     return base, layer, rows, lit
 
 
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no-cache"])
 @pytest.mark.parametrize("check", ["every_call", "prompt"])
 @pytest.mark.parametrize("target", ["generated", "prompt"])
-def test_check_rule_matches_literal(setup, check, target):
+def test_check_rule_matches_literal(setup, check, target, use_cache):
     base, layer, rows, lit = setup
     # a box around one key: row 0's third call (a generated token fed back) or row 1's prompt
     key = lit[0][1][2] if target == "generated" else lit[1][1][0]
@@ -90,7 +91,7 @@ def test_check_rule_matches_literal(setup, check, target):
     ids, mask = pad(rows, "left")
     width = ids.shape[1]
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0,
-                         eos_token_id=None, return_dict_in_generate=True)
+                         eos_token_id=None, return_dict_in_generate=True, use_cache=use_cache)
     assert out.abstained.tolist() == want
     for r, (cont, _) in enumerate(lit):
         got = out.sequences[r, width:].tolist()
