@@ -112,10 +112,10 @@ def eval_results(manifest: dict) -> list[EvalResult]:
     return out
 
 
-def card_data(manifest: dict) -> ModelCardData:
+def card_data(manifest: dict, fmt: str = "hf") -> ModelCardData:
     edit = manifest.get("edit") or {}
     methods = list(edit.get("methods") or [])
-    tags = ["skill-editor", "unlearning", "machine-unlearning", "model-editing"]
+    tags = ["skill-editor", "unlearning", "machine-unlearning", "model-editing"] + (["onnx"] if fmt == "onnx" else [])
     tags += [METHOD_TAGS[m] for m in methods if m in METHOD_TAGS]
     arch = (manifest.get("base_model") or {}).get("model_type")
     if arch:
@@ -127,7 +127,7 @@ def card_data(manifest: dict) -> ModelCardData:
         kwargs["model_name"] = _model_name(manifest)
     return ModelCardData(
         base_model=hub_base_model(manifest),
-        library_name="transformers",
+        library_name="onnx" if fmt == "onnx" else "transformers",
         pipeline_tag="text-generation",
         tags=tags,
         **kwargs,
@@ -338,7 +338,45 @@ def _provenance_section(manifest: dict) -> list[str]:
     return lines
 
 
-def card_body(manifest: dict) -> str:
+def _onnx_load_section(manifest: dict) -> list[str]:
+    edit = manifest.get("edit") or {}
+    ks = edit.get("key_space")
+    na = edit.get("neuron_adjust")
+    lines = [
+        "## How to load (ONNX)",
+        "",
+        "`model.onnx` (+ `model.onnx.data`) is a self-contained graph: the edit is inside it"
+        + (f" (Neuron Adjust in `{na.get('mode')}` mode" if na else "")
+        + (" and the Key Space Detection box" if ks else "") + (")" if na else "")
+        + ". Inputs: `input_ids`, `attention_mask`, `position_ids`, `past_key_values.{i}.key|value` "
+        "(empty for the prompt); outputs: `logits`, `present.{i}.key|value`"
+        + (", `abstained` (bool per batch row)" if ks else "") + ". The tokenizer files load with "
+        "`transformers.AutoTokenizer`; `skill_editor.json` lists the shapes, the validation against "
+        "PyTorch and the sha256 of every file.",
+        "",
+        "```python",
+        "import onnxruntime as ort",
+        "",
+        'session = ort.InferenceSession("model.onnx")',
+        "```",
+        "",
+    ]
+    if ks:
+        rule = ("read `abstained` from the prompt's call only (this export decides on the query: "
+                "`key_space.check: prompt`)") if ks.get("check") == "prompt" else (
+                "stop a row and answer the refusal text as soon as any call's `abstained` is true "
+                "(`key_space.check: every_call`)")
+        lines += [f"In a generation loop, {rule}; the refusal text is `{ks.get('refusal')}`.", ""]
+    lines += [
+        "With skill-editor installed, `editor.onnx_runtime.OnnxGenerator(path).generate(prompts)` runs "
+        "that loop (greedy, KV cache, the edit's abstention rule); `skill-editor inspect DIR` verifies "
+        "every file's sha256.",
+        "",
+    ]
+    return lines
+
+
+def card_body(manifest: dict, fmt: str = "hf") -> str:
     base = (manifest.get("base_model") or {}).get("model")
     name = _model_name(manifest)
     edit = manifest.get("edit") or {}
@@ -352,15 +390,16 @@ def card_body(manifest: dict) -> str:
     ]
     lines += _how_section(manifest)
     lines += _scorecard_section(manifest)
-    lines += _load_section(manifest)
+    lines += _onnx_load_section(manifest) if fmt == "onnx" else _load_section(manifest)
     lines += _limits_section(manifest)
     lines += _provenance_section(manifest)
     lines += ["## Citation", "", "```bibtex", CITATION, "```", ""]
     return "\n".join(lines)
 
 
-def build_card(manifest: dict, config: dict | None = None) -> ModelCard:
-    """The ModelCard of a checkpoint from its manifest (``skill_editor.json`` without ``files``)."""
-    data = card_data(manifest)
-    content = f"---\n{data.to_yaml()}\n---\n\n{card_body(manifest)}"
+def build_card(manifest: dict, config: dict | None = None, fmt: str = "hf") -> ModelCard:
+    """The ModelCard of a checkpoint from its manifest (``skill_editor.json`` without ``files``);
+    ``fmt``: ``hf`` (transformers) or ``onnx`` (an ONNX export directory)."""
+    data = card_data(manifest, fmt)
+    content = f"---\n{data.to_yaml()}\n---\n\n{card_body(manifest, fmt)}"
     return ModelCard(content)

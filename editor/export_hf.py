@@ -328,6 +328,9 @@ def export_onnx_for(job, ed: Edited, out, *, stats_path=None, overwrite: bool = 
                                           r.neuron_adjust.forget if r.neuron_adjust else None,
                                           *(r.neuron_adjust.retain_sets if r.neuron_adjust else [])) if n):
         prompts += [t for t in job.sets[name].texts[:2] if t.strip()]
+    from editor.card import build_card
+
+    card = str(build_card(manifest, fmt="onnx"))
     result = export_onnx(ed.wrapped, ed.tokenizer, out, opset=r.export.onnx_opset, overwrite=overwrite,
-                         extra_files={MANIFEST: manifest}, prompts=prompts or None)
+                         extra_files={MANIFEST: manifest, "README.md": card}, prompts=prompts or None)
     return Path(result)

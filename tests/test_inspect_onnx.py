@@ -28,7 +28,7 @@ RETAIN = ["the cat sat on the mat", "a dog ran in the park", "birds sing at dawn
           "they cook rice and beans", "my friend likes green tea"]
 EVAL = ([{"prompt": t[: t.index("=") + 1], "answer": t.split("= ")[1], "skill": "math"} for t in FORGET[:4]]
         + [{"prompt": t[:8], "answer": t[8:12], "skill": "other"} for t in RETAIN[:4]])
-FILES = ["generation_config.json", "model.onnx", "model.onnx.data", "tokenizer.json", "tokenizer_config.json"]
+FILES = ["README.md", "generation_config.json", "model.onnx", "model.onnx.data", "tokenizer.json", "tokenizer_config.json"]
 
 
 def _jsonl(path: Path, rows: list[dict]) -> None:
@@ -106,7 +106,7 @@ def test_inspect_reports_an_onnx_export(onnx_export):
     assert f"onnx:       opset {m['onnx']['opset']}, float32, 3 layers with KV cache; validated with ONNX Runtime" in out
     assert "  score math: exact match" in out and "  score other: exact match" in out
     assert "statistics: model model" in out
-    assert out.rstrip().endswith("verification: OK; 5/5 files match their sha256")
+    assert out.rstrip().endswith("verification: OK; 6/6 files match their sha256")
 
 
 @pytest.mark.parametrize("name", ["model.onnx", "model.onnx.data", "tokenizer.json"])
@@ -118,7 +118,7 @@ def test_one_changed_byte_fails_with_one_line(onnx_export, tmp_path, name):
     res, errors = _inspect(ckpt)
     assert res.exit_code == 1, res.output
     assert len(errors) == 1 and errors[0].startswith(f"error: {name}: sha256 mismatch (expected "), errors
-    assert "verification: FAILED (1 problem); 4/5 files match their sha256" in res.output
+    assert "verification: FAILED (1 problem); 5/6 files match their sha256" in res.output
 
 
 @pytest.mark.parametrize("name", ["model.onnx", "model.onnx.data", "tokenizer_config.json"])
@@ -186,13 +186,30 @@ def test_without_the_onnx_package_the_files_are_still_verified(onnx_export, tmp_
 
     monkeypatch.setitem(sys.modules, "onnx", None)  # `import onnx` raises ImportError
     rep = verify(onnx_export)
-    assert rep.ok and rep.checked == 5
+    assert rep.ok and rep.checked == 6
     assert "note: the edit recorded in model.onnx was not compared (the onnx package is not installed)" in describe(rep)
     ckpt = _copy(onnx_export, tmp_path / "ckpt")
     data = bytearray((ckpt / "model.onnx.data").read_bytes())
     data[0] ^= 0x80
     (ckpt / "model.onnx.data").write_bytes(bytes(data))
     assert [p.split(" (")[0] for p in verify(ckpt).problems] == ["model.onnx.data: sha256 mismatch"]
+
+
+def test_onnx_export_has_its_model_card(onnx_export, tmp_path):
+    """The pipeline's ONNX export carries a model card for the Hub (ONNX front-matter, how to run
+    the graph and read ``abstained``, the scorecard), listed and verified like every other file."""
+    from editor.hub import plan_push
+
+    card = (onnx_export / "README.md").read_text(encoding="utf-8")
+    front = card.split("---")[1]
+    assert "library_name: onnx" in front and "- onnx" in front and "pipeline_tag: text-generation" in front
+    assert "model-index" in front  # the scorecard's results
+    assert "## How to load (ONNX)" in card and "ort.InferenceSession" in card
+    assert "`abstained`" in card and "check: every_call" in card
+    assert "trust_remote_code" not in card
+    assert "README.md" in _manifest(onnx_export)["files"]
+    plan = plan_push(onnx_export, "me/tiny-onnx")
+    assert plan.card == card and "README.md" in [f for f, _ in plan.files]
 
 
 def test_plain_onnx_export(tmp_path):
