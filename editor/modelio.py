@@ -99,12 +99,16 @@ def load_model(recipe: Recipe, config=None, *, device: str | None = None):
     kwargs = {"dtype": dtype, "revision": recipe.revision, "trust_remote_code": recipe.trust_remote_code}
     if place["device_map"]:
         kwargs["device_map"] = place["device_map"]
+    elif place["device"] and torch.device(place["device"]).type != "cpu":
+        # one accelerator: load the weights straight onto it (a one-device map adds no dispatch
+        # hooks) instead of materialising them on the host and copying them over with .to()
+        kwargs["device_map"] = {"": place["device"]}
     try:
         model = AutoModelForCausalLM.from_pretrained(recipe.model_ref(), **kwargs)
     except (OSError, ValueError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise EditorError(f"model: cannot load {recipe.model!r}: {first}") from None
-    if place["device"]:
+    if place["device"] and "device_map" not in kwargs:
         model.to(place["device"])
     model.eval()
     check_mapping(model, spec, config.model_type)

@@ -224,3 +224,29 @@ def test_statistics_and_export_identical_in_another_checkout(workdir, tmp_path):
     assert files == sorted(f.name for f in (b / "ckpt").iterdir())
     for f in files:
         assert (a / "ckpt" / f).read_bytes() == (b / "ckpt" / f).read_bytes(), f
+
+
+def test_accelerator_load_goes_straight_to_the_device(workdir, monkeypatch):
+    """On an accelerator the weights load with a one-device ``device_map`` (no host copy, no
+    ``.to()`` afterwards); on the CPU nothing changes. No GPU here: ``from_pretrained`` is wrapped
+    to record its arguments and load on the CPU (a ``.to("cuda:1")`` would fail on this machine)."""
+    from transformers import AutoModelForCausalLM
+
+    from editor.modelio import load_model
+    from editor.pipeline import prepare
+
+    job = prepare(write(workdir, base_recipe(), "device.yaml"))
+    calls = []
+    real = AutoModelForCausalLM.from_pretrained.__func__
+
+    def fake(cls, path, **kw):
+        calls.append(dict(kw))
+        kw.pop("device_map", None)
+        return real(cls, path, **kw)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(fake))
+    model = load_model(job.recipe, job.config, device="cuda:1")
+    assert calls[-1]["device_map"] == {"": "cuda:1"}
+    assert next(model.parameters()).device.type == "cpu"
+    load_model(job.recipe, job.config, device="cpu")
+    assert "device_map" not in calls[-1]
