@@ -304,6 +304,9 @@ def _limits_section(manifest: dict) -> list[str]:
             lines.append("- Key Space Detection abstains on any query whose key falls in the hypercube: prompts "
                          "of other skills can be refused (false positives), and rephrased forget-skill prompts "
                          "can escape it.")
+            if (edit.get("key_space") or {}).get("check") == "prompt":
+                lines.append("- The guard decides on the query only (`check: prompt`): an answer to a query that "
+                             "escaped the box is not stopped while it is generated.")
     lines += [
         "- Measured only on the data sets and the scorecard listed here; the skill may survive in other "
         "phrasings, languages or formats.",
