@@ -405,7 +405,8 @@ def dry_run(recipe_path, *, model: str | None = None) -> str:
     add(f"architecture {config.model_type} (supported): layers {arch.layers}; neurons: {mlp}")
     add(f"shape        {n_layers} layers × d_ff {d_ff} = {total} FFL neurons; hidden {shape['hidden']}, "
         f"{shape['heads']} heads ({shape['kv_heads']} kv), vocab {shape['vocab']}")
-    add(f"weights      ≈ {params / 1e9:.2f} B parameters; {dtype} → {human_bytes(params * nbytes)} "
+    count = f"{params / 1e9:.2f} B" if params >= 1e9 else f"{params / 1e6:.2f} M"
+    add(f"weights      ≈ {count} parameters; {dtype} → {human_bytes(params * nbytes)} "
         f"(+ activations and KV cache)")
     if recipe.device == "auto":
         add("device       auto: one CUDA GPU when the weights fit (device_map='auto' over several GPUs otherwise), else CPU")
