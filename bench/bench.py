@@ -287,6 +287,19 @@ def stats_agreement(ours, paper) -> float:
     return worst
 
 
+def alternate(fns: dict, reps: int) -> dict[str, list[float]]:
+    """Time each of ``fns`` ``reps`` times, the order rotating each repetition (gc before each)."""
+    names = list(fns)
+    times = {n: [] for n in names}
+    for r in range(reps):
+        for n in names[r % len(names):] + names[: r % len(names)]:
+            gc.collect()
+            t0 = clock()
+            fns[n]()
+            times[n].append(clock() - t0)
+    return times
+
+
 def bench_profile(model, tok, spec, groups, reps) -> list[dict]:
     rows = []
     names = list(APPROACHES)
@@ -297,14 +310,7 @@ def bench_profile(model, tok, spec, groups, reps) -> list[dict]:
         # warm-up (one batch worth of texts) and the sanity check of the statistics
         agree = stats_agreement(run_ours(model, tok, spec, texts[:BATCH_SIZE]), run_paper(model, tok, spec, texts[:BATCH_SIZE]))
         run_plain(model, tok, spec, texts[:BATCH_SIZE])
-        times = {n: [] for n in names}
-        for r in range(reps):
-            order = names[r % len(names):] + names[: r % len(names)]
-            for n in order:
-                gc.collect()
-                t0 = clock()
-                APPROACHES[n](model, tok, spec, texts)
-                times[n].append(clock() - t0)
+        times = alternate({n: (lambda f=APPROACHES[n]: f(model, tok, spec, texts)) for n in names}, reps)
         tps = {n: tokens / statistics.median(times[n]) for n in names}
 
         def paired(a, b):  # median over repetitions of (speed a / speed b) = time b / time a
@@ -486,10 +492,13 @@ def bench_generation(base, tok, spec, n_prompts, n_new, reps) -> dict:
     def gen_base():
         return base.generate(**enc, **kw)
 
-    def gen_patched():
-        out = wrapped.generate(**enc, **kw, return_dict_in_generate=True)
-        assert not bool(out["abstained"].any()), "the non-firing KSD bounds fired"
-        return out.sequences
+    def gen_wrapped(model):
+        def gen():
+            out = model.generate(**enc, **kw, return_dict_in_generate=True)
+            assert not bool(out["abstained"].any()), "the non-firing KSD bounds fired"
+            return out.sequences
+
+        return gen
 
     def gen_paper():
         with paper_hooks(base, spec, paper, state):
@@ -502,25 +511,14 @@ def bench_generation(base, tok, spec, n_prompts, n_new, reps) -> dict:
     edit_prompt["key_space"]["check"] = "prompt"
     wrapped_prompt = wrap(wrapped.model, edit_prompt)
 
-    def gen_patched_prompt():
-        out = wrapped_prompt.generate(**enc, **kw, return_dict_in_generate=True)
-        assert not bool(out["abstained"].any()), "the non-firing KSD bounds fired"
-        return out.sequences
-
-    variants = {"base": gen_base, "patched": gen_patched, "patched_prompt": gen_patched_prompt, "paper_hooks": gen_paper}
+    variants = {"base": gen_base, "patched": gen_wrapped(wrapped), "patched_prompt": gen_wrapped(wrapped_prompt),
+                "paper_hooks": gen_paper}
     names = list(variants)
     seqs = {}
     with torch.inference_mode():
         for n in names:  # warm-up
             seqs[n] = variants[n]()
-        times = {n: [] for n in names}
-        for r in range(reps):
-            order = names[r % len(names):] + names[: r % len(names)]
-            for n in order:
-                gc.collect()
-                t0 = clock()
-                variants[n]()
-                times[n].append(clock() - t0)
+        times = alternate(variants, reps)
     new_tokens = n_prompts * n_new
     for n in names:
         assert seqs[n].shape[1] == enc["input_ids"].shape[1] + n_new, (n, seqs[n].shape)

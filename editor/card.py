@@ -304,7 +304,7 @@ def _limits_section(manifest: dict) -> list[str]:
             lines.append("- Key Space Detection abstains on any query whose key falls in the hypercube: prompts "
                          "of other skills can be refused (false positives), and rephrased forget-skill prompts "
                          "can escape it.")
-            if (edit.get("key_space") or {}).get("check") == "prompt":
+            if edit["key_space"].get("check") == "prompt":
                 lines.append("- The guard decides on the query only (`check: prompt`): an answer to a query that "
                              "escaped the box is not stopped while it is generated.")
     lines += [

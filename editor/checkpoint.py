@@ -476,12 +476,6 @@ def unpermute_plan(spec, layer: int, perm: torch.Tensor, shapes: dict[str, tuple
     return plan
 
 
-def unpermute_layer(tensors: dict[str, torch.Tensor], spec, layer: int, perm: torch.Tensor) -> None:
-    """``unpermute_plan`` applied to an in-memory state dict."""
-    for name, (dim, idx) in unpermute_plan(spec, layer, perm, {k: tuple(v.shape) for k, v in tensors.items()}).items():
-        tensors[name] = _index(tensors[name], dim, idx)
-
-
 # safetensors' dtype names (``get_slice(...).get_dtype()``) → torch, to plan shards without loading
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,

@@ -361,8 +361,6 @@ def last_real_index(attention_mask: torch.Tensor | None, batch: int, seq: int, d
     """
     if attention_mask is None or attention_mask.dim() != 2:
         return torch.full((batch,), seq - 1, device=device, dtype=torch.long), torch.ones(batch, dtype=torch.bool, device=device)
-    if seq == 1:  # a generation step with a cache: the one token, real unless masked
-        return torch.zeros(batch, device=device, dtype=torch.long), attention_mask[:, -1].to(device) != 0
     m = attention_mask[:, -seq:].to(device=device, dtype=torch.long)
     pos = torch.arange(1, seq + 1, device=device, dtype=torch.long)
     idx = (m * pos).argmax(dim=-1)
