@@ -427,9 +427,12 @@ def query_keys(model, tokenizer, spec, texts: list[str], *, new_tokens: int | No
 def calibration_config(recipe) -> dict:
     """What a stored calibration must agree with (else: profile again)."""
     ks = recipe.key_space
-    return {"version": CALIBRATION_VERSION, "forget": ks.forget, "retain": ks.retain_sets,
-            "false_positive_budget": ks.false_positive_budget, "folds": ks.folds, "seed": ks.seed,
-            "check": ks.check, "continuation_tokens": continuation_tokens(ks.check)}
+    out = {"version": CALIBRATION_VERSION, "forget": ks.forget, "retain": ks.retain_sets,
+           "false_positive_budget": ks.false_positive_budget, "folds": ks.folds, "seed": ks.seed,
+           "check": ks.check, "continuation_tokens": continuation_tokens(ks.check)}
+    if ks.detector != "box":  # only then: statistics calibrated before the field existed stay valid
+        out["detector"] = ks.detector
+    return out
 
 
 def continuation_tokens(check: str) -> int:
@@ -464,6 +467,164 @@ def calibrate_keys(forget: dict[int, torch.Tensor] | KeySet, retain: dict[int, t
     }
 
 
+# ---------------------------------------------------------------------------------------------
+# the pooled linear detector (key_space.detector: linear; docs/GENERALIZATION.md §4.3)
+# ---------------------------------------------------------------------------------------------
+
+LINEAR_WEIGHT_DECAY = 1e-3
+LINEAR_MAX_ITER = 500
+
+
+@torch.inference_mode()
+def collect_pooled_keys(model, tokenizer, spec, texts: list[str], *, batch_size: int = 8, max_length: int = 512,
+                        padding_side: str | None = None) -> dict[int, torch.Tensor]:
+    """Per text and layer, the key max-pooled over every real token of the text — what the
+    runtime's ``KeyScore`` pools over the prompt's forward call. {layer: float32 [len(texts), d_ff]}
+    on the CPU, rows in the order of ``texts``."""
+    from editor.arch import d_ff, decoder_layers
+    from editor.hooks import hooks
+    from editor.profile import _input_device, backbone, make_batches, tokenize
+
+    side = padding_side or getattr(tokenizer, "padding_side", "right") or "right"
+    ids, _ = tokenize(tokenizer, texts, max_length)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = make_batches(ids, batch_size, pad_id, side)
+    order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))  # make_batches' row order
+    layers = decoder_layers(model, spec)
+    width = d_ff(model, spec)
+    got: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(layers))}
+    current = {}
+
+    def key_hook(i):
+        def fn(module, args):
+            real = current["mask"]
+            x = args[0].reshape(real.shape[0], real.shape[1], width).float()
+            x = x.masked_fill(~real[:, :, None].to(x.device), float("-inf"))
+            got[i].append(x.amax(dim=1).cpu())
+
+        return fn
+
+    regs = [(layer.get_submodule(spec.down), "forward_pre", key_hook(i)) for i, layer in enumerate(layers)]
+    runner = backbone(model)
+    device = _input_device(model)
+    with hooks(regs):
+        for b in batches:
+            current["mask"] = b.attention_mask.bool()
+            runner(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device),
+                   position_ids=b.position_ids.to(device), use_cache=False)
+    inv = torch.empty(len(order), dtype=torch.long)
+    inv[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+    out = {}
+    for i, chunks in got.items():
+        keys = torch.cat(chunks)[inv]
+        if not torch.isfinite(keys).all():
+            raise EditorError(f"non-finite keys (NaN/Inf) in layer {i} during key_space calibration")
+        out[i] = keys
+    return out
+
+
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, *, weight_decay: float = LINEAR_WEIGHT_DECAY,
+                 max_iter: int = LINEAR_MAX_ITER) -> tuple[torch.Tensor, float]:
+    """Class-balanced, L2-regularized logistic regression on standardized features (float64,
+    L-BFGS from zeros: deterministic). Returns (w, b) in the raw feature space: score = x·w + b."""
+    x = x.to(torch.float64)
+    y = y.to(torch.float64)
+    if not torch.isfinite(x).all():
+        raise EditorError("key_space calibration: non-finite pooled keys")
+    mu = x.mean(0)
+    sd = x.std(0, unbiased=False).clamp(min=SIGMA_FLOOR)
+    z = (x - mu) / sd
+    w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    n_pos = float(y.sum())
+    n_neg = float(y.numel()) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise EditorError("key_space calibration: every training fold needs forget and retain queries")
+    pos_weight = torch.tensor(n_neg / n_pos, dtype=torch.float64)
+    opt = torch.optim.LBFGS([w, b], max_iter=max_iter, line_search_fn="strong_wolfe", tolerance_grad=1e-9,
+                            tolerance_change=1e-12, history_size=20)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, y, pos_weight=pos_weight)
+        loss = loss + weight_decay * (w * w).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    wd = w.detach() / sd
+    bd = float(b.detach()[0] - (wd * mu).sum())
+    if not (torch.isfinite(wd).all() and math.isfinite(bd)):
+        raise EditorError("key_space calibration: the linear detector did not converge to finite weights")
+    return wd, bd
+
+
+def budget_threshold(scores: torch.Tensor, group: torch.Tensor, budget: float) -> float:
+    """The smallest threshold t such that, in every retain set g, at most ⌊budget·n_g⌋ scores are
+    > t (a false positive is a score above the threshold)."""
+    t = -math.inf
+    for g in group.unique(sorted=True).tolist():
+        s = torch.sort(scores[group == g], descending=True).values
+        allowed = int(math.floor(budget * s.numel() + 1e-9))
+        if allowed < s.numel():
+            t = max(t, float(s[allowed]))
+    return t
+
+
+def calibrate_linear(forget: dict[int, torch.Tensor], retain: dict[int, torch.Tensor], group: torch.Tensor, *,
+                     budget: float, folds: int, seed: int, retain_names: list[str] | None = None
+                     ) -> tuple[dict, dict[int, torch.Tensor]]:
+    """K-fold cross-fitted pooled linear detector over every layer's pooled key.
+
+    On each fold: fit on the training forget (positive) and retain (negative) queries, score the
+    held-out ones (out-of-fold scores). Threshold: the smallest one whose out-of-fold false-positive
+    rate is ≤ budget in EVERY retain set (``budget_threshold``). The detector is the average of the
+    K fold models (a linear model again) shifted by that threshold, so it abstains when its score
+    is > 0; the out-of-fold rates are its cross-validated estimate. Returns (record, {layer: weight
+    float32 [d_ff]}); the record holds the bias (float) and the CV figures."""
+    layers = sorted(forget)
+    xf = torch.cat([forget[i] for i in layers], 1).to(torch.float64)
+    xr = torch.cat([retain[i] for i in layers], 1).to(torch.float64)
+    ff = fold_indices(xf.shape[0], folds, seed, salt=1)
+    rf = fold_indices(xr.shape[0], folds, seed, salt=2)
+    oof_f = torch.empty(xf.shape[0], dtype=torch.float64)
+    oof_r = torch.empty(xr.shape[0], dtype=torch.float64)
+    ws, bs = [], []
+    for k in range(folds):
+        tf = torch.cat([ff[j] for j in range(folds) if j != k])
+        tr = torch.cat([rf[j] for j in range(folds) if j != k])
+        x = torch.cat([xf[tf], xr[tr]])
+        y = torch.cat([torch.ones(tf.numel()), torch.zeros(tr.numel())])
+        w, b = fit_logistic(x, y)
+        oof_f[ff[k]] = xf[ff[k]] @ w + b
+        oof_r[rf[k]] = xr[rf[k]] @ w + b
+        ws.append(w)
+        bs.append(b)
+    t = budget_threshold(oof_r, group, budget)
+    covered = oof_f > t
+    names = retain_names or [f"set{g}" for g in range(int(group.max()) + 1)]
+    by_set = {names[g]: round(float((oof_r[group == g] > t).double().mean()), 6) for g in group.unique(sorted=True).tolist()}
+    w = torch.stack(ws).mean(0)
+    bias = sum(bs) / len(bs) - t
+    widths = [forget[i].shape[1] for i in layers]
+    weights = {layer: part.to(torch.float32).contiguous() for layer, part in zip(layers, torch.split(w, widths))}
+    record = {
+        "method": "linear",
+        "detector": "linear",
+        "pool": "max",
+        "layers": [int(x) for x in layers],
+        "bias": float(bias),
+        "cv": {"forget_coverage": round(float(covered.double().mean()), 6),
+               "retain_fpr": round(float((oof_r > t).double().mean()), 6),
+               "retain_fpr_by_set": by_set, "folds": folds, "seed": seed, "budget": budget,
+               "weight_decay": LINEAR_WEIGHT_DECAY},
+        "n_forget": int(xf.shape[0]),
+        "n_retain": int(xr.shape[0]),
+    }
+    return record, weights
+
+
 def calibrate_job(job, model, tokenizer, spec, *, progress: bool = False) -> dict:
     """Collect the keys of the KSD forget set and the retain query sets (with whatever patch the
     model carries: NA when both methods are on) and calibrate. Only the sets the recipe names under
@@ -471,6 +632,8 @@ def calibrate_job(job, model, tokenizer, spec, *, progress: bool = False) -> dic
     r = job.recipe
     ks = r.key_space
     p = r.profile
+    if ks.detector == "linear":
+        return _calibrate_linear_job(job, model, tokenizer, spec)
     kw = dict(batch_size=p.batch_size, max_length=p.max_length, padding_side=p.padding_side,
               new_tokens=continuation_tokens(ks.check))
     f = query_keys(model, tokenizer, spec, job.sets[ks.forget].texts, **kw)
@@ -484,3 +647,24 @@ def calibrate_job(job, model, tokenizer, spec, *, progress: bool = False) -> dic
                          retain_names=ks.retain_sets)
     out["config"] = calibration_config(r)
     return out
+
+
+def _calibrate_linear_job(job, model, tokenizer, spec) -> dict:
+    """``calibrate_job`` for the pooled linear detector: the record, with the per-layer weights
+    under ``"weights"`` (tensors: ``profile_job`` moves them into the statistics file)."""
+    r = job.recipe
+    ks = r.key_space
+    p = r.profile
+    kw = dict(batch_size=p.batch_size, max_length=p.max_length, padding_side=p.padding_side)
+    f = collect_pooled_keys(model, tokenizer, spec, job.sets[ks.forget].texts, **kw)
+    retain_texts: list[str] = []
+    group: list[int] = []
+    for g, name in enumerate(ks.retain_sets):
+        retain_texts += job.sets[name].texts
+        group += [g] * len(job.sets[name].texts)
+    rk = collect_pooled_keys(model, tokenizer, spec, retain_texts, **kw)
+    record, weights = calibrate_linear(f, rk, torch.tensor(group, dtype=torch.long), budget=ks.false_positive_budget,
+                                       folds=ks.folds, seed=ks.seed, retain_names=ks.retain_sets)
+    record["config"] = calibration_config(r)
+    record["weights"] = weights
+    return record

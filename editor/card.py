@@ -172,7 +172,19 @@ def _how_section(manifest: dict) -> list[str]:
         ]
         lines += [f"| {layer} | {n} |" for layer, n in sorted((na.get("counts") or {}).items(), key=lambda kv: int(kv[0]))]
         lines.append("")
-    if ks:
+    if ks and ks.get("detector") == "linear":
+        cv = (ks.get("plan") or {}).get("cv") or {}
+        lines.append(
+            f"**Key Space Detection, pooled linear detector** (abstention; beyond the paper). The MLP keys of "
+            f"layers {', '.join(str(x) for x in ks.get('layers') or [])}, each max-pooled over the query's tokens, "
+            f"are scored by one linear function fitted to tell `{ks.get('forget')}` from the retain queries "
+            f"{', '.join(f'`{x}`' for x in (ks.get('plan') or {}).get('retain') or [])} and thresholded by "
+            f"{cv.get('folds')}-fold cross-validation at a false-positive budget of {_num(cv.get('budget'), 'g')} per "
+            "retain set (weights and bias stored in the checkpoint). A query whose score is positive is answered "
+            "with the refusal text"
+            + (" (keys profiled with Neuron Adjust active)." if ks.get("profiled_with_neuron_adjust") else ".")
+        )
+    elif ks:
         layers = ks.get("layers") or []
         for layer in layers:
             k = (ks.get("k") or {}).get(str(layer))
@@ -184,8 +196,10 @@ def _how_section(manifest: dict) -> list[str]:
                 "dimension is answered with the refusal text"
                 + (" (keys profiled with Neuron Adjust active)." if ks.get("profiled_with_neuron_adjust") else ".")
             )
+    if ks:
         if ks.get("check") == "prompt":
-            lines += ["", "The guard decides on the query: `generate` tests the key of the prompt's last token "
+            what = "scores the prompt's pooled keys" if ks.get("detector") == "linear" else "tests the key of the prompt's last token"
+            lines += ["", f"The guard decides on the query: `generate` {what} "
                       "(its first forward call) and does not re-check the generated tokens (`key_space.check: prompt`)."]
         else:
             lines += ["", "The guard tests the key at the last token of every forward call of `generate`: the "

@@ -118,7 +118,7 @@ def expected_patch_tensors(edit: dict) -> set[str]:
     ks = edit.get("key_space") or {}
     for layer in ks.get("layers") or []:
         base = f"{spec.layers}.{int(layer)}.{spec.down}.key_space."
-        names.update(base + k for k in ("lower", "upper"))
+        names.update(base + k for k in (("weight", "bias") if ks.get("detector") == "linear" else ("lower", "upper")))
     return names
 
 

@@ -139,7 +139,20 @@ def edit_summary(job, plans, edit: dict | None) -> dict:
             "mode": na.mode, "seed": na.seed, "score": na.score, "top_percent": na.top_percent,
             "counts": counts, "total": sum(counts.values()),
         }
-    if plans.key_space:
+    if plans.key_space and r.key_space.detector == "linear":
+        layers = sorted(plans.key_space)
+        out["key_space"] = {
+            "forget": r.key_space.forget,
+            "detector": "linear",
+            "pool": "max",
+            "layers": layers,
+            "refusal": r.key_space.refusal,
+            "check": r.key_space.check,
+            "profiled_with_neuron_adjust": bool(na is not None),
+        }
+        if plans.key_space_info:
+            out["key_space"]["plan"] = plans.key_space_info
+    elif plans.key_space:
         layers = sorted(plans.key_space)
         out["key_space"] = {
             "forget": r.key_space.forget,

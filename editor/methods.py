@@ -136,6 +136,15 @@ def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
+class LinearShare:
+    """One layer's share of the pooled linear detector (``key_space.detector: linear``): the
+    runtime abstains when Σ_layers (weight · maxpool(key) + bias) > 0."""
+
+    weight: torch.Tensor  # float32 [d]
+    bias: float
+
+
+@dataclass
 class KSDBounds:
     lower: torch.Tensor  # float32 [d]
     upper: torch.Tensor  # float32 [d]

@@ -12,7 +12,7 @@ from torch import nn
 
 from editor import __version__
 from editor.arch import ArchSpec, decoder_layers, permute_neurons
-from editor.methods import KSDBounds, NAPlan
+from editor.methods import KSDBounds, LinearShare, NAPlan
 from editor.runtime.configuration_skill_editor import SkillEditorConfig
 from editor.runtime.modeling_skill_editor import (
     FORMAT,
@@ -57,13 +57,27 @@ def apply_neuron_adjust(model: nn.Module, spec: ArchSpec, model_type: str, plan:
 
 
 @torch.no_grad()
-def apply_key_space(model: nn.Module, spec: ArchSpec, model_type: str, bounds: dict[int, KSDBounds]) -> None:
-    install_patches(model, model_type, {"key_space": {"layers": sorted(bounds)}})
+def apply_key_space(model: nn.Module, spec: ArchSpec, model_type: str, bounds: dict[int, KSDBounds | LinearShare]) -> None:
+    """Install the guard: hypercube bounds (``KSDBounds``) or the linear detector's per-layer
+    shares (``LinearShare``), one kind per edit."""
+    linear = _detector(bounds) == "linear"
+    install_patches(model, model_type, {"key_space": {"layers": sorted(bounds), "detector": "linear" if linear else "box"}})
     layers = decoder_layers(model, spec)
     for layer, b in bounds.items():
         ks = layers[layer].get_submodule(spec.down).key_space
-        ks.lower.copy_(b.lower.to(ks.lower.device))
-        ks.upper.copy_(b.upper.to(ks.upper.device))
+        if linear:
+            ks.weight.copy_(b.weight.to(ks.weight.device))
+            ks.bias.fill_(float(b.bias))
+        else:
+            ks.lower.copy_(b.lower.to(ks.lower.device))
+            ks.upper.copy_(b.upper.to(ks.upper.device))
+
+
+def _detector(guard: dict) -> str:
+    kinds = {isinstance(b, LinearShare) for b in guard.values()}
+    if len(kinds) > 1:
+        raise ValueError("key_space: one kind of guard per edit (hypercube bounds or linear shares)")
+    return "linear" if kinds == {True} else "box"
 
 
 @torch.no_grad()
@@ -90,7 +104,16 @@ def edit_description(model_type: str, na: NAPlan | None, ksd: dict[int, KSDBound
     if na is not None:
         edit["neuron_adjust"] = {"mode": na.mode, "seed": na.seed, "score": na.score, "top_percent": na.top_percent,
                                  "counts": {str(i): n for i, n in sorted(na.counts.items())}}
-    if ksd:
+    if ksd and _detector(ksd) == "linear":
+        edit["key_space"] = {
+            "layers": sorted(ksd),
+            "detector": "linear",
+            "pool": "max",
+            "refusal": refusal,
+            "refusal_ids": list(refusal_ids or []),
+            "check": check,
+        }
+    elif ksd:
         edit["key_space"] = {
             "layers": sorted(ksd),
             "k": {str(i): b.k for i, b in sorted(ksd.items())},

@@ -16,7 +16,7 @@ from editor.arch import resolve_layer, spec_for
 from editor.data import TextSet, load_all
 from editor.errors import EditorError
 from editor.io import check_destination
-from editor.methods import Gaussian, KSDBounds, NAPlan, ksd_bounds, neuron_scores, plan_neuron_adjust, pooled, select_neurons
+from editor.methods import Gaussian, KSDBounds, LinearShare, NAPlan, ksd_bounds, neuron_scores, plan_neuron_adjust, pooled, select_neurons
 from editor.recipe import Recipe, check_against_config, load_recipe
 from editor.stats import SetStats, StatsFile, load_stats, save_stats
 
@@ -102,7 +102,10 @@ def profile_job(job: Job, model, tokenizer, *, progress: bool = True, dist=None)
         # under NA when both methods are on; the choice is stored with the KSD set's statistics
         from editor.calibrate import calibrate_job
 
-        out[ksd_set_name(r)].info["calibration"] = calibrate_job(job, model, tokenizer, spec, progress=progress)
+        record = calibrate_job(job, model, tokenizer, spec, progress=progress)
+        target = out[ksd_set_name(r)]
+        target.detector = record.pop("weights", {})
+        target.info["calibration"] = record
     return out
 
 
@@ -185,6 +188,8 @@ def plan_key_space(job: Job, source) -> tuple[dict[int, KSDBounds], dict]:
         m = source[name].get(layer, "key")
         vals = {"mean": m.mean.float().cpu(), "std": m.std.float().cpu(), "min": m.min.float().cpu(), "max": m.max.float().cpu()}
         get = vals.__getitem__
+    if ks.calibrated and ks.detector == "linear":
+        return _linear_key_space(job, source, name)
     if ks.calibrated:
         return _calibrated_key_space(job, source, name)
     b = ksd_bounds(get("mean"), get("std"), get("min"), get("max"), ks.scale)
@@ -194,12 +199,7 @@ def plan_key_space(job: Job, source) -> tuple[dict[int, KSDBounds], dict]:
 def _calibrated_key_space(job: Job, source, name: str) -> tuple[dict[int, KSDBounds], dict]:
     """Bounds of the calibrated setting stored by ``profile_job``: the chosen layer(s), dims and α
     over the KSD set's streaming statistics (other dims ±inf) — the same from memory or file."""
-    from editor.calibrate import calibration_config
-
-    info = (source.sets.get(name, {}) if isinstance(source, StatsFile) else source[name].info).get("calibration")
-    if not info or info.get("config") != calibration_config(job.recipe):
-        raise EditorError("the statistics hold no key_space calibration for these settings "
-                          "(key_space.retain / false_positive_budget / folds / seed): profile again with this recipe")
+    info = _stored_calibration(job, source, name)
     bounds = {}
     for layer in info["layers"]:
         if isinstance(source, StatsFile):
@@ -213,6 +213,30 @@ def _calibrated_key_space(job: Job, source, name: str) -> tuple[dict[int, KSDBou
             "dims": {str(i): b.dims for i, b in bounds.items()}, "k": {str(i): b.k for i, b in bounds.items()},
             "cv": info["cv"], "retain": info["config"]["retain"], "set": name}
     return bounds, plan
+
+
+def _stored_calibration(job: Job, source, name: str) -> dict:
+    from editor.calibrate import calibration_config
+
+    info = (source.sets.get(name, {}) if isinstance(source, StatsFile) else source[name].info).get("calibration")
+    if not info or info.get("config") != calibration_config(job.recipe):
+        raise EditorError("the statistics hold no key_space calibration for these settings "
+                          "(key_space.retain / detector / false_positive_budget / folds / seed / check): "
+                          "profile again with this recipe")
+    return info
+
+
+def _linear_key_space(job: Job, source, name: str) -> tuple[dict[int, LinearShare], dict]:
+    """The pooled linear detector stored by ``profile_job``: per layer its weight, the bias on the
+    first layer (the runtime sums the layers' shares) — the same from memory or file."""
+    info = _stored_calibration(job, source, name)
+    shares = {}
+    for j, layer in enumerate(info["layers"]):
+        w = source.detector(name, layer) if isinstance(source, StatsFile) else source[name].detector[layer]
+        shares[int(layer)] = LinearShare(w.to(torch.float32).cpu(), info["bias"] if j == 0 else 0.0)
+    plan = {"method": "linear", "detector": "linear", "pool": info["pool"], "layers": info["layers"],
+            "cv": info["cv"], "retain": info["config"]["retain"], "set": name}
+    return shares, plan
 
 
 def plan_all(job: Job, source) -> Plans:

@@ -98,6 +98,11 @@ class KeySpaceSpec(_Strict):
         "every_call",
         description="which forward calls of generate decide: every_call (DESIGN §3: the prompt's last token and "
                     "each generated token) or prompt (the first call only: the query decides, the answer is not re-checked)")
+    detector: Literal["box", "linear"] = Field(
+        "box",
+        description="box (the paper's hypercube on the last token's key; calibrated or not) or linear (a pooled "
+                    "linear detector over every layer's key, max-pooled over the prompt's tokens, fitted by the "
+                    "calibration; needs retain queries and check: prompt)")
     retain: str | list[str] | None = Field(None, description="retain queries: turns on calibration")
     calibrate: bool | None = Field(None, description="default: on when retain queries are given")
     false_positive_budget: float = Field(0.01, ge=0.0, lt=1.0)
@@ -201,6 +206,13 @@ class Recipe(_Strict):
             need("key_space.retain", self.key_space.retain_sets)
             if self.key_space.calibrate and not self.key_space.retain_sets:
                 raise ValueError("key_space.calibrate: calibration needs retain queries (key_space.retain)")
+            if self.key_space.detector == "linear":
+                if not self.key_space.calibrated:
+                    raise ValueError("key_space.detector: the linear detector is fitted by the calibration; "
+                                     "name retain queries (key_space.retain) and leave calibrate on")
+                if self.key_space.check != "prompt":
+                    raise ValueError("key_space.detector: the linear detector pools over the prompt's tokens; "
+                                     "it needs key_space.check: prompt")
         if self.evaluate:
             need("evaluate.data", [self.evaluate.data])
         if "onnx" in self.export.formats and self.neuron_adjust and self.neuron_adjust.mode == "sample":

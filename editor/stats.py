@@ -107,6 +107,9 @@ class SetStats:
 
     layers: dict[int, dict[str, Moments]]
     info: dict = field(default_factory=dict)
+    # the key_space linear detector's weights, {layer: float32 [d_ff]} (calibration output; saved
+    # as ``<set>.detector.<layer>.weight``)
+    detector: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def get(self, layer: int, kind: str) -> Moments:
         return self.layers[layer][kind]
@@ -114,6 +117,10 @@ class SetStats:
 
 def _tensor_name(set_name: str, layer: int, kind: str, stat: str) -> str:
     return f"{set_name}.layers.{layer}.{kind}.{stat}"
+
+
+def detector_tensor_name(set_name: str, layer: int) -> str:
+    return f"{set_name}.detector.{layer}.weight"
 
 
 def save_stats(path, sets: dict[str, SetStats], *, model: str, revision: str | None, extra: dict | None = None) -> None:
@@ -129,6 +136,8 @@ def save_stats(path, sets: dict[str, SetStats], *, model: str, revision: str | N
                 tensors[_tensor_name(name, layer, kind, "std")] = m.std.detach().to("cpu", torch.float32)
                 tensors[_tensor_name(name, layer, kind, "min")] = m.min.detach().to("cpu", torch.float32)
                 tensors[_tensor_name(name, layer, kind, "max")] = m.max.detach().to("cpu", torch.float32)
+        for layer, w in s.detector.items():
+            tensors[detector_tensor_name(name, layer)] = w.detach().to("cpu", torch.float32).contiguous()
     meta = {
         "format": STATS_FORMAT,
         "version": STATS_VERSION,
@@ -161,6 +170,12 @@ class StatsFile:
         key = _tensor_name(set_name, layer, kind, stat)
         if key not in self.tensors:
             raise EditorError(f"statistics file has no tensor {key!r} (was set {set_name!r} profiled?)")
+        return self.tensors[key]
+
+    def detector(self, set_name: str, layer: int) -> torch.Tensor:
+        key = detector_tensor_name(set_name, layer)
+        if key not in self.tensors:
+            raise EditorError(f"statistics file has no tensor {key!r}: profile again with this recipe")
         return self.tensors[key]
 
     def has_set(self, set_name: str) -> bool:

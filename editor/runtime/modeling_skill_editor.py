@@ -249,6 +249,46 @@ class KeySpace(nn.Module):
         self.inside = ((k >= self.lower) & (k <= self.upper)).all(dim=-1)
 
 
+class KeyScore(KeySpace):
+    """The pooled linear detector's share of one layer (``key_space.detector: linear``): float32
+    ``weight`` [d_ff] and ``bias`` [1]. Its ``observe`` max-pools the key over every real token of
+    the current forward call (the prompt, under ``check: prompt``) and records ``weight · pool +
+    bias`` per row; the model abstains on a row when the sum over the guarded layers is > 0.
+
+    Why pooled: the last token's key encodes its local context; what a query is *about* (its
+    language, say) is spread over its tokens (docs/GENERALIZATION.md §4.3). ``bind`` gives the
+    current call's attention mask (past + current columns; None = every token is real) and shape.
+    """
+
+    def __init__(self, d_ff: int):
+        nn.Module.__init__(self)
+        self.register_buffer("weight", torch.zeros(d_ff, dtype=torch.float32))
+        self.register_buffer("bias", torch.zeros(1, dtype=torch.float32))
+        self.inside = None
+        self.score: torch.Tensor | None = None
+        self.enabled = True
+        self._call: tuple | None = None
+
+    def bind(self, attention_mask, batch: int, seq: int) -> None:
+        self._call = (attention_mask, batch, seq)
+
+    def observe(self, key: torch.Tensor) -> None:
+        if not self.enabled:
+            return
+        if self._call is not None:
+            mask, batch, seq = self._call
+        else:  # not called through the checkpoint class: one call, every token real
+            mask, batch, seq = (None, key.shape[0], key.shape[1]) if key.dim() == 3 else (None, 1, key.shape[0])
+        k = key.float().reshape(batch, seq, -1)
+        if mask is not None and mask.dim() == 2:
+            real = mask[:, -seq:].to(device=k.device, dtype=torch.bool)
+            k = k.masked_fill(~real[:, :, None], float("-inf"))
+        pooled = k.amax(dim=1)
+        # a row without real tokens pools to -inf: score it 0 (its decision is masked out anyway)
+        pooled = torch.where(torch.isfinite(pooled), pooled, torch.zeros_like(pooled))
+        self.score = pooled @ self.weight + self.bias
+
+
 class KeySpaceGuardedMixin:
     """Swapped in over the down projection's class: its input (the key) is tested."""
 
@@ -305,10 +345,13 @@ def install_patches(model: nn.Module, model_type: str, edit: dict[str, Any]) -> 
             pre.neuron_adjust = NeuronAdjust(int(n), d_ff, mode=na["mode"], seed=int(na.get("seed", 0)), layer=layer).to(down.weight.device)
     ks = edit.get("key_space")
     if ks:
+        guard = {"box": KeySpace, "linear": KeyScore}.get(ks.get("detector", "box"))
+        if guard is None:
+            raise ValueError(f"unknown key_space detector {ks.get('detector')!r}; expected 'box' or 'linear'")
         for layer in ks["layers"]:
             down = layers[int(layer)].get_submodule(spec.down)
             _swap_class(down, KeySpaceGuardedMixin)
-            down.key_space = KeySpace(_d_ff(down, spec)).to(down.weight.device)
+            down.key_space = guard(_d_ff(down, spec)).to(down.weight.device)
 
 
 def remove_patches(model: nn.Module, model_type: str) -> None:
@@ -373,13 +416,25 @@ def guard_decision(model: nn.Module, attention_mask, batch: int, seq: int, devic
     token (any guarded layer inside ⇒ abstain). Clears the recorded state. ``guards``: the
     model's KeySpace modules, if the caller has them at hand (saves a walk over all modules)."""
     decision = None
+    score = None
     for module in (guards if guards is not None else model.modules()):
+        if isinstance(module, KeyScore):
+            if module.score is not None:
+                s = module.score.reshape(batch).to(device)
+                score = s if score is None else score + s
+            module.score = None
+            module._call = None
+            continue
         if isinstance(module, KeySpace) and module.inside is not None:
             inside = module.inside.reshape(batch, seq).to(device)
             module.inside = None
             idx, has = last_real_index(attention_mask, batch, seq, device)
             row = inside.gather(1, idx[:, None])[:, 0] & has
             decision = row if decision is None else (decision | row)
+    if score is not None:
+        _, has = last_real_index(attention_mask, batch, seq, device)
+        row = (score > 0) & has
+        decision = row if decision is None else (decision | row)
     return decision
 
 
@@ -538,6 +593,11 @@ class SkillEditorForCausalLM(SkillEditorPreTrainedModel, GenerationMixin):
         if skip:
             for g in guards:
                 g.enabled = False
+        ref = input_ids if input_ids is not None else inputs_embeds
+        batch, seq = ref.shape[0], ref.shape[1]
+        for g in guards:
+            if isinstance(g, KeyScore):
+                g.bind(attention_mask, batch, seq)
         try:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              inputs_embeds=inputs_embeds, logits_to_keep=logits_to_keep, **kwargs)
@@ -545,8 +605,6 @@ class SkillEditorForCausalLM(SkillEditorPreTrainedModel, GenerationMixin):
             if skip:
                 for g in guards:
                     g.enabled = True
-        ref = input_ids if input_ids is not None else inputs_embeds
-        batch, seq = ref.shape[0], ref.shape[1]
         abstained = guard_decision(self.model, attention_mask, batch, seq, out.logits.device, guards=guards)
         if state is not None and abstained is not None:
             state["decided"] = True
