@@ -336,7 +336,14 @@ def describe(rep: Report) -> str:
                      f"top {_fmt(na.get('top_percent'))} %" + (f", forget {na['forget']} vs retain {', '.join(na.get('retain') or [])}" if na.get("forget") else ""))
         lines.append("  per layer: " + ", ".join(f"{k}:{v}" for k, v in sorted(counts.items(), key=lambda kv: int(kv[0]))))
     ks = edit.get("key_space") or cedit.get("key_space")
-    if ks:
+    if ks and ks.get("detector") == "linear":
+        lines.append(f"key space:  pooled linear detector over layers {', '.join(str(x) for x in ks.get('layers') or [])} "
+                     f"({ks.get('pool', 'max')}-pooled keys of the prompt's tokens; abstain when the score > 0)")
+        plan = ks.get("plan")
+        if isinstance(plan, dict) and plan.get("method"):
+            lines.append("  plan: " + _ksd_plan_line(plan))
+        lines.append(f"  refusal: {ks.get('refusal')!r}" + (f", check {ks['check']}" if ks.get("check") else ""))
+    elif ks:
         for layer in ks.get("layers") or []:
             lines.append(f"key space:  layer {layer}, k {_fmt((ks.get('k') or {}).get(str(layer)))}, "
                          f"scale (alpha) {_fmt((ks.get('scale') or {}).get(str(layer)))}, "
@@ -407,6 +414,11 @@ def _pct(x: Any) -> str:
 
 def _ksd_plan_line(plan: dict) -> str:
     """How the KSD box was chosen: the paper's fixed layer and α, or the calibration's CV record."""
+    if plan.get("method") == "linear":
+        cv = plan.get("cv") or {}
+        return (f"linear, fitted on {', '.join(plan.get('retain') or []) or '?'} (false-positive budget {_fmt(cv.get('budget', '?'))}, "
+                f"{cv.get('folds', '?')} folds, seed {cv.get('seed', '?')}): out-of-fold forget coverage {_pct(cv.get('forget_coverage'))}, "
+                f"retain false positives {_pct(cv.get('retain_fpr'))}")
     if plan.get("method") != "calibrated":
         return f"{plan.get('method')} (layer and α from the recipe, every key dim guarded)"
     cv = plan.get("cv") or {}

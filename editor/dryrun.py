@@ -302,6 +302,18 @@ def calibration_plan(recipe: Recipe, sets: dict[str, dict], n_layers: int, d_ff:
     folds = int(cfg.get("folds", ks.folds))
     seed = cfg.get("seed", ks.seed)
     cont = cfg.get("continuation_tokens")
+    if ks.detector == "linear":
+        counts = [sets[n].get("texts") if n in sets else None for n in [ks.forget, *retain]]
+        q = sum(int(c) for c in counts) if all(c is not None for c in counts) else None
+        feat = n_layers * d_ff
+        memory = (f"≤ {q} queries × {n_layers} layers × {d_ff} × 8 B = {human_bytes(q * feat * 8)} of pooled keys (float64 features)"
+                  if q is not None else f"queries × {n_layers} layers × {d_ff} × 8 B of pooled keys (float64 features)")
+        return {"lines": [
+            f"key_space    forget {ks.forget!r}: pooled linear detector — every layer's key max-pooled over the prompt's "
+            f"tokens, one linear score fitted at profile time; the recipe's layer ({ks.layer}) and scale ({ks.scale:g}) are not used",
+            f"             retain sets {', '.join(repr(r) for r in retain)}; false-positive budget {budget:g} "
+            f"({budget * 100:g} % per retain set, out of fold), {folds}-fold cross-fitting, seed {seed}; check {ks.check}",
+        ], "memory": memory}
     lines = [
         f"key_space    forget {ks.forget!r}: calibrated — the layer(s), the guarded dims and α (scale) are chosen by "
         f"calibration at profile time; the recipe's layer ({ks.layer}) and scale ({ks.scale:g}) are not used",
@@ -481,7 +493,9 @@ def dry_run(recipe_path, *, model: str | None = None) -> str:
     if recipe.neuron_adjust:
         n_sel = selection_count(recipe.neuron_adjust.top_percent, total)
         added += n_sel * 5 * 4 + n_layers * d_ff * 8  # a, b, c, slope, offset + inverse permutations
-    if recipe.key_space:
+    if recipe.key_space and recipe.key_space.detector == "linear":
+        added += n_layers * d_ff * 4 + 4 * n_layers  # a weight per layer (+ the bias)
+    elif recipe.key_space:
         added += (2 if calibration is not None else 1) * 2 * d_ff * 4  # lower + upper; calibration may pick 2 layers
     if added:
         add(f"             checkpoint: the base weights ({human_bytes(params * nbytes)}) + {human_bytes(added)} of edit tensors")

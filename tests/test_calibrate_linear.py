@@ -1,0 +1,300 @@
+"""The pooled linear detector's calibration (``key_space.detector: linear``, docs/GENERALIZATION.md
+§4.3): the budget threshold, the logistic fit, determinism, the pooled keys against a literal
+one-text reference, the recipe rules, and profile → export end to end (the calibration only ever
+sees the probe sets; export from the statistics file reproduces the in-process checkpoint)."""
+
+from __future__ import annotations
+
+import json
+import math
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from editor import calibrate
+from editor.calibrate import budget_threshold, calibrate_linear, fit_logistic
+from editor.errors import EditorError
+from tests.test_calibrate import EVAL, FORGET, RETAIN, _write
+from tests.tiny import save_tiny
+
+torch.set_num_threads(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# pure functions
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("budget", [0.0, 0.01, 0.05, 0.2])
+def test_budget_threshold_is_the_smallest_within_budget_in_every_set(budget):
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randn(230, generator=g, dtype=torch.float64)
+    group = torch.cat([torch.zeros(100), torch.ones(30), torch.full((100,), 2.0)]).long()
+    scores[group == 1] += 1.5  # one set sits closer to the forget side: it decides the threshold
+    t = budget_threshold(scores, group, budget)
+    for k in range(3):
+        s = scores[group == k]
+        assert int((s > t).sum()) <= math.floor(budget * s.numel() + 1e-9)
+    # minimal: any lower threshold (the next score below t) breaks the budget of some set
+    below = scores[scores < t]
+    if below.numel():
+        t2 = float(below.max())
+        assert any(int((scores[group == k] > t2).sum()) > math.floor(budget * int((group == k).sum()) + 1e-9) for k in range(3))
+
+
+def test_budget_threshold_small_cases():
+    scores = torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64)
+    zeros = torch.zeros(3, dtype=torch.long)
+    assert budget_threshold(scores, zeros, 0.99) == -1.0  # ⌊0.99·3⌋ = 2 allowed: only the lowest stays out
+    assert budget_threshold(scores, zeros, 0.0) == 2.0  # none allowed: nothing may score above the top
+    assert budget_threshold(scores, zeros, 0.34) == 0.3  # one allowed
+
+
+def _clusters(seed: int, n_f=40, n_r=160, d=24, shift=3.0):
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randn(n_f, d, generator=g)
+    r = torch.randn(n_r, d, generator=g)
+    f[:, 5] += shift
+    f[:, 9] -= shift
+    return f, r
+
+
+def test_fit_logistic_separates_and_is_expressed_in_raw_key_space():
+    f, r = _clusters(0)
+    f = f * 7 + 100  # a scale and offset far from standardized: (w, b) must undo the standardization
+    r = r * 7 + 100
+    x = torch.cat([f, r])
+    y = torch.cat([torch.ones(len(f)), torch.zeros(len(r))])
+    w, b = fit_logistic(x, y)
+    s = x.double() @ w + b
+    assert (s[: len(f)] > 0).float().mean() > 0.95 and (s[len(f):] < 0).float().mean() > 0.95
+    top = set(torch.topk(w.abs(), 2).indices.tolist())
+    assert top == {5, 9}
+
+
+def test_fit_logistic_refuses_one_class_and_non_finite():
+    x = torch.randn(10, 3)
+    with pytest.raises(EditorError):
+        fit_logistic(x, torch.zeros(10))
+    x[0, 0] = float("nan")
+    with pytest.raises(EditorError, match="non-finite"):
+        fit_logistic(x, torch.cat([torch.ones(5), torch.zeros(5)]))
+
+
+def _layers(f, r):
+    """Split the features in two 'layers' of 12 dims, as the calibration receives them."""
+    return {0: f[:, :12], 1: f[:, 12:]}, {0: r[:, :12], 1: r[:, 12:]}
+
+
+def test_calibrate_linear_deterministic_and_within_budget():
+    f, r = _clusters(1)
+    fk, rk = _layers(f, r)
+    group = torch.cat([torch.zeros(80), torch.ones(80)]).long()
+    rec1, w1 = calibrate_linear(fk, rk, group, budget=0.05, folds=4, seed=0, retain_names=["a", "b"])
+    rec2, w2 = calibrate_linear(fk, rk, group, budget=0.05, folds=4, seed=0, retain_names=["a", "b"])
+    assert rec1 == rec2 and all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert sorted(w1) == [0, 1] and w1[0].dtype == torch.float32 and w1[0].shape == (12,)
+    cv = rec1["cv"]
+    assert cv["forget_coverage"] > 0.9
+    assert all(v <= 0.05 + 1e-12 for v in cv["retain_fpr_by_set"].values()) and set(cv["retain_fpr_by_set"]) == {"a", "b"}
+    # another seed: other folds, still a valid record
+    rec3, _ = calibrate_linear(fk, rk, group, budget=0.05, folds=4, seed=7, retain_names=["a", "b"])
+    assert rec3["cv"]["seed"] == 7
+
+
+def test_calibrated_detector_generalizes_to_fresh_draws_of_the_same_clusters():
+    """The final detector (averaged fold models, shifted by the cross-fitted threshold), applied
+    the way the runtime does — Σ_layers weight·key + bias > 0 — to new samples."""
+    f, r = _clusters(2)
+    fk, rk = _layers(f, r)
+    group = torch.zeros(len(r), dtype=torch.long)
+    rec, w = calibrate_linear(fk, rk, group, budget=0.02, folds=5, seed=0)
+    f2, r2 = _clusters(99, n_f=400, n_r=2000)
+    fk2, rk2 = _layers(f2, r2)
+    score = lambda k: sum(k[i].double() @ w[i].double() for i in w) + rec["bias"]  # noqa: E731
+    assert (score(fk2) > 0).float().mean() > 0.9
+    assert (score(rk2) > 0).float().mean() < 0.05
+
+
+# ---------------------------------------------------------------------------------------------
+# pooled keys vs a literal one-text reference
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_pooled_keys_are_the_max_over_every_real_token(arch, side, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from editor.arch import spec_for
+
+    save_tiny(arch, tmp_path / "m")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "m")
+    spec = spec_for(model.config)
+    texts = ["3 + 4 = ", "the cat sat on the long mat", "a", "12 + 19 = 31 and more"]
+    got = calibrate.collect_pooled_keys(model, tok, spec, texts, batch_size=3, padding_side=side)
+    layers = model.get_submodule(spec.layers)
+    for q, text in enumerate(texts):
+        rec = {}
+        handles = [layer.get_submodule(spec.down).register_forward_pre_hook(
+            lambda m, a, i=i: rec.__setitem__(i, a[0].reshape(-1, a[0].shape[-1]).detach().clone()))
+            for i, layer in enumerate(layers)]
+        try:
+            with torch.no_grad():
+                model(torch.tensor([tok(text)["input_ids"]]))
+        finally:
+            for h in handles:
+                h.remove()
+        for i in rec:
+            torch.testing.assert_close(got[i][q], rec[i].max(dim=0).values, atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# recipe rules
+# ---------------------------------------------------------------------------------------------
+
+
+def _recipe(root: Path, key_space: str) -> Path:
+    p = root / "r.yaml"
+    p.write_text(textwrap.dedent(f"""\
+        model: model
+        data:
+          forget: {{path: forget.jsonl}}
+          retain: {{path: retain.jsonl}}
+        key_space: {key_space}
+        """), encoding="utf-8")
+    return p
+
+
+@pytest.mark.parametrize("key_space,match", [
+    ("{forget: forget, detector: linear, check: prompt}", "retain queries"),
+    ("{forget: forget, retain: retain, detector: linear}", "check: prompt"),
+    ("{forget: forget, retain: retain, detector: linear, check: prompt, calibrate: false}", "retain queries"),
+    ("{forget: forget, retain: retain, detector: cone, check: prompt}", "detector"),
+])
+def test_recipe_rules_of_the_linear_detector(tmp_path, key_space, match):
+    from editor.recipe import load_recipe
+
+    with pytest.raises(EditorError, match=match):
+        load_recipe(_recipe(tmp_path, key_space))
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end on a tiny model
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def linear_job(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lin")
+    save_tiny("llama", root / "model")
+    _write(root / "forget.jsonl", [{"text": t} for t in FORGET])
+    _write(root / "retain.jsonl", [{"text": t} for t in RETAIN])
+    _write(root / "eval.jsonl", EVAL)
+    (root / "recipe.yaml").write_text(textwrap.dedent("""\
+        model: model
+        dtype: float32
+        device: cpu
+        data:
+          forget: {path: forget.jsonl}
+          retain: {path: retain.jsonl}
+          answers: {path: forget.jsonl, text: "{text}1"}
+          scorecard: {path: eval.jsonl, text: "{prompt}"}
+        profile: {batch_size: 8, max_length: 32}
+        neuron_adjust: {forget: answers, retain: retain, top_percent: 5, mode: expected, seed: 0}
+        key_space: {forget: forget, retain: retain, detector: linear, check: prompt, folds: 3, seed: 0,
+                    false_positive_budget: 0.05}
+        export: {out: out}
+        evaluate: {data: scorecard}
+        """), encoding="utf-8")
+    return root
+
+
+def test_linear_end_to_end_never_sees_eval_and_export_reproduces(linear_job, monkeypatch):
+    from editor import pipeline
+    from editor.export_hf import export_recipe
+    from editor.pipeline import load_job_stats, plan_all, prepare, profile_job, profile_recipe
+
+    root = linear_job
+    seen: list[str] = []
+    real_prepare, real_collect = pipeline.prepare, calibrate.collect_pooled_keys
+
+    class Poison:
+        name = "scorecard"
+
+        def __getattr__(self, item):
+            raise AssertionError(f"evaluation data touched: .{item}")
+
+    def prepare_(recipe):
+        job = real_prepare(recipe)
+        job.sets["scorecard"] = Poison()
+        return job
+
+    def collect(model, tok, spec, texts, **kw):
+        seen.extend(texts)
+        return real_collect(model, tok, spec, texts, **kw)
+
+    monkeypatch.setattr(pipeline, "prepare", prepare_)
+    monkeypatch.setattr(calibrate, "collect_pooled_keys", collect)
+    stats_path = profile_recipe(root / "recipe.yaml", root / "stats", progress=False)
+    ckpt = export_recipe(root / "recipe.yaml", root / "stats", root / "ckpt")
+    monkeypatch.undo()
+    assert sorted(set(seen)) == sorted(set(FORGET + RETAIN))
+    assert not {r["prompt"] for r in EVAL} & set(seen)
+
+    sf = load_job_stats(stats_path)
+    cal = sf.sets["forget@neuron_adjust"]["calibration"]
+    mcfg = json.loads((root / "model" / "config.json").read_text())
+    assert cal["method"] == "linear" and cal["config"]["detector"] == "linear"
+    assert cal["layers"] == list(range(mcfg["num_hidden_layers"]))  # every layer
+    assert all(sf.detector("forget@neuron_adjust", i).shape == (mcfg["intermediate_size"],) for i in cal["layers"])
+    cfg = json.loads((Path(ckpt) / "config.json").read_text())
+    ks = cfg["skill_editor"]["key_space"]
+    assert ks["detector"] == "linear" and ks["check"] == "prompt" and ks["plan"]["method"] == "linear"
+    assert ks["plan"]["cv"]["retain_fpr"] <= 0.05 + 1e-12
+
+    # profiling again in memory plans the same detector as the file, bit for bit
+    from editor.modelio import load_model, load_tokenizer
+
+    job = prepare(root / "recipe.yaml")
+    tok = load_tokenizer(job.recipe)
+    model = load_model(job.recipe, job.config)
+    mem = profile_job(job, model, tok, progress=False)  # leaves NA applied
+    p_mem, p_file = plan_all(job, mem), plan_all(job, sf)
+    assert p_mem.key_space_info == p_file.key_space_info
+    for layer, share in p_file.key_space.items():
+        assert torch.equal(share.weight, p_mem.key_space[layer].weight) and share.bias == p_mem.key_space[layer].bias
+
+    # the checkpoint's `abstained` == the literal rule on keys pooled by the calibration's collector
+    from editor.arch import spec_for
+    from editor.runtime.modeling_skill_editor import SkillEditorForCausalLM
+
+    spec = spec_for(job.config)
+    texts = FORGET[:6] + RETAIN[:10] + [r["prompt"] for r in EVAL]
+    pooled = calibrate.collect_pooled_keys(model, tok, spec, texts, batch_size=4, max_length=32)
+    score = sum(pooled[i].double() @ p_file.key_space[i].weight.double() + p_file.key_space[i].bias for i in pooled)
+    expect = score > 0
+    assert expect[:6].any() and not expect[6:16].all(), "the detector should tell some forget from retain queries"
+    loaded = SkillEditorForCausalLM.from_pretrained(str(ckpt)).eval()
+    tok.padding_side = "left"
+    enc = tok(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        got = loaded(**enc).abstained
+    assert got.tolist() == expect.tolist()
+
+
+def test_box_statistics_refused_for_a_linear_recipe(linear_job, tmp_path):
+    """Statistics calibrated for the hypercube must not be exported as a linear detector (and back)."""
+    from editor.export_hf import export_recipe
+    from editor.pipeline import profile_recipe
+
+    root = linear_job
+    box = root / "recipe-box.yaml"
+    box.write_text((root / "recipe.yaml").read_text().replace("detector: linear, check: prompt", "check: prompt"))
+    stats = tmp_path / "stats"
+    profile_recipe(box, stats, progress=False)
+    with pytest.raises(EditorError, match="calibration"):
+        export_recipe(root / "recipe.yaml", stats, tmp_path / "ck")
