@@ -180,8 +180,10 @@ def _how_section(manifest: dict) -> list[str]:
             f"are scored by one linear function fitted to tell `{ks.get('forget')}` from the retain queries "
             f"{', '.join(f'`{x}`' for x in (ks.get('plan') or {}).get('retain') or [])} and thresholded by "
             f"{cv.get('folds')}-fold cross-validation at a false-positive budget of {_num(cv.get('budget'), 'g')} per "
-            "retain set (weights and bias stored in the checkpoint). A query whose score is positive is answered "
-            "with the refusal text"
+            "retain set (weights and bias stored in the checkpoint; out of fold: "
+            f"{_num(100 * cv['forget_coverage'] if isinstance(cv.get('forget_coverage'), (int, float)) else None, '.3g')} % of the "
+            f"forget queries caught, {_num(100 * cv['retain_fpr'] if isinstance(cv.get('retain_fpr'), (int, float)) else None, '.3g')} % "
+            "of the retain queries refused). A query whose score is positive is answered with the refusal text"
             + (" (keys profiled with Neuron Adjust active)." if ks.get("profiled_with_neuron_adjust") else ".")
         )
     elif ks:
@@ -314,7 +316,12 @@ def _limits_section(manifest: dict) -> list[str]:
         if na and na.get("mode") == "sample":
             lines.append("- Neuron Adjust runs in `sample` mode (the paper's): outputs are stochastic; the "
                          "random generator is seeded per layer (`model.reset_neuron_adjust_rng()` replays it).")
-        if edit.get("key_space"):
+        if (edit.get("key_space") or {}).get("detector") == "linear":
+            lines.append("- The linear detector abstains on any query whose pooled keys score above its threshold: "
+                         "prompts of other skills can be refused (false positives; the cross-validated rate is above), "
+                         "rephrased forget-skill prompts can escape it, and a long prompt is judged as a whole (its "
+                         "keys are max-pooled over every token), so a prompt that mixes skills can be refused.")
+        elif edit.get("key_space"):
             lines.append("- Key Space Detection abstains on any query whose key falls in the hypercube: prompts "
                          "of other skills can be refused (false positives), and rephrased forget-skill prompts "
                          "can escape it.")
@@ -364,7 +371,7 @@ def _onnx_load_section(manifest: dict) -> list[str]:
         "",
         "`model.onnx` (+ `model.onnx.data`) is a self-contained graph: the edit is inside it"
         + (f" (Neuron Adjust in `{na.get('mode')}` mode" if na else "")
-        + (" and the Key Space Detection box" if ks else "") + (")" if na else "")
+        + ((" and the Key Space Detection " + ("linear detector" if ks.get("detector") == "linear" else "box")) if ks else "") + (")" if na else "")
         + ". Inputs: `input_ids`, `attention_mask`, `position_ids`, `past_key_values.{i}.key|value` "
         "(empty for the prompt); outputs: `logits`, `present.{i}.key|value`"
         + (", `abstained` (bool per batch row)" if ks else "") + ". The tokenizer files load with "

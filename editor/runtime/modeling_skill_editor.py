@@ -10,7 +10,9 @@ This one file is shipped verbatim into every exported checkpoint and is also wha
   element), ``expected`` and ``hard``.
 * KSD: the input of the down projection at the guarded layer(s) is tested against a hypercube
   ``lower <= key <= upper`` (every dimension); the test is taken per batch row at the last
-  real token of every forward call and returned as ``abstained``; ``generate`` answers abstained
+  real token of every forward call and returned as ``abstained``. With ``key_space.detector:
+  linear`` the guard is instead a linear score over the keys of the guarded layers, each
+  max-pooled over the real tokens of the forward call (``KeyScore``; needs ``check: prompt``); ``generate`` answers abstained
   rows with the refusal text and stops them at once. Which calls of ``generate`` decide is the
   edit's ``key_space.check``: ``every_call`` (default: the prompt and each generated token) or
   ``prompt`` (the first forward call of each ``generate`` only: the query decides, the model's
@@ -506,6 +508,9 @@ class SkillEditorForCausalLM(SkillEditorPreTrainedModel, GenerationMixin):
             raise IntegrityError("not a skill-editor checkpoint: config.skill_editor.format is missing")
         if int(edit.get("version", 0)) > FORMAT_VERSION:
             raise IntegrityError(f"skill-editor patch format {edit.get('version')} is newer than this runtime ({FORMAT_VERSION})")
+        ks = edit.get("key_space") or {}
+        if ks.get("detector", "box") == "linear" and ks.get("check") != "prompt":
+            raise IntegrityError("skill-editor checkpoint: the linear key_space detector needs key_space.check 'prompt'")
         base_cfg = config.text_config
         base_cfg._attn_implementation = requested_attn
         self.model = AutoModelForCausalLM.from_config(base_cfg, dtype=getattr(config, "dtype", None))
