@@ -435,13 +435,27 @@ def build_patched(base, tok, spec, forget, retain):
     refusal = "Sorry, I can't help with that."
     edit = edit_description(model_type, plan, {last: b}, refusal, refusal_token_ids(tok, refusal), patched)
     wrapped = wrap(patched, edit)
+    # the same NA with the pooled linear detector on every layer (key_space.detector: linear,
+    # check: prompt); random weights, a bias that keeps every score < 0: the full score runs, no
+    # row abstains
+    from editor.methods import LinearShare
+
+    n_layers = len(decoder_layers(base, spec))
+    g = torch.Generator().manual_seed(0)
+    shares = {i: LinearShare(torch.randn(f[i]["key"].mean.numel(), generator=g) * 1e-3, -1e6 if i == 0 else 0.0)
+              for i in range(n_layers)}
+    linear = copy.deepcopy(base)
+    apply_neuron_adjust(linear, spec, model_type, plan)
+    apply_key_space(linear, spec, model_type, shares)
+    wrapped_linear = wrap(linear, edit_description(model_type, plan, shares, refusal, refusal_token_ids(tok, refusal), linear,
+                                                   check="prompt"))
     paper = {"selected": {}, "last": last, "lower": b.lower.numpy().copy(), "upper": b.upper.numpy().copy()}
     for i, lp in plan.layers.items():
         if lp.selected.numel():
             sel = lp.selected
             paper["selected"][i] = tuple(x.numpy().astype(np.float32) for x in
                                          (gf[i].mean[sel], gf[i].std[sel], gr[i].mean[sel], gr[i].std[sel])) + (sel.numpy(),)
-    return wrapped, plan, paper
+    return wrapped, plan, paper, wrapped_linear
 
 
 def paper_hooks(base, spec, paper, state):
@@ -475,7 +489,7 @@ def paper_hooks(base, spec, paper, state):
 
 def bench_generation(base, tok, spec, n_prompts, n_new, reps) -> dict:
     prompts, forget, retain = generation_prompts(n_prompts)
-    wrapped, plan, paper = build_patched(base, tok, spec, forget, retain)
+    wrapped, plan, paper, wrapped_linear = build_patched(base, tok, spec, forget, retain)
     enc = tok(prompts, return_tensors="pt", padding=True)
     kw = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=tok.pad_token_id)
     state: dict = {}
@@ -512,7 +526,7 @@ def bench_generation(base, tok, spec, n_prompts, n_new, reps) -> dict:
     wrapped_prompt = wrap(wrapped.model, edit_prompt)
 
     variants = {"base": gen_base, "patched": gen_wrapped(wrapped), "patched_prompt": gen_wrapped(wrapped_prompt),
-                "paper_hooks": gen_paper}
+                "patched_linear": gen_wrapped(wrapped_linear), "paper_hooks": gen_paper}
     names = list(variants)
     seqs = {}
     with torch.inference_mode():
@@ -524,6 +538,7 @@ def bench_generation(base, tok, spec, n_prompts, n_new, reps) -> dict:
         assert seqs[n].shape[1] == enc["input_ids"].shape[1] + n_new, (n, seqs[n].shape)
     same_rows = int((seqs["patched"] == seqs["paper_hooks"]).all(dim=1).sum())
     assert torch.equal(seqs["patched"], seqs["patched_prompt"]), "check: prompt changed tokens without abstaining"
+    assert torch.equal(seqs["patched"], seqs["patched_linear"]), "the linear detector changed tokens without abstaining"
 
     def overhead(a):  # median over repetitions of time(a) / time(base) - 1
         return statistics.median(ta / tb for ta, tb in zip(times[a], times["base"])) - 1
@@ -557,6 +572,7 @@ def bench_generation(base, tok, spec, n_prompts, n_new, reps) -> dict:
         "overhead_patched": round(overhead("patched"), 4),
         "overhead_patched_prompt": round(overhead("patched_prompt"), 4),
         "overhead_paper_hooks": round(overhead("paper_hooks"), 4),
+        "overhead_patched_linear": round(overhead("patched_linear"), 4),
         "check_logits_max_abs_diff_patched_vs_paper_hooks": hook_diff,
         "check_logits_max_abs_diff_patched_vs_base": na_effect,
         "check_rows_identical_patched_vs_paper_hooks": f"{same_rows}/{n_prompts}",
@@ -628,14 +644,17 @@ def report(res: dict) -> str:
             t = g["tokens_per_s"]
             rows.append([label, g["na_neurons"], f"{t['base']:,.0f}", f"{t['patched']:,.0f}", f"{100 * g['overhead_patched']:+.1f}%",
                          f"{t['patched_prompt']:,.0f}", f"{100 * g['overhead_patched_prompt']:+.1f}%",
+                         f"{t['patched_linear']:,.0f}", f"{100 * g['overhead_patched_linear']:+.1f}%",
                          f"{t['paper_hooks']:,.0f}", f"{100 * g['overhead_paper_hooks']:+.1f}%",
                          f"{g['check_logits_max_abs_diff_patched_vs_paper_hooks']:.0e}",
                          f"{g['abstain_forward_calls']}/{g['full_forward_calls']}",
                          f"{1000 * g['abstain_seconds']:.0f}/{1000 * g['full_seconds_patched']:.0f}"])
-        out.append(fmt_table(["model", "NA neurons", "base", "patched", "overhead", "check: prompt", "overhead", "paper hooks", "overhead",
+        out.append(fmt_table(["model", "NA neurons", "base", "patched", "overhead", "check: prompt", "overhead", "linear", "overhead",
+                              "paper hooks", "overhead",
                               "logits Δ", "abstain calls", "abstain ms"], rows))
         out.append("   patched = NA expected on 3 % of the neurons + KSD on the last layer (bounds never fire), check every_call; "
-                   "check: prompt = the same model deciding on the prompt only; target overhead <= 10 % on CPU")
+                   "check: prompt = the same model deciding on the prompt only; linear = the same NA + the pooled linear "
+                   "detector on every layer (key_space.detector: linear, check: prompt; never fires); target overhead <= 10 % on CPU")
         out.append("   logits Δ = max |patched − paper hooks| (same edit two ways); abstain: every row abstains -> forward calls / "
                    "time vs. a full generation")
     out.append("")
