@@ -2,7 +2,7 @@
 """Issue #9 ablations on the embedded testbed (docs/GENERALIZATION.md): the tables of the README.
 
     python bench/ablation.py                     # everything (KSD + NA), ~10-20 min on 1 CPU thread
-    python bench/ablation.py --part ksd          # (1) KSD: paper vs calibrated, one probed phrasing
+    python bench/ablation.py --part ksd          # (1) KSD: paper vs calibrated box vs pooled linear, one probed phrasing
     python bench/ablation.py --part na           # (2) NA: score Pareto + the demo ablation
     python bench/ablation.py --json out.json     # also every number as JSON
     python bench/ablation.py --model DIR --data DIR   # another testbed build (model dir, data dir)
@@ -15,7 +15,10 @@ through the recipes.
     probed in ``facts_fr/0``): abstention on the eval records of the probed phrasing, of the
     unseen phrasings of the same skill, and of every retained skill — the paper's KSD (every
     dimension of the last layer, α = 1 and 2, and α = 4 to show the trade-off) beside the
-    calibrated one (retain queries = every other skill's probe prompts, budget 1 %).
+    calibrated hypercube (retain queries = every other skill's probe prompts, budget 1 %, and 2 %)
+    and the pooled linear detector (``key_space.detector: linear``, recipes
+    ``generalize/*-linear.yaml``: every layer's key max-pooled over the prompt, one cross-fitted
+    logistic score; budget 1 % and 2 %, ``check: prompt``).
 (2) NA on the demo setting (``recipes/demo.yaml``: forget math answers, retain the others, all
     phrasings), ``mode: sample``, seed 0: for each selection score, a sweep over ``top_percent``
     (exact match per skill), the Pareto summary (best math drop with every retained skill's
@@ -121,7 +124,10 @@ class Bench:
 # (1) KSD
 # ---------------------------------------------------------------------------------------------
 
-KSD_CASES = (("math", "generalize/math.yaml", "math", "math/0"), ("French facts", "generalize/french.yaml", "facts_fr", "facts_fr/0"))
+# (label, hypercube recipe, pooled linear detector recipe, skill, probed phrasing)
+KSD_CASES = (("math", "generalize/math.yaml", "generalize/math-linear.yaml", "math", "math/0"),
+             ("French facts", "generalize/french.yaml", "generalize/french-linear.yaml", "facts_fr", "facts_fr/0"))
+LINEAR_BUDGETS = (0.01, 0.02)
 
 
 def abstentions(res: dict, skill: str, probed: str) -> dict:
@@ -138,7 +144,7 @@ def run_ksd(b: Bench, log) -> dict:
     from editor.pipeline import plan_all, prepare, profile_job
 
     out = {}
-    for label, recipe, skill, probed in KSD_CASES:
+    for label, recipe, linear_recipe, skill, probed in KSD_CASES:
         r = b.recipe(recipe)
         ks = r.key_space
         rows = []
@@ -168,6 +174,22 @@ def run_ksd(b: Bench, log) -> dict:
                          **abstentions(res, skill, probed)})
             log(f"[ksd] {label}: calibrated, check {check}, budget {budget}: profiled + calibrated + scored in "
                 f"{time.perf_counter() - t:.1f}s; cv {info['cv']}")
+        # the pooled linear detector (key_space.detector: linear, docs/GENERALIZATION.md §4.3): its recipe
+        # (budget 1 %) and the same with a 2 % budget; check: prompt is the only rule it supports
+        lks = b.recipe(linear_recipe).key_space
+        for budget in LINEAR_BUDGETS:
+            spec = lks.model_dump(exclude_none=True) | {"false_positive_budget": budget}
+            job = prepare(b.recipe(linear_recipe, key_space=spec))
+            t = time.perf_counter()
+            st = profile_job(job, b.base_model(job), b.tok, progress=False)  # streaming stats + pooled keys + fit
+            plans = plan_all(job, st)
+            info = plans.key_space_info
+            res = b.score(b.edited(job, plans))
+            rows.append({"method": f"linear, budget {budget:.0%} (max-pooled keys of L{min(info['layers'])}-"
+                                   f"L{max(info['layers'])}, one logistic score)",
+                         "check": lks.check, "plan": info, **abstentions(res, skill, probed)})
+            log(f"[ksd] {label}: linear, budget {budget}: profiled + fitted + scored in "
+                f"{time.perf_counter() - t:.1f}s; cv {info['cv']}")
         out[label] = {"skill": skill, "probed": probed, "rows": rows}
     return out
 
@@ -186,7 +208,8 @@ def ksd_table(res: dict) -> str:
         n = case["rows"][0]
         parts.append(f"Forget {label}: abstention on eval.jsonl (probed phrasing n={n['n_probed']}, unseen n={n['n_unseen']}), "
                      "greedy generation through the checkpoint runtime; check `every_call`: the prompt's last token and "
-                     "each generated token decide, `prompt`: the prompt's last token only\n\n" + render(header, rows))
+                     "each generated token decide, `prompt`: the prompt's forward call only (its last token's key for "
+                     "the boxes, every real token's key, max-pooled, for `linear`)\n\n" + render(header, rows))
         cvs = []
         for r in case["rows"]:
             if r["plan"].get("method") == "calibrated":
@@ -194,7 +217,13 @@ def ksd_table(res: dict) -> str:
                 cvs.append(f"- check {r['check']}, budget {pct(cv['budget'])}: held-out forget coverage "
                            f"{pct(cv['forget_coverage'])}, held-out retain FPR {pct(cv['retain_fpr'])}, "
                            f"{cv['feasible']} of {cv['candidates']} settings feasible")
-        parts.append(f"Calibration (probe data only, {cv['folds']}-fold CV, seed {cv['seed']}):\n\n" + "\n".join(cvs))
+            elif r["plan"].get("method") == "linear":
+                cv = r["plan"]["cv"]
+                by_set = ", ".join(f"{k} {pct(v)}" for k, v in cv["retain_fpr_by_set"].items())
+                cvs.append(f"- linear, check {r['check']}, budget {pct(cv['budget'])}: out-of-fold forget coverage "
+                           f"{pct(cv['forget_coverage'])}, out-of-fold retain FPR {pct(cv['retain_fpr'])} ({by_set})")
+        parts.append(f"Calibration (probe data only, {cv['folds']}-fold CV / cross-fitting, seed {cv['seed']}):\n\n"
+                     + "\n".join(cvs))
     return "\n\n".join(parts)
 
 
