@@ -45,3 +45,17 @@ def test_demo_checkpoint_records_scorecard_and_check(demo):
     assert cfg["skill_editor"]["key_space"]["check"] == "prompt"
     card = (out / "README.md").read_text()
     assert "check: prompt" in card
+
+
+def test_forget_french_with_the_linear_detector(tmp_path):
+    """The paper's language case (``recipes/forget-french-linear.yaml``: NA 0.5 % + the pooled
+    linear detector on every French phrasing): French's relative drop ≥ 90 %, every retained
+    skill's ≤ 5 % — the last-token box of ``recipes/forget-french.yaml`` cannot do this here
+    (README, "Forget French")."""
+    summary = run_recipe(ROOT / "recipes" / "forget-french-linear.yaml", tmp_path / "ff", progress=False,
+                         echo=lambda *a, **k: None)
+    drop = summary["scorecard"]["drop"]
+    assert drop["facts_fr"] >= 0.90, drop
+    for skill, d in drop.items():
+        if skill != "facts_fr":
+            assert d <= 0.05, (skill, drop)
