@@ -307,9 +307,10 @@ def inside(keys: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> torc
 
 
 @torch.inference_mode()
-def collect_keys(model, tokenizer, spec, texts: list[str], *, batch_size: int = 8, max_length: int = 512,
-                 padding_side: str | None = None) -> dict[int, torch.Tensor]:
-    """Keys (the down projection's input at each text's last real token) at every layer:
+def _per_text_keys(model, tokenizer, spec, texts: list[str], reduce, *, batch_size: int, max_length: int,
+                   padding_side: str | None) -> dict[int, torch.Tensor]:
+    """One key vector per text and layer: ``reduce(keys [B, S, d_ff] float32, batch)`` → [B, d_ff]
+    over the down projection's input, under the profiler's tokenization, batching and padding.
     {layer: float32 [len(texts), d_ff]} on the CPU, rows in the order of ``texts``."""
     from editor.arch import d_ff, decoder_layers
     from editor.hooks import hooks
@@ -327,8 +328,9 @@ def collect_keys(model, tokenizer, spec, texts: list[str], *, batch_size: int = 
 
     def key_hook(i):
         def fn(module, args):
-            x = args[0]
-            got[i].append(x.reshape(-1, width).index_select(0, current["last"].to(x.device)).float().cpu())
+            b = current["batch"]
+            x = args[0].reshape(b.input_ids.shape[0], b.input_ids.shape[1], width)
+            got[i].append(reduce(x, b).float().cpu())
 
         return fn
 
@@ -337,7 +339,7 @@ def collect_keys(model, tokenizer, spec, texts: list[str], *, batch_size: int = 
     device = _input_device(model)
     with hooks(regs):
         for b in batches:
-            current["last"] = b.last_index
+            current["batch"] = b
             runner(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device),
                    position_ids=b.position_ids.to(device), use_cache=False)
     inv = torch.empty(len(order), dtype=torch.long)
@@ -349,6 +351,23 @@ def collect_keys(model, tokenizer, spec, texts: list[str], *, batch_size: int = 
             raise EditorError(f"non-finite keys (NaN/Inf) in layer {i} during key_space calibration")
         out[i] = keys
     return out
+
+
+def _last_token(x: torch.Tensor, b) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).index_select(0, b.last_index.to(x.device)).float()  # flat [B*S] indices
+
+
+def _max_over_real_tokens(x: torch.Tensor, b) -> torch.Tensor:
+    real = b.attention_mask.bool().to(x.device)
+    return x.float().masked_fill(~real[:, :, None], float("-inf")).amax(dim=1)
+
+
+def collect_keys(model, tokenizer, spec, texts: list[str], *, batch_size: int = 8, max_length: int = 512,
+                 padding_side: str | None = None) -> dict[int, torch.Tensor]:
+    """Keys (the down projection's input at each text's last real token) at every layer:
+    {layer: float32 [len(texts), d_ff]} on the CPU, rows in the order of ``texts``."""
+    return _per_text_keys(model, tokenizer, spec, texts, _last_token, batch_size=batch_size, max_length=max_length,
+                          padding_side=padding_side)
 
 
 @torch.inference_mode()
@@ -475,52 +494,13 @@ LINEAR_WEIGHT_DECAY = 1e-3
 LINEAR_MAX_ITER = 500
 
 
-@torch.inference_mode()
 def collect_pooled_keys(model, tokenizer, spec, texts: list[str], *, batch_size: int = 8, max_length: int = 512,
                         padding_side: str | None = None) -> dict[int, torch.Tensor]:
     """Per text and layer, the key max-pooled over every real token of the text — what the
     runtime's ``KeyScore`` pools over the prompt's forward call. {layer: float32 [len(texts), d_ff]}
     on the CPU, rows in the order of ``texts``."""
-    from editor.arch import d_ff, decoder_layers
-    from editor.hooks import hooks
-    from editor.profile import _input_device, backbone, make_batches, tokenize
-
-    side = padding_side or getattr(tokenizer, "padding_side", "right") or "right"
-    ids, _ = tokenize(tokenizer, texts, max_length)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batches = make_batches(ids, batch_size, pad_id, side)
-    order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))  # make_batches' row order
-    layers = decoder_layers(model, spec)
-    width = d_ff(model, spec)
-    got: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(layers))}
-    current = {}
-
-    def key_hook(i):
-        def fn(module, args):
-            real = current["mask"]
-            x = args[0].reshape(real.shape[0], real.shape[1], width).float()
-            x = x.masked_fill(~real[:, :, None].to(x.device), float("-inf"))
-            got[i].append(x.amax(dim=1).cpu())
-
-        return fn
-
-    regs = [(layer.get_submodule(spec.down), "forward_pre", key_hook(i)) for i, layer in enumerate(layers)]
-    runner = backbone(model)
-    device = _input_device(model)
-    with hooks(regs):
-        for b in batches:
-            current["mask"] = b.attention_mask.bool()
-            runner(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device),
-                   position_ids=b.position_ids.to(device), use_cache=False)
-    inv = torch.empty(len(order), dtype=torch.long)
-    inv[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
-    out = {}
-    for i, chunks in got.items():
-        keys = torch.cat(chunks)[inv]
-        if not torch.isfinite(keys).all():
-            raise EditorError(f"non-finite keys (NaN/Inf) in layer {i} during key_space calibration")
-        out[i] = keys
-    return out
+    return _per_text_keys(model, tokenizer, spec, texts, _max_over_real_tokens, batch_size=batch_size,
+                          max_length=max_length, padding_side=padding_side)
 
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, *, weight_decay: float = LINEAR_WEIGHT_DECAY,
