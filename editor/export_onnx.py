@@ -47,6 +47,7 @@ from editor.errors import EditorError
 from editor import __version__
 from editor.io import atomic_directory, atomic_write_json, atomic_write_text, check_destination, sha256_file
 from editor.runtime.modeling_skill_editor import (
+    KeyScore,
     KeySpace,
     NeuronAdjust,
     SkillEditorForCausalLM,
@@ -177,6 +178,8 @@ def _past_shapes(base: nn.Module, device) -> tuple[int, list[tuple[int, ...]], t
     for m in base.modules():  # this probe call is no real forward: drop its KSD record
         if isinstance(m, KeySpace):
             m.inside = None
+            if isinstance(m, KeyScore):
+                m.score = None
     tensors = _cache_tensors(out.past_key_values)
     return _layer_count(out.past_key_values), [tuple(t.shape) for t in tensors], tensors[0].dtype
 
