@@ -298,3 +298,27 @@ def test_box_statistics_refused_for_a_linear_recipe(linear_job, tmp_path):
     profile_recipe(box, stats, progress=False)
     with pytest.raises(EditorError, match="calibration"):
         export_recipe(root / "recipe.yaml", stats, tmp_path / "ck")
+
+
+def test_dry_run_and_inspect_describe_the_linear_detector(linear_job, tmp_path):
+    from click.testing import CliRunner
+
+    from editor.cli import main
+    from editor.export_hf import export_recipe
+    from editor.pipeline import profile_recipe
+
+    root = linear_job
+    res = CliRunner().invoke(main, ["run", str(root / "recipe.yaml"), "--dry-run"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "pooled linear detector" in res.output and "of pooled keys" in res.output
+    assert "the recipe's layer (-1) and scale (2) are not used" in res.output
+
+    stats = tmp_path / "stats"
+    profile_recipe(root / "recipe.yaml", stats, progress=False)
+    ckpt = export_recipe(root / "recipe.yaml", stats, tmp_path / "ck")
+    res = CliRunner().invoke(main, ["inspect", str(ckpt)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "pooled linear detector over layers" in res.output
+    assert "plan: linear, fitted on retain" in res.output and "out-of-fold forget coverage" in res.output
+    card = (Path(ckpt) / "README.md").read_text()
+    assert "pooled linear detector" in card and "out of fold" in card
