@@ -292,3 +292,59 @@ def test_device_map_dispatch_gives_same_stats(tmp_path, offload):
         _assert_same_sets({name: got}, {name: want[name]})
     with pytest.raises(EditorError, match="offloads"):
         profile_job(job, model, tok, progress=False)
+
+
+@pytest.mark.parametrize("detector", ["box", "linear"])
+def test_guards_run_on_an_accelerate_dispatched_model(tmp_path, detector):
+    """NA + a KSD guard (box or linear) installed on a model dispatched by accelerate (its hooks
+    call ``_old_forward``, bound before the class swap) decide exactly as on the plain model."""
+    pytest.importorskip("accelerate")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from editor.arch import spec_for
+    from editor.methods import LinearShare, ksd_bounds
+    from editor.patch import apply_key_space, edit_description, wrap
+    from tests.tiny import save_tiny
+
+    save_tiny("llama", tmp_path / "model")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "model")
+    tok.padding_side = "left"
+    texts = ["3 + 4 = ", "the cat sat on the mat", "12 + 19 = ", "a dog ran"]
+    enc = tok(texts, return_tensors="pt", padding=True)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32).eval()
+    n_layers = plain.config.num_hidden_layers
+    spec = spec_for(plain.config)
+    d = plain.config.intermediate_size
+    g = torch.Generator().manual_seed(0)
+    if detector == "linear":
+        from editor.calibrate import collect_pooled_keys
+
+        w = {i: torch.randn(d, generator=g) for i in range(n_layers)}
+        pooled = collect_pooled_keys(plain, tok, spec, texts, batch_size=4)
+        score = sum(pooled[i] @ w[i] for i in w)
+        bias = -float(score.median()) + 1e-3  # about half the rows abstain
+        guard = {i: LinearShare(w[i], bias if i == 0 else 0.0) for i in range(n_layers)}
+    else:  # a box around the first text's last-token key at the last layer
+        rec = {}
+        h = plain.model.layers[-1].mlp.down_proj.register_forward_pre_hook(lambda m, a: rec.__setitem__("k", a[0][0, -1]))
+        with torch.no_grad():
+            plain(**tok(texts[:1], return_tensors="pt"))
+        h.remove()
+        k = rec["k"].float()
+        guard = {n_layers - 1: ksd_bounds(k, torch.full_like(k, 0.05), k - 0.01, k + 0.01, 1.0)}
+
+    def decide(model):
+        apply_key_space(model, spec, "llama", guard)
+        edit = edit_description("llama", None, guard, "no", [5, 2], model, check="prompt")
+        with torch.no_grad():
+            out = wrap(model, edit)(**enc)
+        return out.abstained, out.logits
+
+    want_ab, want_logits = decide(plain)
+    model = _dispatched(tmp_path / "model", n_layers, None)
+    got_ab, got_logits = decide(model)
+    assert want_ab.any() and not want_ab.all(), want_ab  # the guard really decides, both ways
+    if detector == "box":
+        assert bool(want_ab[0])
+    assert got_ab.tolist() == want_ab.tolist()
+    torch.testing.assert_close(got_logits, want_logits)
