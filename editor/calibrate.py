@@ -492,6 +492,9 @@ def calibrate_keys(forget: dict[int, torch.Tensor] | KeySet, retain: dict[int, t
 
 LINEAR_WEIGHT_DECAY = 1e-3
 LINEAR_MAX_ITER = 500
+# at most this many pooled-key features (over all layers) enter one fit: the float64 copies of the
+# fit stay ≤ queries × 65 536 × 8 B (~0.5 GB for 1 000 queries) whatever the model's layers × d_ff
+LINEAR_MAX_FEATURES = 65_536
 
 
 def collect_pooled_keys(model, tokenizer, spec, texts: list[str], *, batch_size: int = 8, max_length: int = 512,
@@ -540,6 +543,19 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, *, weight_decay: float = LINE
     return wd, bd
 
 
+def screen_features(forget: torch.Tensor, retain: torch.Tensor, limit: int, chunk: int = 16_384) -> torch.Tensor:
+    """Column indices (ascending) of the ``limit`` features with the largest separation
+    |μf − μr| / (σf + σr) — all of them when there are no more than ``limit``. Statistics in
+    float64, ``chunk`` columns at a time (no float64 copy of the whole matrix); ties by index."""
+    width = forget.shape[1]
+    if width <= limit:
+        return torch.arange(width)
+    sep = torch.cat([separation(forget[:, c : c + chunk], retain[:, c : c + chunk]) for c in range(0, width, chunk)])
+    sep = torch.where(torch.isnan(sep), torch.full_like(sep, -math.inf), sep)
+    top = torch.sort(sep, descending=True, stable=True).indices[:limit]
+    return top.sort().values
+
+
 def budget_threshold(scores: torch.Tensor, group: torch.Tensor, budget: float) -> float:
     """The smallest threshold t such that, in every retain set g, at most ⌊budget·n_g⌋ scores are
     > t (a false positive is a score above the threshold)."""
@@ -564,23 +580,31 @@ def calibrate_linear(forget: dict[int, torch.Tensor], retain: dict[int, torch.Te
     is > 0; the out-of-fold rates are its cross-validated estimate. Returns (record, {layer: weight
     float32 [d_ff]}); the record holds the bias (float) and the CV figures."""
     layers = sorted(forget)
-    xf = torch.cat([forget[i] for i in layers], 1).to(torch.float64)
-    xr = torch.cat([retain[i] for i in layers], 1).to(torch.float64)
+    xf = torch.cat([forget[i] for i in layers], 1).to(torch.float32)
+    xr = torch.cat([retain[i] for i in layers], 1).to(torch.float32)
+    width = xf.shape[1]
     ff = fold_indices(xf.shape[0], folds, seed, salt=1)
     rf = fold_indices(xr.shape[0], folds, seed, salt=2)
     oof_f = torch.empty(xf.shape[0], dtype=torch.float64)
     oof_r = torch.empty(xr.shape[0], dtype=torch.float64)
-    ws, bs = [], []
+    ws, bs, kept = [], [], []
     for k in range(folds):
         tf = torch.cat([ff[j] for j in range(folds) if j != k])
         tr = torch.cat([rf[j] for j in range(folds) if j != k])
-        x = torch.cat([xf[tf], xr[tr]])
+        # large models: only the LINEAR_MAX_FEATURES best-separated features of the fold's training
+        # part enter the fit (float64 copies of those columns only); the others get weight 0
+        cols = screen_features(xf[tf], xr[tr], LINEAR_MAX_FEATURES)
+        x = torch.cat([xf[tf][:, cols], xr[tr][:, cols]]).to(torch.float64)
         y = torch.cat([torch.ones(tf.numel()), torch.zeros(tr.numel())])
-        w, b = fit_logistic(x, y)
-        oof_f[ff[k]] = xf[ff[k]] @ w + b
-        oof_r[rf[k]] = xr[rf[k]] @ w + b
+        wc, b = fit_logistic(x, y)
+        del x
+        oof_f[ff[k]] = xf[ff[k]][:, cols].to(torch.float64) @ wc + b
+        oof_r[rf[k]] = xr[rf[k]][:, cols].to(torch.float64) @ wc + b
+        w = torch.zeros(width, dtype=torch.float64)
+        w[cols] = wc
         ws.append(w)
         bs.append(b)
+        kept.append(int(cols.numel()))
     t = budget_threshold(oof_r, group, budget)
     covered = oof_f > t
     names = retain_names or [f"set{g}" for g in range(int(group.max()) + 1)]
@@ -598,6 +622,7 @@ def calibrate_linear(forget: dict[int, torch.Tensor], retain: dict[int, torch.Te
         "cv": {"forget_coverage": round(float(covered.double().mean()), 6),
                "retain_fpr": round(float((oof_r > t).double().mean()), 6),
                "retain_fpr_by_set": by_set, "folds": folds, "seed": seed, "budget": budget,
+               "features": width, "features_fitted": kept,
                "weight_decay": LINEAR_WEIGHT_DECAY},
         "n_forget": int(xf.shape[0]),
         "n_retain": int(xr.shape[0]),

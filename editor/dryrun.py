@@ -306,8 +306,11 @@ def calibration_plan(recipe: Recipe, sets: dict[str, dict], n_layers: int, d_ff:
         counts = [sets[n].get("texts") if n in sets else None for n in [ks.forget, *retain]]
         q = sum(int(c) for c in counts) if all(c is not None for c in counts) else None
         feat = n_layers * d_ff
-        memory = (f"≤ {q} queries × {n_layers} layers × {d_ff} × 8 B = {human_bytes(q * feat * 8)} of pooled keys (float64 features)"
-                  if q is not None else f"queries × {n_layers} layers × {d_ff} × 8 B of pooled keys (float64 features)")
+        fitted = min(feat, getattr(calibrate, "LINEAR_MAX_FEATURES", feat))
+        memory = (f"≤ {q} queries × {n_layers} layers × {d_ff} × 4 B = {human_bytes(q * feat * 4)} of pooled keys (float32), "
+                  f"+ {q} × {fitted} features × 8 B = {human_bytes(q * fitted * 8)} per fit (float64)"
+                  if q is not None else f"queries × {n_layers} layers × {d_ff} × 4 B of pooled keys (float32) "
+                  f"+ queries × {fitted} features × 8 B per fit (float64)")
         return {"lines": [
             f"key_space    forget {ks.forget!r}: pooled linear detector — every layer's key max-pooled over the prompt's "
             f"tokens, one linear score fitted at profile time; the recipe's layer ({ks.layer}) and scale ({ks.scale:g}) are not used",

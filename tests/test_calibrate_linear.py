@@ -322,3 +322,25 @@ def test_dry_run_and_inspect_describe_the_linear_detector(linear_job, tmp_path):
     assert "plan: linear, fitted on retain" in res.output and "out-of-fold forget coverage" in res.output
     card = (Path(ckpt) / "README.md").read_text()
     assert "pooled linear detector" in card and "out of fold" in card
+
+
+def test_screen_features_keeps_the_best_separated_columns():
+    f, r = _clusters(4, d=40)
+    # literal: |μf − μr| / (σf + σr) with sample std, top 6, ascending
+    sep = (f.double().mean(0) - r.double().mean(0)).abs() / (f.double().std(0) + r.double().std(0))
+    want = sorted(torch.argsort(sep, descending=True)[:6].tolist())
+    assert calibrate.screen_features(f, r, 6, chunk=7).tolist() == want  # chunked statistics
+    assert {5, 9} <= set(want)
+    assert calibrate.screen_features(f, r, 40).tolist() == list(range(40))  # no more than the limit: all
+
+
+def test_calibrate_linear_with_a_feature_limit(monkeypatch):
+    """Large models: each fold fits only the best-separated features; the others get weight 0."""
+    monkeypatch.setattr(calibrate, "LINEAR_MAX_FEATURES", 4)
+    f, r = _clusters(5)
+    fk, rk = _layers(f, r)
+    rec, w = calibrate_linear(fk, rk, torch.zeros(len(r), dtype=torch.long), budget=0.05, folds=4, seed=0)
+    assert rec["cv"]["features"] == 24 and rec["cv"]["features_fitted"] == [4, 4, 4, 4]
+    full = torch.cat([w[0], w[1]])
+    assert int((full != 0).sum()) <= 16 and full[5] != 0 and full[9] != 0
+    assert rec["cv"]["forget_coverage"] > 0.9
