@@ -451,6 +451,7 @@ def calibration_config(recipe) -> dict:
            "check": ks.check, "continuation_tokens": continuation_tokens(ks.check)}
     if ks.detector != "box":  # only then: statistics calibrated before the field existed stay valid
         out["detector"] = ks.detector
+        out["max_features"] = ks.max_features
     return out
 
 
@@ -492,8 +493,8 @@ def calibrate_keys(forget: dict[int, torch.Tensor] | KeySet, retain: dict[int, t
 
 LINEAR_WEIGHT_DECAY = 1e-3
 LINEAR_MAX_ITER = 500
-# at most this many pooled-key features (over all layers) enter one fit: the float64 copies of the
-# fit stay ≤ queries × 65 536 × 8 B (~0.5 GB for 1 000 queries) whatever the model's layers × d_ff
+# default of key_space.max_features: at most this many pooled-key features (over all layers) enter
+# one fit, so its float64 copies stay ≤ queries × 65 536 × 8 B (~0.5 GB for 1 000 queries)
 LINEAR_MAX_FEATURES = 65_536
 
 
@@ -569,8 +570,8 @@ def budget_threshold(scores: torch.Tensor, group: torch.Tensor, budget: float) -
 
 
 def calibrate_linear(forget: dict[int, torch.Tensor], retain: dict[int, torch.Tensor], group: torch.Tensor, *,
-                     budget: float, folds: int, seed: int, retain_names: list[str] | None = None
-                     ) -> tuple[dict, dict[int, torch.Tensor]]:
+                     budget: float, folds: int, seed: int, retain_names: list[str] | None = None,
+                     max_features: int | None = None) -> tuple[dict, dict[int, torch.Tensor]]:
     """K-fold cross-fitted pooled linear detector over every layer's pooled key.
 
     On each fold: fit on the training forget (positive) and retain (negative) queries, score the
@@ -591,9 +592,9 @@ def calibrate_linear(forget: dict[int, torch.Tensor], retain: dict[int, torch.Te
     for k in range(folds):
         tf = torch.cat([ff[j] for j in range(folds) if j != k])
         tr = torch.cat([rf[j] for j in range(folds) if j != k])
-        # large models: only the LINEAR_MAX_FEATURES best-separated features of the fold's training
-        # part enter the fit (float64 copies of those columns only); the others get weight 0
-        cols = screen_features(xf[tf], xr[tr], LINEAR_MAX_FEATURES)
+        # large models: only the max_features best-separated features of the fold's training part
+        # enter the fit (float64 copies of those columns only); the others get weight 0
+        cols = screen_features(xf[tf], xr[tr], max_features or LINEAR_MAX_FEATURES)
         x = torch.cat([xf[tf][:, cols], xr[tr][:, cols]]).to(torch.float64)
         y = torch.cat([torch.ones(tf.numel()), torch.zeros(tr.numel())])
         wc, b = fit_logistic(x, y)
@@ -669,7 +670,8 @@ def _calibrate_linear_job(job, model, tokenizer, spec) -> dict:
         group += [g] * len(job.sets[name].texts)
     rk = collect_pooled_keys(model, tokenizer, spec, retain_texts, **kw)
     record, weights = calibrate_linear(f, rk, torch.tensor(group, dtype=torch.long), budget=ks.false_positive_budget,
-                                       folds=ks.folds, seed=ks.seed, retain_names=ks.retain_sets)
+                                       folds=ks.folds, seed=ks.seed, retain_names=ks.retain_sets,
+                                       max_features=ks.max_features)
     record["config"] = calibration_config(r)
     record["weights"] = weights
     return record

@@ -306,7 +306,7 @@ def calibration_plan(recipe: Recipe, sets: dict[str, dict], n_layers: int, d_ff:
         counts = [sets[n].get("texts") if n in sets else None for n in [ks.forget, *retain]]
         q = sum(int(c) for c in counts) if all(c is not None for c in counts) else None
         feat = n_layers * d_ff
-        fitted = min(feat, getattr(calibrate, "LINEAR_MAX_FEATURES", feat))
+        fitted = min(feat, ks.max_features)
         memory = (f"≤ {q} queries × {n_layers} layers × {d_ff} × 4 B = {human_bytes(q * feat * 4)} of pooled keys (float32), "
                   f"+ {q} × {fitted} features × 8 B = {human_bytes(q * fitted * 8)} per fit (float64)"
                   if q is not None else f"queries × {n_layers} layers × {d_ff} × 4 B of pooled keys (float32) "

@@ -103,6 +103,9 @@ class KeySpaceSpec(_Strict):
         description="box (the paper's hypercube on the last token's key; calibrated or not) or linear (a pooled "
                     "linear detector over every layer's key, max-pooled over the prompt's tokens, fitted by the "
                     "calibration; needs retain queries and check: prompt)")
+    max_features: Annotated[int, Field(ge=1)] = Field(
+        65_536, description="linear detector: at most this many pooled-key features (over all layers) enter each fit, "
+                            "the best separated; float64 fit memory ≈ queries × max_features × 8 B")
     retain: str | list[str] | None = Field(None, description="retain queries: turns on calibration")
     calibrate: bool | None = Field(None, description="default: on when retain queries are given")
     false_positive_budget: float = Field(0.01, ge=0.0, lt=1.0)

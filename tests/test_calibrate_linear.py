@@ -334,13 +334,29 @@ def test_screen_features_keeps_the_best_separated_columns():
     assert calibrate.screen_features(f, r, 40).tolist() == list(range(40))  # no more than the limit: all
 
 
-def test_calibrate_linear_with_a_feature_limit(monkeypatch):
+def test_calibrate_linear_with_a_feature_limit():
     """Large models: each fold fits only the best-separated features; the others get weight 0."""
-    monkeypatch.setattr(calibrate, "LINEAR_MAX_FEATURES", 4)
     f, r = _clusters(5)
     fk, rk = _layers(f, r)
-    rec, w = calibrate_linear(fk, rk, torch.zeros(len(r), dtype=torch.long), budget=0.05, folds=4, seed=0)
+    rec, w = calibrate_linear(fk, rk, torch.zeros(len(r), dtype=torch.long), budget=0.05, folds=4, seed=0,
+                              max_features=4)
     assert rec["cv"]["features"] == 24 and rec["cv"]["features_fitted"] == [4, 4, 4, 4]
     full = torch.cat([w[0], w[1]])
     assert int((full != 0).sum()) <= 16 and full[5] != 0 and full[9] != 0
     assert rec["cv"]["forget_coverage"] > 0.9
+
+
+def test_max_features_reaches_the_fit_and_is_part_of_the_stored_settings(linear_job, tmp_path):
+    from editor.export_hf import export_recipe
+    from editor.pipeline import load_job_stats, profile_recipe
+
+    root = linear_job
+    small = root / "recipe-small.yaml"
+    small.write_text((root / "recipe.yaml").read_text().replace("detector: linear,", "detector: linear, max_features: 8,"))
+    stats = tmp_path / "stats"
+    profile_recipe(small, stats, progress=False)
+    cal = load_job_stats(stats).sets["forget@neuron_adjust"]["calibration"]
+    assert cal["config"]["max_features"] == 8 and cal["cv"]["features_fitted"] == [8, 8, 8]
+    export_recipe(small, stats, tmp_path / "ok")  # the same settings export
+    with pytest.raises(EditorError, match="calibration"):
+        export_recipe(root / "recipe.yaml", stats, tmp_path / "ck")  # another max_features: refused
