@@ -209,6 +209,8 @@ class Recipe(_Strict):
             need("key_space.retain", self.key_space.retain_sets)
             if self.key_space.calibrate and not self.key_space.retain_sets:
                 raise ValueError("key_space.calibrate: calibration needs retain queries (key_space.retain)")
+            if "max_features" in self.key_space.model_fields_set and self.key_space.detector != "linear":
+                raise ValueError("key_space.max_features: applies to the linear detector only (key_space.detector: linear)")
             if self.key_space.detector == "linear":
                 if not self.key_space.calibrated:
                     raise ValueError("key_space.detector: the linear detector is fitted by the calibration; "
@@ -276,7 +278,8 @@ def parse_recipe(obj: dict, base_dir: Path | str = ".") -> Recipe:
             msg = "unknown key"
         msg = msg.removeprefix("Value error, ")
         more = f" (+{len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
-        raise EditorError(f"recipe: {loc}: {msg}{more}") from None
+        where = "" if loc == "recipe" else f"{loc}: "  # a cross-field rule names its fields in the message
+        raise EditorError(f"recipe: {where}{msg}{more}") from None
     r.base_dir = Path(base_dir)
     return r
 
