@@ -209,7 +209,9 @@ class Recipe(_Strict):
             need("key_space.retain", self.key_space.retain_sets)
             if self.key_space.calibrate and not self.key_space.retain_sets:
                 raise ValueError("key_space.calibrate: calibration needs retain queries (key_space.retain)")
-            if "max_features" in self.key_space.model_fields_set and self.key_space.detector != "linear":
+            # (not "was it set": a dumped recipe — skill_editor.json, bench copies — carries the default)
+            default_max = type(self.key_space).model_fields["max_features"].default
+            if self.key_space.max_features != default_max and self.key_space.detector != "linear":
                 raise ValueError("key_space.max_features: applies to the linear detector only (key_space.detector: linear)")
             if self.key_space.detector == "linear":
                 if not self.key_space.calibrated:

@@ -175,6 +175,7 @@ def _recipe(root: Path, key_space: str) -> Path:
     ("{forget: forget, retain: retain, detector: linear, check: prompt, calibrate: false}", "retain queries"),
     ("{forget: forget, retain: retain, detector: cone, check: prompt}", "detector"),
     ("{forget: forget, retain: retain, check: prompt, max_features: 10}", "linear detector only"),
+    ("{forget: forget, retain: retain, check: prompt, max_features: 65536, detector: cone}", "detector"),
     ("{forget: forget, retain: retain, detector: linear, check: prompt, max_features: 0}", "max_features"),
 ])
 def test_recipe_rules_of_the_linear_detector(tmp_path, key_space, match):
