@@ -631,6 +631,16 @@ def calibrate_linear(forget: dict[int, torch.Tensor], retain: dict[int, torch.Te
     return record, weights
 
 
+def _retain_queries(job) -> tuple[list[str], torch.Tensor]:
+    """The texts of every ``key_space.retain`` set, concatenated, and each text's set index."""
+    texts: list[str] = []
+    group: list[int] = []
+    for g, name in enumerate(job.recipe.key_space.retain_sets):
+        texts += job.sets[name].texts
+        group += [g] * len(job.sets[name].texts)
+    return texts, torch.tensor(group, dtype=torch.long)
+
+
 def calibrate_job(job, model, tokenizer, spec, *, progress: bool = False) -> dict:
     """Collect the keys of the KSD forget set and the retain query sets (with whatever patch the
     model carries: NA when both methods are on) and calibrate. Only the sets the recipe names under
@@ -643,12 +653,8 @@ def calibrate_job(job, model, tokenizer, spec, *, progress: bool = False) -> dic
     kw = dict(batch_size=p.batch_size, max_length=p.max_length, padding_side=p.padding_side,
               new_tokens=continuation_tokens(ks.check))
     f = query_keys(model, tokenizer, spec, job.sets[ks.forget].texts, **kw)
-    retain_texts: list[str] = []
-    group: list[int] = []
-    for g, name in enumerate(ks.retain_sets):
-        retain_texts += job.sets[name].texts
-        group += [g] * len(job.sets[name].texts)
-    rk = query_keys(model, tokenizer, spec, retain_texts, group=torch.tensor(group, dtype=torch.long), **kw)
+    retain_texts, group = _retain_queries(job)
+    rk = query_keys(model, tokenizer, spec, retain_texts, group=group, **kw)
     out = calibrate_keys(f, rk, budget=ks.false_positive_budget, folds=ks.folds, seed=ks.seed,
                          retain_names=ks.retain_sets)
     out["config"] = calibration_config(r)
@@ -663,13 +669,9 @@ def _calibrate_linear_job(job, model, tokenizer, spec) -> dict:
     p = r.profile
     kw = dict(batch_size=p.batch_size, max_length=p.max_length, padding_side=p.padding_side)
     f = collect_pooled_keys(model, tokenizer, spec, job.sets[ks.forget].texts, **kw)
-    retain_texts: list[str] = []
-    group: list[int] = []
-    for g, name in enumerate(ks.retain_sets):
-        retain_texts += job.sets[name].texts
-        group += [g] * len(job.sets[name].texts)
+    retain_texts, group = _retain_queries(job)
     rk = collect_pooled_keys(model, tokenizer, spec, retain_texts, **kw)
-    record, weights = calibrate_linear(f, rk, torch.tensor(group, dtype=torch.long), budget=ks.false_positive_budget,
+    record, weights = calibrate_linear(f, rk, group, budget=ks.false_positive_budget,
                                        folds=ks.folds, seed=ks.seed, retain_names=ks.retain_sets,
                                        max_features=ks.max_features)
     record["config"] = calibration_config(r)

@@ -336,18 +336,15 @@ def describe(rep: Report) -> str:
                      f"top {_fmt(na.get('top_percent'))} %" + (f", forget {na['forget']} vs retain {', '.join(na.get('retain') or [])}" if na.get("forget") else ""))
         lines.append("  per layer: " + ", ".join(f"{k}:{v}" for k, v in sorted(counts.items(), key=lambda kv: int(kv[0]))))
     ks = edit.get("key_space") or cedit.get("key_space")
-    if ks and ks.get("detector") == "linear":
-        lines.append(f"key space:  pooled linear detector over layers {', '.join(str(x) for x in ks.get('layers') or [])} "
-                     f"({ks.get('pool', 'max')}-pooled keys of the prompt's tokens; abstain when the score > 0)")
-        plan = ks.get("plan")
-        if isinstance(plan, dict) and plan.get("method"):
-            lines.append("  plan: " + _ksd_plan_line(plan))
-        lines.append(f"  refusal: {ks.get('refusal')!r}" + (f", check {ks['check']}" if ks.get("check") else ""))
-    elif ks:
-        for layer in ks.get("layers") or []:
-            lines.append(f"key space:  layer {layer}, k {_fmt((ks.get('k') or {}).get(str(layer)))}, "
-                         f"scale (alpha) {_fmt((ks.get('scale') or {}).get(str(layer)))}, "
-                         f"{(ks.get('dims') or {}).get(str(layer), '?')} guarded dims")
+    if ks:
+        if ks.get("detector") == "linear":
+            lines.append(f"key space:  pooled linear detector over layers {', '.join(str(x) for x in ks.get('layers') or [])} "
+                         f"({ks.get('pool', 'max')}-pooled keys of the prompt's tokens; abstain when the score > 0)")
+        else:
+            for layer in ks.get("layers") or []:
+                lines.append(f"key space:  layer {layer}, k {_fmt((ks.get('k') or {}).get(str(layer)))}, "
+                             f"scale (alpha) {_fmt((ks.get('scale') or {}).get(str(layer)))}, "
+                             f"{(ks.get('dims') or {}).get(str(layer), '?')} guarded dims")
         plan = ks.get("plan")
         if isinstance(plan, dict) and plan.get("method"):
             lines.append("  plan: " + _ksd_plan_line(plan))

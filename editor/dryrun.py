@@ -302,8 +302,8 @@ def calibration_plan(recipe: Recipe, sets: dict[str, dict], n_layers: int, d_ff:
     folds = int(cfg.get("folds", ks.folds))
     seed = cfg.get("seed", ks.seed)
     cont = cfg.get("continuation_tokens")
+    counts = [sets[n].get("texts") if n in sets else None for n in [ks.forget, *retain]]
     if ks.detector == "linear":
-        counts = [sets[n].get("texts") if n in sets else None for n in [ks.forget, *retain]]
         q = sum(int(c) for c in counts) if all(c is not None for c in counts) else None
         feat = n_layers * d_ff
         fitted = min(feat, ks.max_features)
@@ -328,7 +328,6 @@ def calibration_plan(recipe: Recipe, sets: dict[str, dict], n_layers: int, d_ff:
     # keys held in memory (float32, CPU): per query its prompt key plus, when the runtime checks
     # every call, up to continuation_tokens - 1 generated tokens' keys, at every layer
     per_query = max(1, int(cont)) if cont is not None else None
-    counts = [sets[n].get("texts") if n in sets else None for n in [ks.forget, *retain]]
     per = f"{per_query} key(s)" if per_query is not None else "its keys"
     if per_query is not None and all(c is not None for c in counts):
         q = sum(int(c) for c in counts)

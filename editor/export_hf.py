@@ -139,34 +139,21 @@ def edit_summary(job, plans, edit: dict | None) -> dict:
             "mode": na.mode, "seed": na.seed, "score": na.score, "top_percent": na.top_percent,
             "counts": counts, "total": sum(counts.values()),
         }
-    if plans.key_space and r.key_space.detector == "linear":
+    if plans.key_space:
         layers = sorted(plans.key_space)
-        out["key_space"] = {
-            "forget": r.key_space.forget,
-            "detector": "linear",
-            "pool": "max",
-            "layers": layers,
-            "refusal": r.key_space.refusal,
-            "check": r.key_space.check,
-            "profiled_with_neuron_adjust": bool(na is not None),
-        }
+        ks: dict[str, Any] = {"forget": r.key_space.forget, "layers": layers}
+        if r.key_space.detector == "linear":
+            ks.update(detector="linear", pool="max")
+        else:
+            ks.update(layer=layers[0] if len(layers) == 1 else layers,
+                      k={str(i): plans.key_space[i].k for i in layers},
+                      scale={str(i): plans.key_space[i].scale for i in layers},
+                      dims={str(i): plans.key_space[i].dims for i in layers})
+        ks.update(refusal=r.key_space.refusal, check=r.key_space.check,
+                  profiled_with_neuron_adjust=bool(na is not None))
         if plans.key_space_info:
-            out["key_space"]["plan"] = plans.key_space_info
-    elif plans.key_space:
-        layers = sorted(plans.key_space)
-        out["key_space"] = {
-            "forget": r.key_space.forget,
-            "layers": layers,
-            "layer": layers[0] if len(layers) == 1 else layers,
-            "k": {str(i): plans.key_space[i].k for i in layers},
-            "scale": {str(i): plans.key_space[i].scale for i in layers},
-            "dims": {str(i): plans.key_space[i].dims for i in layers},
-            "refusal": r.key_space.refusal,
-            "check": r.key_space.check,
-            "profiled_with_neuron_adjust": bool(na is not None),
-        }
-        if plans.key_space_info:
-            out["key_space"]["plan"] = plans.key_space_info
+            ks["plan"] = plans.key_space_info
+        out["key_space"] = ks
     if plans.prune is not None:
         counts = {str(i): int(v.numel()) for i, v in sorted(plans.prune.items())}
         out["prune"] = {"forget": r.prune.forget, "retain": r.prune.retain_sets, "top_percent": r.prune.top_percent,

@@ -104,25 +104,16 @@ def edit_description(model_type: str, na: NAPlan | None, ksd: dict[int, KSDBound
     if na is not None:
         edit["neuron_adjust"] = {"mode": na.mode, "seed": na.seed, "score": na.score, "top_percent": na.top_percent,
                                  "counts": {str(i): n for i, n in sorted(na.counts.items())}}
-    if ksd and _detector(ksd) == "linear":
-        edit["key_space"] = {
-            "layers": sorted(ksd),
-            "detector": "linear",
-            "pool": "max",
-            "refusal": refusal,
-            "refusal_ids": list(refusal_ids or []),
-            "check": check,
-        }
-    elif ksd:
-        edit["key_space"] = {
-            "layers": sorted(ksd),
-            "k": {str(i): b.k for i, b in sorted(ksd.items())},
-            "scale": {str(i): b.scale for i, b in sorted(ksd.items())},
-            "dims": {str(i): b.dims for i, b in sorted(ksd.items())},
-            "refusal": refusal,
-            "refusal_ids": list(refusal_ids or []),
-            "check": check,
-        }
+    if ksd:
+        ks: dict = {"layers": sorted(ksd)}
+        if _detector(ksd) == "linear":
+            ks.update(detector="linear", pool="max")
+        else:
+            ks.update(k={str(i): b.k for i, b in sorted(ksd.items())},
+                      scale={str(i): b.scale for i, b in sorted(ksd.items())},
+                      dims={str(i): b.dims for i, b in sorted(ksd.items())})
+        ks.update(refusal=refusal, refusal_ids=list(refusal_ids or []), check=check)
+        edit["key_space"] = ks
     edit["patch_digest"] = patch_digest(patch_tensors(model))
     return edit
 

@@ -414,11 +414,12 @@ def last_real_index(attention_mask: torch.Tensor | None, batch: int, seq: int, d
 
 def guard_decision(model: nn.Module, attention_mask, batch: int, seq: int, device,
                    guards: list | None = None) -> torch.Tensor | None:
-    """Collect the per-token box tests of every guarded layer; per-row decision at the last real
-    token (any guarded layer inside ⇒ abstain). Clears the recorded state. ``guards``: the
+    """Collect the per-token box tests of every guarded layer (any layer inside ⇒ abstain, decided
+    at each row's last real token) and the linear detector's per-row scores (sum > 0 ⇒ abstain);
+    rows without a real token never abstain. Clears the recorded state. ``guards``: the
     model's KeySpace modules, if the caller has them at hand (saves a walk over all modules)."""
-    decision = None
-    score = None
+    inside = None  # [batch, seq]: some guarded layer's box holds the token's key
+    score = None  # [batch]: the linear detector's score, summed over its layers
     for module in (guards if guards is not None else model.modules()):
         if isinstance(module, KeyScore):
             if module.score is not None:
@@ -426,18 +427,19 @@ def guard_decision(model: nn.Module, attention_mask, batch: int, seq: int, devic
                 score = s if score is None else score + s
             module.score = None
             module._call = None
-            continue
-        if isinstance(module, KeySpace) and module.inside is not None:
-            inside = module.inside.reshape(batch, seq).to(device)
+        elif isinstance(module, KeySpace) and module.inside is not None:
+            t = module.inside.reshape(batch, seq).to(device)
             module.inside = None
-            idx, has = last_real_index(attention_mask, batch, seq, device)
-            row = inside.gather(1, idx[:, None])[:, 0] & has
-            decision = row if decision is None else (decision | row)
+            inside = t if inside is None else (inside | t)
+    if inside is None and score is None:
+        return None
+    idx, has = last_real_index(attention_mask, batch, seq, device)
+    row = torch.zeros_like(has)
+    if inside is not None:
+        row = row | inside.gather(1, idx[:, None])[:, 0]
     if score is not None:
-        _, has = last_real_index(attention_mask, batch, seq, device)
-        row = (score > 0) & has
-        decision = row if decision is None else (decision | row)
-    return decision
+        row = row | (score > 0)
+    return row & has
 
 
 # --------------------------------------------------------------------------------------------
