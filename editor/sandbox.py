@@ -15,8 +15,9 @@ Design: three processes; the program's process never holds the tests
 
 * The **program** process is a fresh interpreter that receives the candidate code (and the task's
   setup code) and nothing else: not the tests, not a nonce, not a key. It runs the code, tells the
-  judge which names it defined, then answers calls: "call your function ``h`` with these
-  arguments" → "it returned this value" (or "it raised that").
+  judge which names it defined, then answers questions: "call your function ``h`` with these
+  arguments" → "it returned this value" (or "it raised that"); likewise an attribute, an item,
+  ``len``, truth, the items of an iteration, ``str``.
 * The **judge** runs the task's asserts in its own interpreter. Every name the asserts take from
   the program is bound to a proxy; calling the proxy is a round trip to the program. Values cross
   as JSON of plain built-in data (numbers, strings, lists, tuples, dicts, sets, a few stdlib
@@ -85,12 +86,15 @@ Semantics (vs running code + asserts in one namespace)
 =====================================================
 
 An assert passes here exactly when it would with the program's functions returning the same
-values, with these deliberate differences: values of other types (class instances, numpy
-arrays, …) cannot cross and make the assert fail with a ``TypeError``; mutations a function makes
-to its arguments are not seen by the asserts; program names that shadow builtins are ignored;
-modules and standard-library functions the program imported are the judge's own import of the
-same module (non-standard modules are unavailable to the asserts); the task's setup code runs in
-both processes. As root, the program's interpreter may be the system's Python (see above).
+values, with these deliberate differences. Objects of other types (instances of the program's or
+the setup code's classes, numpy arrays, …) stay in the program: the asserts hold a handle whose
+calls, attributes, items, ``len``, truth, iteration and ``str`` are answered by the program, but
+whose ``==`` is identity (and ordering raises), so such a value never equals a literal; they can be
+passed back as arguments. Mutations a function makes to its arguments are not seen by the
+asserts; program names that shadow builtins are ignored; modules and standard-library functions
+the program imported are the judge's own import of the same module (other modules are
+unavailable to the asserts). The task's setup code runs in the program, before its code, as in
+one namespace. As root, the program's interpreter may be the system's Python (see above).
 """
 
 from __future__ import annotations
@@ -159,7 +163,8 @@ class _Budget:
 
 
 def encode(x, ref=None, budget=None):
-    """x as JSON-able data; ``ref(callable)`` gives a handle for functions (else TypeError)."""
+    """x as JSON-able data. Another object becomes ``ref(x)`` (a handle) if ``ref`` is given, else
+    a TypeError."""
     b = budget if budget is not None else _Budget(_MAX_ITEMS)
 
     def tag(t, v):
@@ -234,10 +239,10 @@ def encode(x, ref=None, budget=None):
             return tag("di", seq(x))
         if isinstance(x, _abc.Iterator):
             return tag("it", seq(x))
-        if ref is not None and callable(x):
-            return ref(x)
-        if hasattr(t, "__index__"):
+        if hasattr(t, "__index__") and not callable(x):
             return enc(_op.index(x))
+        if ref is not None:
+            return ref(x)
         raise TypeError("a value of type %s cannot pass between the program and the tests" % t.__name__)
 
     return enc(x)
@@ -334,7 +339,7 @@ def decode(x, deref=None, budget=None):
             return dict(items).items()
         if g == "it":
             return iter(lst(v))
-        if g == "fn" and deref is not None:
+        if g == "ref" and deref is not None:
             return deref(v)
         raise bad()
 
@@ -405,11 +410,36 @@ def _describe(v, ref):
                 obj = getattr(obj, part, None)
             if obj is v:
                 return {"k": "std", "m": mod, "q": qual}
-        return {"k": "fn", "h": ref(v)["v"]}
+        return {"k": "val", "v": ref(v)}
     try:
-        return {"k": "val", "v": encode(v, None, _Budget(100000))}
+        return {"k": "val", "v": encode(v, ref, _Budget(100000))}
     except BaseException:
-        return {"k": "opaque", "t": type(v).__name__[:100]}
+        return {"k": "val", "v": ref(v)}
+
+
+def _answer(req, deref, ref):
+    """What the judge asked about one of our objects, as data (or a handle)."""
+    op, obj = req["op"], deref(req["h"])
+    if op == "call":
+        return obj(*decode(req["a"], deref), **decode(req["k"], deref))
+    if op == "attr":
+        name = req["n"]
+        if type(name) is not str or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(obj, name)
+    if op == "item":
+        return obj[decode(req["a"], deref)]
+    if op == "len":
+        return len(obj)
+    if op == "bool":
+        return bool(obj)
+    if op == "iter":
+        return list(obj)
+    if op == "str":
+        return str.__str__(str(obj))
+    if op == "repr":
+        return str.__str__(repr(obj))
+    raise ValueError("unknown request")
 
 
 def _serve():
@@ -421,15 +451,15 @@ def _serve():
     job = _recv(3)
     handles, index = [], {}
 
-    def ref(f):
-        if id(f) not in index:
-            index[id(f)] = len(handles)
-            handles.append(f)
-        return {"T": "fn", "v": index[id(f)]}
+    def ref(obj):  # an object that stays here; the judge gets a handle
+        if id(obj) not in index:
+            index[id(obj)] = len(handles)
+            handles.append(obj)
+        return {"T": "ref", "v": index[id(obj)]}
 
     def deref(h):
         if type(h) is not int or not 0 <= h < len(handles):
-            raise ValueError("unknown function handle")
+            raise ValueError("unknown object handle")
         return handles[h]
 
     ns = {"__name__": "solution", "__builtins__": _builtins}
@@ -445,7 +475,7 @@ def _serve():
             try:
                 names[name] = _describe(v, ref)
             except BaseException:
-                names[name] = {"k": "opaque", "t": "?"}
+                pass
     _flush()
     _send(4, {"names": names})
     while True:
@@ -455,9 +485,7 @@ def _serve():
             _flush()
             _os._exit(0)
         try:
-            f = deref(req["h"])
-            args, kwargs = decode(req["a"], deref), decode(req["k"], deref)
-            out = {"ok": encode(f(*args, **kwargs), ref)}
+            out = {"ok": encode(_answer(req, deref, ref), ref)}
         except BaseException as e:
             out = {"raise": _fmt(e)}
         _flush()
@@ -640,8 +668,7 @@ def _count_tasks(uid: int) -> int:
 
 
 class _Unavailable:
-    """A program name the asserts cannot use (its value could not cross, or a module the judge
-    will not import): any use raises."""
+    """A module of the program's that the judge will not import: any use raises."""
 
     def __init__(self, name: str, what: str):
         self.__dict__["_why"] = f"{name} ({what}) exists only inside the program and cannot be used by the tests"
@@ -657,6 +684,8 @@ class _Unavailable:
 
 
 class _Link:
+    """The judge's end of the two pipes to the program: one request, one answer."""
+
     def __init__(self, wfd: int, rfd: int):
         self.wfd, self.rfd = wfd, rfd
 
@@ -679,16 +708,18 @@ class _Link:
 
     def deref(self, h):
         if type(h) is not int or h < 0:
-            raise ValueError("bad function handle")
-        return _Remote(self, h, "a function returned by the program")
+            raise ValueError("bad object handle")
+        return _Remote(self, h, "an object of the program")
 
-    def call(self, h: int, args, kwargs):
-        def ref(f):
-            if isinstance(f, _Remote) and f._link is self:
-                return {"T": "fn", "v": f._h}
-            raise TypeError("a function of the tests cannot be passed to the program")
+    def ask(self, op: str, h: int, **fields):
+        """One question about the program's object ``h``; the answer as judge-side data."""
 
-        self.send({"h": h, "a": encode(list(args), ref), "k": encode(dict(kwargs), ref)})
+        def ref(obj):
+            if isinstance(obj, _Remote) and obj._link is self:
+                return {"T": "ref", "v": obj._h}
+            raise TypeError(f"a {type(obj).__name__} of the tests cannot be passed to the program")
+
+        self.send({"op": op, "h": h, **{k: encode(v, ref) for k, v in fields.items()}})
         msg = self.recv()
         if "ok" in msg:
             try:
@@ -701,18 +732,50 @@ class _Link:
 
 
 class _Remote:
-    """A function of the program, seen from the tests."""
+    """An object that lives in the program (a function, a class, an instance), seen from the tests.
+
+    Calling it, its attributes, items, ``len``, ``bool``, iteration and ``str`` are questions to
+    the program, answered with data: they reveal nothing of the test to the program beyond the
+    arguments the test passes. Comparisons are *not* forwarded (``==`` is identity, ordering
+    raises): otherwise an object could see the expected value and agree with it.
+    """
 
     __slots__ = ("_link", "_h", "_name")
 
     def __init__(self, link: _Link, h: int, name: str):
         self._link, self._h, self._name = link, h, name
 
+    def _typed(self, op: str, want: type):
+        value = self._link.ask(op, self._h)
+        if type(value) is not want:
+            raise TypeError(f"the program answered {op}() with a {type(value).__name__}")
+        return value
+
     def __call__(self, *args, **kwargs):
-        return self._link.call(self._h, args, kwargs)
+        return self._link.ask("call", self._h, a=list(args), k=dict(kwargs))
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return self._link.ask("attr", self._h, n=name)
+
+    def __getitem__(self, key):
+        return self._link.ask("item", self._h, a=key)
+
+    def __len__(self):
+        return self._typed("len", int)
+
+    def __bool__(self):
+        return self._typed("bool", bool)
+
+    def __iter__(self):
+        return iter(self._typed("iter", list))
+
+    def __str__(self):
+        return self._typed("str", str)
 
     def __repr__(self):
-        return f"<program function {self._name}>"
+        return f"<{self._name}>"
 
 
 def _import(name: str):
@@ -724,6 +787,8 @@ def _import(name: str):
 
 
 def _bind(link: _Link, names: dict) -> dict:
+    """The asserts' view of the program's names: data as data, objects as ``_Remote`` handles,
+    modules and stdlib functions as the judge's own; never a name that shadows a builtin."""
     import builtins
 
     out = {}
@@ -734,11 +799,10 @@ def _bind(link: _Link, names: dict) -> dict:
             continue
         kind = d.get("k") if type(d) is dict else None
         try:
-            if kind == "fn":
-                out[name] = link.deref(d["h"])
-                out[name]._name = name
-            elif kind == "val":
-                out[name] = decode(d["v"])
+            if kind == "val":
+                out[name] = decode(d["v"], link.deref)
+                if isinstance(out[name], _Remote):
+                    out[name]._name = name
             elif kind == "mod":
                 out[name] = _import(d["m"])
             elif kind == "std":
@@ -746,10 +810,8 @@ def _bind(link: _Link, names: dict) -> dict:
                 for part in str(d["q"]).split("."):
                     obj = getattr(obj, part)
                 out[name] = obj
-            else:
-                out[name] = _Unavailable(name, "a " + str(d.get("t", "value"))[:100] if type(d) is dict else "?")
         except Exception:
-            out[name] = _Unavailable(name, "a value the judge could not rebuild")
+            out[name] = _Unavailable(name, "a module or value the judge cannot rebuild")
     return out
 
 
@@ -941,12 +1003,9 @@ def _run_tests(link: _Link, job: dict, state: dict) -> dict:
             return {"status": "failed", "detail": str(first["raise"])[:300]}
         if "names" not in first:
             raise _Broken("malformed first message from the program")
+        # every name the asserts take from the task's setup code or the program is the program's
+        # (the setup ran there, before the code, as in one namespace); the rest is the judge's
         ns: dict = {"__name__": "__tests__", "__builtins__": builtins}
-        if job["setup"].strip():
-            try:
-                exec(compile(job["setup"], "test_setup", "exec"), ns)
-            except Exception:
-                pass  # e.g. a non-stdlib import: the asserts then fail on the missing name
         ns.update(_bind(link, first["names"]))
         for i, t in enumerate(job["tests"]):
             try:

@@ -152,6 +152,29 @@ def test_verdict_needs_the_judges_key():
          ["assert f() == (Fraction(1, 3), Decimal('1.10'), frozenset({1}))"], ""),
         ("def f(xs):\n    xs.sort()\n    return xs", ["assert f([3, 1, 2]) == [1, 2, 3]"], ""),
         ("def f(n):\n    raise ValueError('nope')", ["try:\n    f(1)\nexcept Exception:\n    pass\nelse:\n    assert False"], ""),
+        # objects of the program's classes, built by the asserts (MBPP task 601's Pair)
+        (
+            "class Pair(object):\n    def __init__(self, a, b):\n        self.a = a\n        self.b = b\n"
+            "def chain(arr, n):\n    return sum(1 for i in range(1, n) if arr[i].a > arr[i - 1].b) + 1\n",
+            ["assert chain([Pair(5, 24), Pair(15, 25), Pair(27, 40), Pair(50, 60)], 4) == 3",
+             "p = Pair(1, 2)\nassert p.a == 1 and p.b == 2 and str(p).startswith('<solution.Pair') and p"],
+            "",
+        ),
+        # objects built by the task's setup code (binary-tree tasks)
+        (
+            "def height(node):\n    return 0 if node is None else 1 + max(height(node.left), height(node.right))\n",
+            ["assert height(root) == 3", "assert height(root.left) == 2"],
+            "class Node:\n    def __init__(self, d):\n        self.d, self.left, self.right = d, None, None\n"
+            "root = Node(1)\nroot.left = Node(2)\nroot.right = Node(3)\nroot.left.left = Node(4)\n",
+        ),
+        # a custom container: iteration, len, items and truth are the program's answers
+        (
+            "class Bag:\n    def __init__(self, xs):\n        self.xs = list(xs)\n    def __iter__(self):\n        return iter(self.xs)\n"
+            "    def __len__(self):\n        return len(self.xs)\n    def __getitem__(self, i):\n        return self.xs[i]\n"
+            "def bag(*xs):\n    return Bag(xs)\n",
+            ["b = bag(3, 1, 2)\nassert sorted(b) == [1, 2, 3] and len(b) == 3 and b[0] == 3 and b and 2 in b"],
+            "",
+        ),
     ],
 )
 def test_correct_programs_of_many_shapes_pass(code, tests, setup):
@@ -159,9 +182,12 @@ def test_correct_programs_of_many_shapes_pass(code, tests, setup):
     assert res.passed, res
 
 
-def test_wrong_answers_and_unsendable_values_fail():
-    res = run("class P:\n    pass\n\ndef add(a, b):\n    return P()\n")
-    assert not res.passed and res.status == "failed" and "cannot pass" in res.detail, res
+def test_wrong_answers_and_objects_that_stay_in_the_program_fail():
+    # an instance stays in the program: the assert compares against a handle (identity), and the
+    # object's own __eq__ / __bool__ never see the expected value
+    res = run("class P:\n    def __eq__(self, o):\n        return True\n    def __bool__(self):\n        return True\n\n"
+              "def add(a, b):\n    return P()\n", ADD_TESTS + ["assert not (add(1, 2) != 3)"])
+    assert not res.passed and res.status == "failed" and res.detail.startswith("AssertionError"), res
     res = run("def add(a, b):\n    return [a + b] * 10 ** 7\n")  # bigger than a message may be
     assert not res.passed and res.status == "failed" and "too large" in res.detail, res
     res = run("def add(a, b):\n    return 1 / 0\n")
