@@ -105,6 +105,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -1040,6 +1041,7 @@ def _judge_main() -> int:
 # ---------------------------------------------------------------------------------------------
 
 _INTERPRETERS: dict[tuple, str | None] = {}
+_INTERPRETERS_LOCK = threading.Lock()
 
 
 def _nobody() -> tuple[int, int]:
@@ -1064,20 +1066,22 @@ def _interpreter(python: str | None, nobody: tuple[int, int] | None) -> str | No
     if not python:
         options += [shutil.which(n, path="/usr/local/bin:/usr/bin:/bin") for n in (f"python{sys.version_info[0]}.{sys.version_info[1]}", "python3")]
     key = (tuple(options), nobody)
-    if key not in _INTERPRETERS:
-        _INTERPRETERS[key] = None
-        for py in dict.fromkeys(o for o in options if o):
-            try:
-                ok = subprocess.run([py, "-I", "-S", "-c", "import json, collections, decimal, fractions"],
-                                    user=nobody[0], group=nobody[1], extra_groups=[], cwd="/",
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                    env={"PATH": os.defpath}, timeout=30).returncode == 0
-            except (OSError, subprocess.SubprocessError):
-                ok = False
-            if ok:
-                _INTERPRETERS[key] = py
-                break
-    return _INTERPRETERS[key]
+    with _INTERPRETERS_LOCK:  # score_mbpp's worker threads: probe once, the others wait for it
+        if key not in _INTERPRETERS:
+            found = None
+            for py in dict.fromkeys(o for o in options if o):
+                try:
+                    ok = subprocess.run([py, "-I", "-S", "-c", "import json, collections, decimal, fractions"],
+                                        user=nobody[0], group=nobody[1], extra_groups=[], cwd="/",
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        env={"PATH": os.defpath}, timeout=30).returncode == 0
+                except (OSError, subprocess.SubprocessError):
+                    ok = False
+                if ok:
+                    found = py
+                    break
+            _INTERPRETERS[key] = found
+        return _INTERPRETERS[key]
 
 
 def _rmtree(path: str) -> None:

@@ -413,6 +413,15 @@ def test_no_network_in_a_network_namespace():
         srv.close()
 
 
+def test_parallel_workers_from_a_cold_start(monkeypatch):
+    monkeypatch.setattr(sandbox, "_INTERPRETERS", {})  # as in a fresh process: the first calls race
+    from editor.scorers import score_mbpp
+
+    records = [{"task_id": i, "test_list": ADD_TESTS} for i in range(6)]
+    res = score_mbpp([ADD, WRONG] * 3, records, workers=3, timeout=10)
+    assert [r["status"] for r in res["records"]] == ["passed", "failed"] * 3, res["records"]
+
+
 def test_isolation_is_reported():
     iso = isolation()
     assert iso.startswith("uid=nobody" if IS_ROOT else "uid=same"), iso
