@@ -93,7 +93,9 @@ whose ``==`` is identity (and ordering raises), so such a value never equals a l
 passed back as arguments. Mutations a function makes to its arguments are not seen by the
 asserts; program names that shadow builtins are ignored; modules and standard-library functions
 the program imported are the judge's own import of the same module (other modules are
-unavailable to the asserts). The task's setup code runs in the program, before its code, as in
+unavailable to the asserts), and a name the asserts use as ``name.attr`` that is a standard-library
+module is always the judge's module (``math.isclose`` in an assert is the real one, even if the
+program bound ``math`` to something else). The task's setup code runs in the program, before its code, as in
 one namespace. As root, the program's interpreter may be the system's Python (see above).
 """
 
@@ -816,6 +818,28 @@ def _bind(link: _Link, names: dict) -> dict:
     return out
 
 
+def _module_names(tests: list[str], ns: dict) -> dict:
+    """Names the asserts use as ``name.attr`` that are standard-library modules (``math`` in
+    ``math.isclose(...)``): the judge's own module, whatever the program bound to that name, so
+    that a program cannot supply the asserts' comparison helper. Names only called stay the
+    program's (a task's function may be called ``string``)."""
+    import ast
+
+    out = {}
+    for t in tests:
+        try:
+            tree = ast.parse(t)
+        except SyntaxError:
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in ns:
+                try:
+                    out[node.value.id] = _import(node.value.id)
+                except ImportError:
+                    pass
+    return out
+
+
 def _fmt(e: BaseException) -> str:
     if isinstance(e, ProgramError):
         return str(e)[:300]
@@ -1008,6 +1032,7 @@ def _run_tests(link: _Link, job: dict, state: dict) -> dict:
         # (the setup ran there, before the code, as in one namespace); the rest is the judge's
         ns: dict = {"__name__": "__tests__", "__builtins__": builtins}
         ns.update(_bind(link, first["names"]))
+        ns.update(_module_names(job["tests"], ns))
         for i, t in enumerate(job["tests"]):
             try:
                 exec(compile(t, f"test_{i}", "exec"), ns)

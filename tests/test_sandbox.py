@@ -98,12 +98,20 @@ FORGERIES = {
     ),
     # a builtin the assert uses on its expected side, redefined by the program
     "shadowed_builtin": "def set(*a):\n    return 0\n\ndef f(x):\n    return 0\n",
+    # the assert's comparison helper, supplied by the program
+    "fake_math_module": (
+        "class math:\n    isclose = staticmethod(lambda *a, **k: True)\n\n"
+        "def area(r):\n    return 0\n"
+    ),
 }
 
 
 @pytest.mark.parametrize("name", sorted(FORGERIES))
 def test_forged_verdicts_fail(name):
-    tests = ["assert set(f((1, 2))) == set((4, 5))"] if name == "shadowed_builtin" else ADD_TESTS
+    tests = {
+        "shadowed_builtin": ["assert set(f((1, 2))) == set((4, 5))"],
+        "fake_math_module": ["assert math.isclose(area(2), 12.566, rel_tol=1e-3)"],
+    }.get(name, ADD_TESTS)
     res = run(FORGERIES[name], tests)
     assert not res.passed and res.status in ("failed", "no_result"), res
 
@@ -151,6 +159,7 @@ def test_verdict_needs_the_judges_key():
         ("from fractions import Fraction\nfrom decimal import Decimal\ndef f():\n    return Fraction(1, 3), Decimal('1.10'), frozenset({1})",
          ["assert f() == (Fraction(1, 3), Decimal('1.10'), frozenset({1}))"], ""),
         ("def f(xs):\n    xs.sort()\n    return xs", ["assert f([3, 1, 2]) == [1, 2, 3]"], ""),
+        ("def string(s):\n    return s.upper()", ["assert string('ab') == 'AB'"], ""),  # a task named like a module
         ("def f(n):\n    raise ValueError('nope')", ["try:\n    f(1)\nexcept Exception:\n    pass\nelse:\n    assert False"], ""),
         # objects of the program's classes, built by the asserts (MBPP task 601's Pair)
         (
