@@ -305,11 +305,9 @@ def load_recipe(path) -> Recipe:
 
 def check_against_config(recipe: Recipe, config) -> None:
     """Rules that need the model's config.json (but no weights): architecture and layer ranges."""
-    from editor.arch import resolve_layer, spec_for
+    from editor.model.arch import config_layers, resolve_layer, spec_for
 
     spec_for(config)
-    n_layers = getattr(config, "num_hidden_layers", None)
-    if n_layers is None:
-        n_layers = getattr(config.get_text_config(), "num_hidden_layers", None)
+    n_layers = config_layers(config)
     if recipe.key_space and n_layers:
-        resolve_layer(recipe.key_space.layer, int(n_layers), field="key_space.layer")
+        resolve_layer(recipe.key_space.layer, n_layers, field="key_space.layer")

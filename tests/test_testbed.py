@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from editor.testbed import DATA_DIR, MODEL_DIR, SKILLS, corpus, load_examples
-from editor.testbed.evaluate import compare, extract_answer, format_table, score
+from editor.eval.scorecard import compare, extract_answer, format_table, score
 
 
 @pytest.fixture(scope="module")

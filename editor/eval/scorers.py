@@ -43,7 +43,8 @@ import time
 import unicodedata
 from dataclasses import asdict, dataclass
 from typing import Iterable, Sequence
-from editor.testbed.evaluate import _eos_ids, _model_device  # the scorecard's own helpers
+from editor.eval.scorecard import model_device as _model_device  # the scorecard's own helper
+from editor.model.tokens import eos_ids
 
 __all__ = [
     "BENCHMARKS",
@@ -855,7 +856,7 @@ def generate(
     prompts = list(prompts)
     old_side = getattr(tokenizer, "padding_side", "left")
     tokenizer.padding_side = "left"
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_ids(tokenizer, model)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token is None:
             raise ValueError("the tokenizer has neither a pad nor an eos token")
