@@ -30,7 +30,8 @@ from pathlib import Path
 
 from editor.errors import EditorError
 from editor.model.arch import config_layers
-from editor.recipe import DataSetSpec, Recipe, check_against_config, load_recipe
+from editor.model.loading import check_against_config
+from editor.recipe import DataSetSpec, Recipe, load_recipe
 
 # ---------------------------------------------------------------------------------------------
 # known Hub schemas (fields, configurations, splits with their published row counts)

@@ -21,14 +21,14 @@ from editor.io import check_destination
 from editor.manifest import Edit, build_manifest
 from editor.methods.calibrate import KeySet, calibrate_keys, calibrate_linear, calibration_config, continuation_tokens
 from editor.model.arch import ArchSpec, config_layers, spec_for
-from editor.model.loading import load_config, load_model, load_tokenizer, offloaded_modules
+from editor.model.loading import check_against_config, load_config, load_model, load_tokenizer, offloaded_modules
 from editor.patch import apply_neuron_adjust, apply_plans, wrap
 from editor.plan import NA_SUFFIX, Plans, ksd_set_name, plan_all, plan_na
 from editor.profile import collect
 from editor.profile.distributed import Dist, session
 from editor.profile.profile import profile_set
 from editor.profile.stats import STATS_NAME, ProfiledSets, StatsFile, load_stats, provenance, save_stats, stats_path
-from editor.recipe import Recipe, check_against_config, load_recipe
+from editor.recipe import Recipe, load_recipe
 
 
 @dataclass

@@ -62,7 +62,7 @@ def test_box_depth_is_the_paper_box():
     box = Box.fit(f, dims)
     # at α = 1 every training key is inside (k is the max training deviation)
     assert bool((box.depth(f) <= 1 + 1e-12).all())
-    # the same box as methods.ksd_bounds restricted to those dims
+    # the same box as methods.key_space.ksd_bounds restricted to those dims
     b = ksd_bounds(f.double().mean(0), f.double().std(0), f.min(0).values, f.max(0).values, 2.0, dims=dims)
     assert b.k == pytest.approx(box.k, rel=1e-6)
     torch.testing.assert_close(b.lower[dims].double(), box.mean - 2 * box.k * box.std, rtol=1e-6, atol=1e-5)

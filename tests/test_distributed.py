@@ -1,4 +1,4 @@
-"""Data-parallel profiling (editor.distributed, DESIGN §7): gloo on CPU with real processes, the
+"""Data-parallel profiling (editor.profile.distributed, DESIGN §7): gloo on CPU with real processes, the
 merge against concatenated data, and accelerate-dispatched models (``device_map``)."""
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import torch
 
 from editor.errors import EditorError
+from editor.manifest import CONFIG
 from editor.model.tokens import eos_ids, pad_id
 
 
@@ -243,17 +244,18 @@ def evaluate_checkpoint(checkpoint, data, *, base: str | None = None, batch_size
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from editor.patch import remove_patches
+    from editor.runtime.configuration_skill_editor import SkillEditorConfig
     from editor.runtime.modeling_skill_editor import SkillEditorForCausalLM
 
     records = load_records(data)
     if limit:
         records = records[:limit]
     ckpt = Path(checkpoint)
-    if not (ckpt / "config.json").exists():
-        raise EditorError(f"{ckpt} is not a model directory (no config.json)")
-    cfg_json = json.loads((ckpt / "config.json").read_text())
+    if not (ckpt / CONFIG).exists():
+        raise EditorError(f"{ckpt} is not a model directory (no {CONFIG})")
+    cfg_json = json.loads((ckpt / CONFIG).read_text())
     tok = AutoTokenizer.from_pretrained(str(ckpt))
-    if cfg_json.get("model_type") == "skill_editor":
+    if cfg_json.get("model_type") == SkillEditorConfig.model_type:
         # our own runtime class: no remote code is executed; the patch digest is verified on load
         model = SkillEditorForCausalLM.from_pretrained(str(ckpt)).eval()
         after = score(model, tok, records, batch_size=batch_size, max_new_tokens=max_new_tokens)

@@ -14,6 +14,8 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from editor.manifest import ONNX_MODEL
+
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 CITATION = """@inproceedings{li-etal-2025-effective,
@@ -381,7 +383,7 @@ def _onnx_load_section(manifest: dict) -> list[str]:
         "```python",
         "import onnxruntime as ort",
         "",
-        'session = ort.InferenceSession("model.onnx")',
+        f'session = ort.InferenceSession("{ONNX_MODEL}")',
         "```",
         "",
     ]

@@ -7,7 +7,7 @@ import logging
 import torch
 
 from editor.errors import EditorError
-from editor.model.arch import check_mapping, config_layers, spec_for
+from editor.model.arch import check_mapping, config_layers, resolve_layer, spec_for
 from editor.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,14 @@ def load_config(recipe: Recipe):
         raise EditorError(f"model: cannot load config of {recipe.model!r}: {first}") from None
     except ValueError as e:
         raise EditorError(f"model: {str(e).splitlines()[0]}") from None
+
+
+def check_against_config(recipe: Recipe, config) -> None:
+    """Rules that need the model's config.json (but no weights): architecture and layer ranges."""
+    spec_for(config)
+    n_layers = config_layers(config)
+    if recipe.key_space and n_layers:
+        resolve_layer(recipe.key_space.layer, n_layers, field="key_space.layer")
 
 
 def load_tokenizer(recipe: Recipe):
