@@ -93,7 +93,7 @@ class Edit:
             view = {"forget": ks.get("forget"), "layers": ks["layers"], **self._guard(ks)}
             if ks.get("detector") != "linear":
                 view["layer"] = ks["layers"][0] if len(ks["layers"]) == 1 else ks["layers"]
-            view.update(refusal=ks["refusal"], check=ks["check"],
+            view.update(refusal=ks.get("refusal"), check=ks.get("check", "every_call"),
                         profiled_with_neuron_adjust=ks.get("profiled_with_neuron_adjust", na is not None))
             if ks.get("plan"):
                 view["plan"] = ks["plan"]
@@ -110,7 +110,7 @@ class Edit:
     def _guard(ks: dict) -> dict:
         if ks.get("detector") == "linear":
             return {"detector": "linear", "pool": "max"}
-        return {k: ks[k] for k in ("k", "scale", "dims")}
+        return {k: ks.get(k) for k in ("k", "scale", "dims")}
 
     @classmethod
     def from_config(cls, edit: dict, num_layers: int | None = None) -> "Edit":

@@ -266,6 +266,7 @@ def _guard_eval(monkeypatch, root: Path, seen: list[str], opened: list[str]):
     return eval_path
 
 
+@pytest.mark.slow
 def test_end_to_end_profile_export_matches_in_process(tiny_job, monkeypatch):
     from editor.cli import main
     from editor.pipeline import export_recipe, prepare, profile_job, profile_recipe
@@ -336,6 +337,7 @@ def test_end_to_end_profile_export_matches_in_process(tiny_job, monkeypatch):
     assert cfg2["skill_editor"] == cfg["skill_editor"]
 
 
+@pytest.mark.slow
 def test_stale_calibration_refused(tiny_job, tmp_path):
     """Stats calibrated under other settings (seed here) must not be exported silently."""
     from editor.pipeline import export_recipe, profile_recipe
@@ -350,6 +352,7 @@ def test_stale_calibration_refused(tiny_job, tmp_path):
         export_recipe(other, stats, tmp_path / "ck")
 
 
+@pytest.mark.slow
 def test_paper_ksd_stays_the_default(tiny_job, tmp_path):
     """No retain queries: the paper's KSD (every dim, the recipe's layer and α), no calibration."""
     from editor import pipeline
@@ -380,6 +383,7 @@ def test_paper_ksd_stays_the_default(tiny_job, tmp_path):
     assert math.isfinite(b.k)
 
 
+@pytest.mark.slow
 def test_onnx_export_with_inf_bounds(tiny_job, tmp_path):
     """The calibrated box (±inf outside the chosen dims) exports to ONNX and the graph's
     ``abstained`` agrees with PyTorch on forget and retain prompts (export_onnx validates it)."""
@@ -427,6 +431,7 @@ def test_selective_score_is_the_expected_displacement_gap():
     assert sel[0] > sel[1]
 
 
+@pytest.mark.slow
 def test_check_prompt_calibrates_on_prompt_keys_only(tiny_job, tmp_path, monkeypatch):
     """``check: prompt``: the runtime decides on the prompt's key alone, so the calibration scores
     each query by that key only (no continuation keys), records the rule, and statistics

@@ -199,6 +199,7 @@ def linear_job(make_project):
                     false_positive_budget: 0.05}""")
 
 
+@pytest.mark.slow
 def test_linear_end_to_end_never_sees_eval_and_export_reproduces(linear_job, monkeypatch):
     from editor import pipeline
     from editor.pipeline import export_recipe, prepare, profile_job, profile_recipe
@@ -273,6 +274,7 @@ def test_linear_end_to_end_never_sees_eval_and_export_reproduces(linear_job, mon
     assert got.tolist() == expect.tolist()
 
 
+@pytest.mark.slow
 def test_box_statistics_refused_for_a_linear_recipe(linear_job, tmp_path):
     """Statistics calibrated for the hypercube must not be exported as a linear detector (and back)."""
     from editor.pipeline import export_recipe, profile_recipe
@@ -286,6 +288,7 @@ def test_box_statistics_refused_for_a_linear_recipe(linear_job, tmp_path):
         export_recipe(root / "recipe.yaml", stats, tmp_path / "ck")
 
 
+@pytest.mark.slow
 def test_dry_run_and_inspect_describe_the_linear_detector(linear_job, tmp_path):
     from click.testing import CliRunner
 
@@ -331,6 +334,7 @@ def test_calibrate_linear_with_a_feature_limit():
     assert rec["cv"]["forget_coverage"] > 0.9
 
 
+@pytest.mark.slow
 def test_max_features_reaches_the_fit_and_is_part_of_the_stored_settings(linear_job, tmp_path):
     from editor.pipeline import export_recipe, profile_recipe
     from editor.profile.stats import load_stats

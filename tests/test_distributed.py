@@ -136,6 +136,7 @@ def test_empty_shard_profiles_to_empty_moments():
 
 
 @pytest.mark.xdist_group("distributed")  # process groups on loopback: one at a time
+@pytest.mark.slow
 def test_torchrun_cli_two_ranks_matches_single_process(tmp_path):
     # forget: 5 texts → shards 3 / 2, both smaller than the batch of 4; retain: 3 texts → 2 / 1;
     # keys: 2 texts → 1 / 1. NA (expected mode) + KSD: the NA-active pass is distributed too.
@@ -180,6 +181,7 @@ def _worker(rank: int, world: int, port: int, jobs: list[tuple[str, str]], resul
 
 
 @pytest.mark.xdist_group("distributed")  # process groups on loopback: one at a time
+@pytest.mark.slow
 def test_spawn_three_ranks_empty_shard_and_errors(tmp_path):
     import torch.multiprocessing as mp
 

@@ -19,7 +19,7 @@ pytest.importorskip("onnxscript")
 from editor.cli import main  # noqa: E402
 from tests.helpers import cli  # noqa: E402
 
-pytestmark = pytest.mark.xdist_group("inspect_onnx")  # one worker builds the export once
+pytestmark = [pytest.mark.xdist_group("inspect_onnx"), pytest.mark.slow]  # one worker builds the export once
 
 FILES = ["README.md", "generation_config.json", "model.onnx", "model.onnx.data", "tokenizer.json", "tokenizer_config.json"]
 

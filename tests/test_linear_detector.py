@@ -359,9 +359,11 @@ def hf_export(tmp_path_factory):
 
 # the export tests share one module fixture (one worker builds it, as in test_inspect_onnx)
 EXPORT_GROUP = pytest.mark.xdist_group("linear_detector_export")
+SLOW = pytest.mark.slow
 
 
 @EXPORT_GROUP
+@SLOW
 def test_export_round_trip_matches_in_process(hf_export):
     e = hf_export
     loaded, model = e["loaded"], e["model"]
@@ -409,6 +411,7 @@ def _tampered(src: Path, dst: Path, how: str) -> Path:
 
 
 @EXPORT_GROUP
+@SLOW
 @pytest.mark.parametrize("how", ["missing-weight", "missing-bias", "changed-byte"])
 def test_tampered_checkpoint_refuses_to_load(hf_export, tmp_path, how):
     from transformers import AutoModelForCausalLM
@@ -426,6 +429,7 @@ def test_tampered_checkpoint_refuses_to_load(hf_export, tmp_path, how):
 
 
 @EXPORT_GROUP
+@SLOW
 def test_onnx_abstained_matches_torch(hf_export, tmp_path):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")

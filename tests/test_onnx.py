@@ -88,6 +88,7 @@ def exported(request, tmp_path_factory):
     return arch, mode, model, tok, out, result
 
 
+@pytest.mark.slow
 def test_export_files_and_validation(exported):
     arch, mode, model, tok, out, result = exported
     assert Path(result) == out and str(result) == str(out)  # path-like for callers that only want the path
@@ -107,6 +108,7 @@ def test_export_files_and_validation(exported):
     assert meta["files"] == {p.name: sha256_file(p) for p in out.iterdir() if p.name != MANIFEST}
 
 
+@pytest.mark.slow
 def test_graph_io(exported):
     import onnxruntime as ort
 
@@ -126,6 +128,7 @@ def test_graph_io(exported):
     assert json.loads(sess.get_modelmeta().custom_metadata_map["skill_editor"])["patch_digest"] == model.config.skill_editor["patch_digest"]
 
 
+@pytest.mark.slow
 def test_ort_logits_and_abstention_match(exported):
     """Independent of the built-in validation: a left-padded batch mixing forget and other prompts,
     then two cached steps; logits at real positions within 1e-4, abstention per row identical."""
@@ -155,6 +158,7 @@ def test_ort_logits_and_abstention_match(exported):
         cache, nxt = ref.past_key_values, ref.logits[:, -1].argmax(-1)
 
 
+@pytest.mark.slow
 def test_generator_matches_torch_greedy(exported):
     arch, mode, model, tok, out, result = exported
     prompts = FORGET + OTHER
@@ -185,6 +189,7 @@ def test_bfloat16_refused_before_export(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_float16_export(tmp_path):
     """16-bit graphs validate with the 16-bit tolerance (5e-2 on the logits)."""
     model = tiny_model("gpt2", n_layer=1, dtype=torch.float16)
@@ -194,6 +199,7 @@ def test_float16_export(tmp_path):
     assert json.loads((tmp_path / "fp16" / MANIFEST).read_text())["onnx"]["dtype"] == "float16"
 
 
+@pytest.mark.slow
 def test_plain_model_exports_without_abstention(tmp_path):
     """A base model (no edit): the same graph I/O, ``abstained`` all False."""
     model = tiny_model("llama", num_hidden_layers=1)
@@ -221,6 +227,7 @@ def test_plain_model_exports_without_abstention(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_testbed_model_export(tmp_path):
     from editor.testbed import DATA_DIR, MODEL_DIR
 

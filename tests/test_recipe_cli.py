@@ -130,7 +130,7 @@ def test_profile_writes_stats_file(workdir):
         "import os, sys; os.environ['HF_HUB_OFFLINE']='1'; from editor.cli import main; "
         f"sys.argv=['skill-editor','profile',{str(p)!r},'--out',{str(out)!r},'--quiet']; main()"
     )
-    res = subprocess.run([sys.executable, "-c", env_code], capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    res = subprocess.run([sys.executable, "-c", env_code], capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr
     f = out / "stats.safetensors"
     with safe_open(str(f), framework="pt") as st:

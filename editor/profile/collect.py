@@ -45,7 +45,6 @@ class Texts:
     """Texts tokenized and batched for ``run``."""
 
     batches: list[Batch]
-    count: int
     tokens: int
     truncated: int
     padding_side: str
@@ -93,7 +92,7 @@ def prepare(tokenizer, texts: list[str], *, batch_size: int = 8, max_length: int
     side = padding_side or getattr(tokenizer, "padding_side", "right") or "right"
     ids, truncated = tokenize(tokenizer, texts, max_length) if texts else ([], 0)
     batches = make_batches(ids, batch_size, pad_id(tokenizer), side)
-    return Texts(batches, len(texts), sum(b.tokens for b in batches), truncated, side)
+    return Texts(batches, sum(b.tokens for b in batches), truncated, side)
 
 
 def backbone(model: nn.Module) -> nn.Module:
