@@ -17,8 +17,14 @@ What is exported (only through the CLI, ``python -m editor``, so any source tree
   baseline, the calibrated box and the pooled linear detector (``profile`` then ``export`` HF and
   ONNX), and a ``run`` with a scorecard.
 
+Both captures run at the same absolute paths (the source tree is copied to ``STAGE`` first, the
+exports and projects are written there and then moved into DIR): an ONNX export records the model
+directory's absolute path (``onnx.base_config._name_or_path`` in its manifest).
+
 Allowed differences: the shipped runtime files (``configuration_skill_editor.py``,
-``modeling_skill_editor.py``) and, in ``skill_editor.json``, exactly their sha256 entries.
+``modeling_skill_editor.py``); ``model.onnx`` only in the source locations ``torch.onnx`` records
+per node (``pkg.torch.onnx.stack_trace``: file names and line numbers of the exporter and of the
+runtime file); and, in ``skill_editor.json``, exactly the sha256 entries of those files.
 Statistics files are compared by content (metadata map + every tensor): safetensors writes its
 metadata map in no fixed order, so two profiles of the same data can differ as files but not in
 content. Everything else must be byte-identical.
@@ -30,6 +36,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -37,8 +44,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+STAGE = Path("/tmp/skill-editor-byte-check")
 RUNTIME_FILES = ("configuration_skill_editor.py", "modeling_skill_editor.py")
 MANIFEST = "skill_editor.json"
+ONNX_MODEL = "model.onnx"
+SOURCE_LOCATIONS = "pkg.torch.onnx.stack_trace"
 
 RECIPES = [
     "demo.yaml", "forget-french.yaml", "forget-french-linear.yaml",
@@ -142,12 +152,15 @@ def _tiny_project(src: Path, root: Path, arch: str, dtype: str, methods: str, fo
 
 def capture(out: Path, src: Path) -> None:
     out = out.resolve()
-    src = src.resolve()
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"{out} is not empty")
-    exports = out / "exports"
+    if STAGE.exists():
+        shutil.rmtree(STAGE)
+    shutil.copytree(src.resolve(), STAGE / "src", ignore=shutil.ignore_patterns(".git", ".venv", "__pycache__", "outputs"))
+    src = STAGE / "src"
+    exports = STAGE / "exports"
     exports.mkdir(parents=True)
-    print(f"source tree {src}")
+    print(f"source tree {src} (a copy of the one given)")
     for rel in RECIPES:
         recipe = src / "recipes" / rel
         name = rel.removesuffix(".yaml").replace("/", "-")
@@ -157,7 +170,7 @@ def capture(out: Path, src: Path) -> None:
         text = recipe.read_text(encoding="utf-8")
         if "neuron_adjust" not in text or "mode: sample" not in text:
             _cli(src, "export", recipe, "--stats", f"{dest}.stats", "--format", "onnx", "--out", exports / f"{name}-onnx")
-    projects = out / "projects"
+    projects = STAGE / "projects"
     for name, (arch, dtype, methods, formats) in TINY.items():
         recipe = _tiny_project(src, projects / name, arch, dtype, methods, ["hf"])
         _cli(src, "profile", recipe, "--out", exports / f"tiny-{name}.stats", "--quiet")
@@ -167,7 +180,11 @@ def capture(out: Path, src: Path) -> None:
     arch, dtype, methods = TINY_RUN
     recipe = _tiny_project(src, projects / "run", arch, dtype, methods, ["hf", "onnx"])
     _cli(src, "run", recipe, "--out", exports / "tiny-run", "--quiet")
-    hashes = {rel: digest for rel, digest in sorted(_digests(exports).items())}
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(exports), str(out / "exports"))
+    shutil.move(str(projects), str(out / "projects"))
+    shutil.rmtree(STAGE)
+    hashes = {rel: digest for rel, digest in sorted(_digests(out / "exports").items())}
     (out / "hashes.json").write_text(json.dumps(hashes, indent=1) + "\n", encoding="utf-8")
     print(f"{len(hashes)} files in {len({r.split('/')[0] for r in hashes})} exports → {out / 'hashes.json'}")
 
@@ -200,12 +217,36 @@ def _digests(exports: Path) -> dict[str, str]:
     return out
 
 
-def _manifest_without_runtime(path: Path) -> dict:
+def _manifest_without(path: Path, names) -> dict:
     m = json.loads(path.read_text(encoding="utf-8"))
     files = m.get("files") or {}
-    for name in RUNTIME_FILES:
+    for name in names:
         files.pop(name, None)
     return m
+
+
+def _graph_without_source_locations(path: Path) -> bytes:
+    """``model.onnx`` serialized without the per-node source locations torch.onnx records."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+
+    def strip(nodes) -> None:
+        for node in nodes:
+            kept = [(p.key, p.value) for p in node.metadata_props if p.key != SOURCE_LOCATIONS]
+            del node.metadata_props[:]
+            for k, v in kept:
+                node.metadata_props.add(key=k, value=v)
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    strip(attr.g.node)
+                for g in attr.graphs:
+                    strip(g.node)
+
+    strip(model.graph.node)
+    for f in model.functions:
+        strip(f.node)
+    return model.SerializeToString(deterministic=True)
 
 
 def compare(before: Path, after: Path) -> int:
@@ -219,9 +260,12 @@ def compare(before: Path, after: Path) -> int:
             same += 1
         elif Path(rel).name in RUNTIME_FILES:
             allowed.append(f"{rel}: the runtime file")
-        elif Path(rel).name == MANIFEST and (_manifest_without_runtime(before / "exports" / rel)
-                                             == _manifest_without_runtime(after / "exports" / rel)):
-            allowed.append(f"{rel}: only the runtime files' sha256 entries")
+        elif Path(rel).name == ONNX_MODEL and (_graph_without_source_locations(before / "exports" / rel)
+                                               == _graph_without_source_locations(after / "exports" / rel)):
+            allowed.append(f"{rel}: only the source locations recorded per node")
+        elif Path(rel).name == MANIFEST and (_manifest_without(before / "exports" / rel, RUNTIME_FILES + (ONNX_MODEL,))
+                                             == _manifest_without(after / "exports" / rel, RUNTIME_FILES + (ONNX_MODEL,))):
+            allowed.append(f"{rel}: only the sha256 entries of the files above")
         else:
             problems.append(f"{rel}: differs")
     exports = sorted({r.split("/")[0] for r in a})
