@@ -23,8 +23,10 @@ directory's absolute path (``onnx.base_config._name_or_path`` in its manifest).
 
 Allowed differences: the shipped runtime files (``configuration_skill_editor.py``,
 ``modeling_skill_editor.py``); ``model.onnx`` only in the source locations ``torch.onnx`` records
-per node (``pkg.torch.onnx.stack_trace``: file names and line numbers of the exporter and of the
-runtime file); and, in ``skill_editor.json``, exactly the sha256 entries of those files.
+per node — the stack traces (file names and line numbers of the exporter and of the runtime file)
+and the import paths of the package's own classes in the module hierarchy (``editor.export_onnx.
+OnnxExportModule`` became ``editor.export.onnx.OnnxExportModule``) —, every node, initializer, input
+and output being the same; and, in ``skill_editor.json``, exactly the sha256 entries of those files.
 Statistics files are compared by content (metadata map + every tensor): safetensors writes its
 metadata map in no fixed order, so two profiles of the same data can differ as files but not in
 content. Everything else must be byte-identical.
@@ -36,6 +38,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -48,7 +51,11 @@ STAGE = Path("/tmp/skill-editor-byte-check")
 RUNTIME_FILES = ("configuration_skill_editor.py", "modeling_skill_editor.py")
 MANIFEST = "skill_editor.json"
 ONNX_MODEL = "model.onnx"
-SOURCE_LOCATIONS = "pkg.torch.onnx.stack_trace"
+# what torch.onnx records per node about where the Python code lives: a stack trace (file names,
+# line numbers), and the classes of the module hierarchy by their import paths
+STACK_TRACE = "pkg.torch.onnx.stack_trace"
+CLASS_PATHS = ("namespace", "pkg.torch.onnx.class_hierarchy")
+PACKAGE_PATH = re.compile(r"\beditor(?:\.\w+)+?\.(?=[A-Z])")  # editor.export.onnx.OnnxExportModule → editor.OnnxExportModule
 
 RECIPES = [
     "demo.yaml", "forget-french.yaml", "forget-french-linear.yaml",
@@ -226,14 +233,16 @@ def _manifest_without(path: Path, names) -> dict:
 
 
 def _graph_without_source_locations(path: Path) -> bytes:
-    """``model.onnx`` serialized without the per-node source locations torch.onnx records."""
+    """``model.onnx`` serialized without the per-node source locations torch.onnx records: the
+    stack traces, and the package's own module paths in the class names (a refactor moves them)."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
 
     def strip(nodes) -> None:
         for node in nodes:
-            kept = [(p.key, p.value) for p in node.metadata_props if p.key != SOURCE_LOCATIONS]
+            kept = [(p.key, PACKAGE_PATH.sub("editor.", p.value) if p.key in CLASS_PATHS else p.value)
+                    for p in node.metadata_props if p.key != STACK_TRACE]
             del node.metadata_props[:]
             for k, v in kept:
                 node.metadata_props.add(key=k, value=v)
