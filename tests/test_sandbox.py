@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from editor import sandbox
-from editor.scorers import execute_mbpp
+from editor.eval import sandbox
+from editor.eval.scorers import execute_mbpp
 
 ROOT = Path(__file__).resolve().parents[1]
 ADD = "def add(a, b):\n    return a + b\n"
@@ -307,7 +307,7 @@ def test_exponential_fork_bomb_times_out_and_leaves_nothing():
 _SCORE = (
     "import json, sys\n"
     "sys.path.insert(0, sys.argv[1])\n"
-    "from editor.sandbox import run_program\n"
+    "from editor.eval.sandbox import run_program\n"
     "r = run_program(sys.argv[2], json.loads(sys.argv[3]), timeout=10, **json.loads(sys.argv[4]))\n"
     "print(json.dumps([r.passed, r.status, r.detail, r.isolation, r.stdout]))\n"
 )
@@ -424,7 +424,7 @@ def test_no_network_in_a_network_namespace():
 
 def test_parallel_workers_from_a_cold_start(monkeypatch):
     monkeypatch.setattr(sandbox, "_INTERPRETERS", {})  # as in a fresh process: the first calls race
-    from editor.scorers import score_mbpp
+    from editor.eval.scorers import score_mbpp
 
     records = [{"task_id": i, "test_list": ADD_TESTS} for i in range(6)]
     res = score_mbpp([ADD, WRONG] * 3, records, workers=3, timeout=10)
@@ -452,7 +452,7 @@ def _unprivileged_python() -> str | None:
         if not py:
             continue
         try:
-            p = subprocess.run([py, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import editor.sandbox", str(ROOT)],
+            p = subprocess.run([py, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import editor.eval.sandbox", str(ROOT)],
                                user=65534, group=65534, extra_groups=[], cwd="/", capture_output=True, timeout=30)
         except (OSError, subprocess.SubprocessError):
             continue

@@ -13,7 +13,7 @@ Three layers, each usable on its own:
   flags), ``evaluate_gsm8k`` / ``evaluate_mbpp`` / ``evaluate_mlqa`` (generate + score) and
   ``evaluate_mmlu`` (5-shot multiple choice by the log-likelihood of the answer letters).
 
-MBPP programs run in ``execute_mbpp`` (``editor.sandbox``): the program in its own process (fresh
+MBPP programs run in ``execute_mbpp`` (``editor.eval.sandbox``): the program in its own process (fresh
 temporary directory, scrubbed environment, memory / CPU / file-size / open-file / process limits,
 its own session; as ``nobody`` when run as root; PID + network namespaces where the kernel allows)
 and the asserts in a separate judge process that only asks the program for its functions'
@@ -35,8 +35,9 @@ import re
 import unicodedata
 from dataclasses import asdict
 from typing import Iterable, Sequence
-from editor.sandbox import SandboxResult, run_program
-from editor.testbed.evaluate import _eos_ids, _model_device  # the scorecard's own helpers
+from editor.eval.sandbox import SandboxResult, run_program
+from editor.eval.scorecard import model_device as _model_device  # the scorecard's own helper
+from editor.model.tokens import eos_ids
 
 __all__ = [
     "BENCHMARKS",
@@ -327,7 +328,7 @@ def execute_mbpp(
     """Run ``setup_code + code`` in a sandboxed process and every assert of ``tests`` against it.
 
     pass@1 = every assert ran to the end **in a separate judge process** that never runs program
-    code: the program only answers calls to its functions with plain values (``editor.sandbox``
+    code: the program only answers calls to its functions with plain values (``editor.eval.sandbox``
     has the design). The program cannot write or influence the verdict except through the values
     its functions return; its whole process tree is killed when the call returns (``setsid``
     grandchildren included); it runs under memory / CPU / file-size / open-file / process limits,
@@ -643,7 +644,7 @@ def generate(
     prompts = list(prompts)
     old_side = getattr(tokenizer, "padding_side", "left")
     tokenizer.padding_side = "left"
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_ids(tokenizer, model)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token is None:
             raise ValueError("the tokenizer has neither a pad nor an eos token")
