@@ -103,13 +103,19 @@ def run_cmd(recipe: str, out: str | None, overwrite: bool, quiet: bool, dry_run:
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-new-tokens", default=None, type=click.IntRange(min=1))
 @click.option("--limit", default=None, type=click.IntRange(min=1), help="score only the first N records")
+@click.option("--ordinary", default="default", show_default=True,
+              help="ordinary prompts whose refusals the scorecard reports: 'default' (the shipped held-out part), "
+                   "'none', or a JSONL file of records with 'text' (and optionally 'category')")
+@click.option("--ordinary-new-tokens", default=8, show_default=True, type=click.IntRange(min=1))
 @friendly
-def eval_cmd(checkpoint, data, base, out, batch_size, max_new_tokens, limit) -> None:
-    """Forget/retain scorecard of CHECKPOINT, before vs after: exact match, abstention, relative drop."""
+def eval_cmd(checkpoint, data, base, out, batch_size, max_new_tokens, limit, ordinary, ordinary_new_tokens) -> None:
+    """Forget/retain scorecard of CHECKPOINT, before vs after: exact match, abstention, relative drop;
+    and the share of ordinary prompts it refuses."""
     from editor.eval.scorecard import evaluate_checkpoint, render_scorecard
     from editor.io import atomic_write_json
 
-    card = evaluate_checkpoint(checkpoint, data, base=base, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit)
+    card = evaluate_checkpoint(checkpoint, data, base=base, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit,
+                               ordinary=ordinary, ordinary_new_tokens=ordinary_new_tokens)
     click.echo(render_scorecard(card))
     if out:
         atomic_write_json(out, card)

@@ -12,6 +12,10 @@ from string import Formatter
 from editor.errors import EditorError
 from editor.recipe import DataSetSpec, Recipe
 
+# names of the sets the tool brings itself ('@' cannot appear in a recipe's set names)
+BACKGROUND = "@background"
+ORDINARY = "@ordinary"
+
 LOCAL_EXT = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
 
@@ -166,3 +170,42 @@ def load_set(recipe: Recipe, name: str, min_texts: int = 2) -> TextSet:
 def load_all(recipe: Recipe, names: list[str] | None = None) -> dict[str, TextSet]:
     """Load (and validate) every named set, before any weight is loaded."""
     return {n: load_set(recipe, n) for n in (names or list(recipe.data))}
+
+
+def ordinary_set(part: str, name: str) -> TextSet:
+    """The shipped ordinary prompts of one part (``editor.ordinary``: ``calibration`` — the default
+    background negatives — or ``evaluation`` — the default false-refusal set) as a text set."""
+    from editor import ordinary
+
+    records = ordinary.load(part)
+    texts = [r["text"] for r in records]
+    info = {"source": f"skill-editor:ordinary/{part}", "texts": len(texts), "fingerprint": fingerprint(texts)}
+    return TextSet(name, texts, records, info)
+
+
+def _union(name: str, parts: list[TextSet]) -> TextSet:
+    texts = [t for p in parts for t in p.texts]
+    records = [r for p in parts for r in p.records]
+    info = {"sets": [p.name for p in parts], "texts": len(texts), "fingerprint": fingerprint(texts)}
+    return TextSet(name, texts, records, info)
+
+
+def background_set(recipe: Recipe, sets: dict[str, TextSet]) -> TextSet | None:
+    """The calibration's background negatives (``key_space.background``), as one set: the budget
+    holds on it as a whole, like on each retain set. None when the recipe has no calibration."""
+    ks = recipe.key_space
+    if ks is None or not ks.calibrated or ks.background == "none":
+        return None
+    if ks.background == "default":
+        return ordinary_set("calibration", BACKGROUND)
+    return _union(BACKGROUND, [sets[n] for n in ks.background_sets])
+
+
+def ordinary_eval_set(recipe: Recipe, sets: dict[str, TextSet]) -> TextSet | None:
+    """The scorecard's ordinary prompts (``evaluate.ordinary``), whose refusals it reports."""
+    ev = recipe.evaluate
+    if ev is None or ev.ordinary == "none":
+        return None
+    if ev.ordinary == "default":
+        return ordinary_set("evaluation", ORDINARY)
+    return sets[ev.ordinary]

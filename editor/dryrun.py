@@ -30,7 +30,7 @@ from pathlib import Path
 
 from editor.errors import EditorError
 from editor.model.arch import config_layers
-from editor.model.loading import check_against_config
+from editor.model.loading import check_against_config, model_source
 from editor.recipe import DataSetSpec, Recipe, load_recipe
 
 # ---------------------------------------------------------------------------------------------
@@ -304,6 +304,18 @@ def calibration_plan(recipe: Recipe, sets: dict[str, dict], n_layers: int, d_ff:
     seed = cfg.get("seed", ks.seed)
     cont = cfg.get("continuation_tokens")
     counts = [sets[n].get("texts") if n in sets else None for n in [ks.forget, *retain]]
+    if ks.background == "default":
+        from editor.ordinary import load as load_ordinary
+
+        n_bg = len(load_ordinary("calibration"))
+        background = f"background: the {n_bg} shipped ordinary prompts (calibration part)"
+        counts.append(n_bg)
+    elif ks.background == "none":
+        background = "no background negatives (background: none)"
+    else:
+        counts += [sets[n].get("texts") if n in sets else None for n in ks.background_sets]
+        background = f"background: {', '.join(repr(b) for b in ks.background_sets)}"
+    budget_on = "per retain set and on the background" if ks.background != "none" else "per retain set"
     if ks.detector == "linear":
         q = sum(int(c) for c in counts) if all(c is not None for c in counts) else None
         feat = n_layers * d_ff
@@ -315,14 +327,14 @@ def calibration_plan(recipe: Recipe, sets: dict[str, dict], n_layers: int, d_ff:
         return {"lines": [
             f"key_space    forget {ks.forget!r}: pooled linear detector — every layer's key max-pooled over the prompt's "
             f"tokens, one linear score fitted at profile time; the recipe's layer ({ks.layer}) and scale ({ks.scale:g}) are not used",
-            f"             retain sets {', '.join(repr(r) for r in retain)}; false-positive budget {budget:g} "
-            f"({budget * 100:g} % per retain set, out of fold), {folds}-fold cross-fitting, seed {seed}; check {ks.check}",
+            f"             retain sets {', '.join(repr(r) for r in retain)}; {background}; false-positive budget {budget:g} "
+            f"({budget * 100:g} % {budget_on}, out of fold), {folds}-fold cross-fitting, seed {seed}; check {ks.check}",
         ], "memory": memory}
     lines = [
         f"key_space    forget {ks.forget!r}: calibrated — the layer(s), the guarded dims and α (scale) are chosen by "
         f"calibration at profile time; the recipe's layer ({ks.layer}) and scale ({ks.scale:g}) are not used",
-        f"             retain sets {', '.join(repr(r) for r in retain)}; false-positive budget {budget:g} "
-        f"({budget * 100:g} % per retain set), {folds}-fold cross-validation, seed {seed}",
+        f"             retain sets {', '.join(repr(r) for r in retain)}; {background}; false-positive budget {budget:g} "
+        f"({budget * 100:g} % {budget_on}), {folds}-fold cross-validation, seed {seed}",
         f"             candidates: every layer 0..{n_layers - 1} (and pairs of the best), the top-m of the {d_ff} key dims "
         f"for m on a grid, " + (f"α ∈ {{{', '.join(f'{a:g}' for a in scales)}}}" if scales else "α on a grid"),
     ]
@@ -353,7 +365,7 @@ def _load_config(recipe: Recipe):
 
     from editor.model.loading import load_config
 
-    ref = recipe.model_ref()
+    ref = model_source(recipe).ref
     if Path(ref).exists():
         return load_config(recipe)
     hint = (f"a dry run reads only config.json and never downloads: point model: at a local directory holding it, "
@@ -415,7 +427,8 @@ def dry_run(recipe_path, *, model: str | None = None) -> str:
     add(f"dry run of {path} — nothing loaded, nothing downloaded, nothing written")
     add("")
     add(f"model        {named}" + (f" @ {recipe.revision}" if recipe.revision else ""))
-    add(f"             config.json from {recipe.model_ref()}")
+    src = model_source(recipe)
+    add(f"             config.json from {src.ref}" + (f" (GGUF file {src.gguf_file})" if src.gguf_file else ""))
     mlp = f"{arch.pre}" + (f" (gated × {arch.up})" if arch.up else (" (fused gate|up)" if arch.fused else "")) + f" → {arch.act} → {arch.down}"
     add(f"architecture {config.model_type} (supported): layers {arch.layers}; neurons: {mlp}")
     add(f"shape        {n_layers} layers × d_ff {d_ff} = {total} FFL neurons; hidden {shape['hidden']}, "
@@ -516,8 +529,9 @@ def dry_run(recipe_path, *, model: str | None = None) -> str:
     if recipe.neuron_adjust and recipe.key_space:
         steps.append(f"profile {recipe.key_space.forget} again with Neuron Adjust on")
     if calibration is not None:
-        steps.append(f"calibrate key_space ({recipe.key_space.forget} vs {', '.join(recipe.key_space.retain_sets)}, "
-                     f"{recipe.key_space.folds}-fold CV)")
+        ks = recipe.key_space
+        negatives = list(ks.retain_sets) + ([] if ks.background == "none" else ["background"])
+        steps.append(f"calibrate key_space ({ks.forget} vs {', '.join(negatives)}, {ks.folds}-fold CV)")
     steps += ["plan (" + ", ".join(recipe.methods) + ")", "patch", f"export {', '.join(e.formats)}"]
     add("steps        " + " → ".join(steps))
     return "\n".join(L) + "\n"

