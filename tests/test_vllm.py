@@ -129,7 +129,8 @@ def _vllm(tmp_path, model, calls, engine) -> dict:
     return proc.result
 
 
-def _reference(model_dir: Path, prompts: list[str], without_key_space: bool = False) -> list[dict]:
+def _reference(model_dir: Path, prompts: list[str], without_key_space: bool = False,
+               max_new_tokens: int = MAX_TOKENS) -> list[dict]:
     """Transformers ``generate`` on the checkpoint, one prompt at a time, greedy; the continuation
     up to and including EOS, and the runtime's ``abstained``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -143,7 +144,7 @@ def _reference(model_dir: Path, prompts: list[str], without_key_space: bool = Fa
     for p in prompts:
         enc = tok([p], return_tensors="pt")
         with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=MAX_TOKENS, do_sample=False, return_dict_in_generate=True)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True)
         ids = out.sequences[0, enc["input_ids"].shape[1]:].tolist()
         if eos in ids:
             ids = ids[: ids.index(eos) + 1]
@@ -336,3 +337,58 @@ def test_openai_server_answers_on_localhost(ckpts, tmp_path):
     assert kept["choices"][0]["text"] != REFUSAL
     texts = {c["index"]: c["text"] for c in both["choices"]}
     assert texts == {0: kept["choices"][0]["text"], 1: REFUSAL}
+
+
+# tiny random models of the other architectures the plugin maps (head_dim 32: vLLM's CPU attention
+# kernels take no smaller head); NA `expected` on 10 % of the neurons + a box on the last layer
+ARCH_SIZES = {
+    "qwen2": dict(hidden_size=128, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2),
+    "gemma": dict(hidden_size=128, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2, head_dim=32),
+    "phi3": dict(hidden_size=128, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2),
+    "gpt2": dict(n_embd=128, n_inner=192, n_head=4),
+    "opt": dict(hidden_size=128, ffn_dim=192, num_attention_heads=4, word_embed_proj_dim=128),
+}
+ARCH_PROMPTS = ["12 + 7 = ", "25 + 31 = ", "the cat sat on", "a dog ran in", "9 + 90 = ", "we walk by"]
+
+
+@pytest.mark.parametrize("arch", sorted(ARCH_SIZES))
+def test_other_architectures_match_transformers(arch, tmp_path):
+    """vLLM's own implementation of each mapped architecture, edited by the plugin, gives
+    transformers' greedy tokens on the checkpoint — and the edit changes every one of these
+    outputs against the base model, so the match is not the base model's."""
+    from click.testing import CliRunner
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from editor.cli import main
+    from tests.tiny import save_tiny
+
+    forget = [f"{a} + {b} = {a + b}" for a, b in [(3, 4), (12, 7), (25, 31), (8, 9), (40, 2), (17, 6), (5, 55), (21, 21), (9, 90), (33, 3)]]
+    retain = ["the cat sat on the mat", "a dog ran in the park", "birds sing at dawn", "she reads a long book",
+              "rain falls on the roof", "we walk by the river", "he paints the old door", "the sun is warm today",
+              "they cook rice and beans", "my friend likes green tea"]
+    save_tiny(arch, tmp_path / "model", **ARCH_SIZES[arch])
+    (tmp_path / "forget.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in forget))
+    (tmp_path / "retain.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in retain))
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({
+        "model": "model", "dtype": "float32", "device": "cpu",
+        "data": {"forget": {"path": "forget.jsonl"}, "retain": {"path": "retain.jsonl"}},
+        "profile": {"batch_size": 4, "max_length": 32},
+        "neuron_adjust": {"forget": "forget", "retain": "retain", "top_percent": 10, "mode": "expected", "seed": 3},
+        "key_space": {"forget": "forget", "layer": -1, "scale": 2.0, "check": "prompt", "refusal": "No."},
+        "export": {"out": "out"},
+    }))
+    res = CliRunner().invoke(main, ["run", str(tmp_path / "recipe.yaml"), "--overwrite"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    ckpt = tmp_path / "out"
+    params = {"max_tokens": 20, "temperature": 0.0}
+    out = _vllm(tmp_path, ckpt, [{"name": "greedy", "prompts": ARCH_PROMPTS, "params": params}],
+                _engine(max_model_len=128))["calls"]["greedy"]["outputs"]
+    ref = _reference(ckpt, ARCH_PROMPTS, max_new_tokens=20)
+    assert [o["token_ids"] for o in out] == [r["ids"] for r in ref]
+    base = AutoModelForCausalLM.from_pretrained(str(tmp_path / "model")).eval()
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "model"))
+    for p, r in zip(ARCH_PROMPTS, ref):
+        enc = tok([p], return_tensors="pt")
+        with torch.no_grad():
+            ids = base.generate(**enc, max_new_tokens=20, do_sample=False)[0, enc["input_ids"].shape[1]:].tolist()
+        assert ids[: len(r["ids"])] != r["ids"], (arch, p)
