@@ -4,11 +4,11 @@
 
 Builds (unless --checkpoint) the demo edit of the embedded testbed — NA ``expected`` 1.5 % + the
 box guard, ``check: prompt`` — then runs, in the vLLM environment (.venv-vllm), one engine per
-model, alternating base / patched for ``--reps`` rounds: the same kept (non-math) prompts, greedy,
+model, alternating base / patched for ``--reps`` rounds of ``--calls`` timed calls: the same kept (non-math) prompts, greedy,
 ``ignore_eos`` so both generate exactly the same number of tokens. Both engines run eagerly
 (``enforce_eager``: the plugin runs the edited model without torch.compile / CUDA graphs, so the
 base model is measured the same way). Reports generated tokens/s per model (median over the
-rounds) and the ratio patched / base, with the machine.
+calls) and the ratio patched / base, with the machine.
 """
 
 from __future__ import annotations
@@ -54,21 +54,25 @@ def build_demo(out: Path) -> Path:
     return out
 
 
-def run_engine(model: Path, prompts: list[str], max_tokens: int, tmp: Path) -> dict:
+def run_engine(model: Path, prompts: list[str], max_tokens: int, calls: int, tmp: Path) -> dict:
+    """One engine: a warm-up call, then ``calls`` timed generate calls; their median tokens/s."""
     params = {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
     job = {"model": str(model), "engine": {"max_model_len": 256, "dtype": "float32", "gpu_memory_utilization": 0.1,
                                            "enforce_eager": True},
-           "calls": [{"name": "warmup", "prompts": prompts[:4], "params": params},
-                     {"name": "timed", "prompts": prompts, "params": params}]}
+           "calls": [{"name": "warmup", "prompts": prompts[:8], "params": params}]
+           + [{"name": f"timed{i}", "prompts": prompts, "params": params} for i in range(calls)]}
     (tmp / "job.json").write_text(json.dumps(job))
     proc = subprocess.run([str(VPY), str(DRIVER), str(tmp / "job.json"), str(tmp / "out.json")],
                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"error: vLLM run failed on {model}:\n{proc.stderr[-3000:]}")
     out = json.loads((tmp / "out.json").read_text())
-    timed = out["calls"]["timed"]
-    tokens = sum(len(o["token_ids"]) for o in timed["outputs"])
-    return {"tokens": tokens, "wall_s": timed["wall_s"], "tok_s": tokens / timed["wall_s"], "load_s": out["load_s"]}
+    rates = []
+    for i in range(calls):
+        timed = out["calls"][f"timed{i}"]
+        tokens = sum(len(o["token_ids"]) for o in timed["outputs"])
+        rates.append(tokens / timed["wall_s"])
+    return {"tokens": tokens, "tok_s": statistics.median(rates), "all": rates, "load_s": out["load_s"]}
 
 
 def machine() -> str:
@@ -87,9 +91,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", type=Path, help="an exported checkpoint (default: build the demo edit)")
     ap.add_argument("--base", type=Path, default=TESTBED / "model", help="its base model directory")
-    ap.add_argument("--prompts", type=int, default=64)
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--prompts", type=int, default=128)
+    ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--calls", type=int, default=3, help="timed generate calls per engine")
+    ap.add_argument("--reps", type=int, default=2, help="engine rounds per model, alternating")
     args = ap.parse_args()
     if not VPY.exists():
         sys.exit("error: .venv-vllm is absent: bash scripts/setup_vllm.sh")
@@ -102,14 +107,14 @@ def main() -> None:
         runs: dict[str, list[dict]] = {"base": [], "patched": []}
         for rep in range(args.reps):
             for name, model in (("base", args.base), ("patched", ckpt)):
-                r = run_engine(model, prompts, args.max_tokens, tmp)
+                r = run_engine(model, prompts, args.max_tokens, args.calls, tmp)
                 runs[name].append(r)
-                print(f"round {rep + 1} {name:8s} {r['tokens']} tokens in {r['wall_s']:.2f} s = {r['tok_s']:.1f} tok/s "
-                      f"(load {r['load_s']:.0f} s)", flush=True)
-    base = statistics.median(r["tok_s"] for r in runs["base"])
-    patched = statistics.median(r["tok_s"] for r in runs["patched"])
+                print(f"round {rep + 1} {name:8s} {r['tokens']} tokens per call: "
+                      f"{', '.join(f'{x:.0f}' for x in r['all'])} tok/s (load {r['load_s']:.0f} s)", flush=True)
+    base = statistics.median(x for r in runs["base"] for x in r["all"])
+    patched = statistics.median(x for r in runs["patched"] for x in r["all"])
     print(f"machine: {machine()}")
-    print(f"{args.prompts} prompts x {args.max_tokens} tokens, greedy, eager, median of {args.reps}: "
+    print(f"{args.prompts} prompts x {args.max_tokens} tokens, greedy, eager, median of {args.reps * args.calls} calls: "
           f"base {base:.1f} tok/s, patched {patched:.1f} tok/s, ratio patched/base {patched / base:.3f}")
 
 
