@@ -61,7 +61,9 @@ def _recipe(out: Path, na_mode: str, key_space: dict, extra_data: dict | None = 
     }
 
 
-@pytest.fixture(scope="module")
+# session scope: under xdist other modules' tests may run between these on the same worker,
+# and a module fixture would be built again after them
+@pytest.fixture(scope="session")
 def ckpts(tmp_path_factory):
     from editor.export_hf import export_recipe
     from editor.pipeline import profile_recipe
@@ -159,7 +161,7 @@ def _refusal_ids(model_dir: Path) -> list[int]:
 GREEDY = {"max_tokens": MAX_TOKENS, "temperature": 0.0}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def box_run(ckpts, tmp_path_factory):
     """One engine on the ``box`` checkpoint: chunked prefill (16-token budget), prefix caching on."""
     tmp = tmp_path_factory.mktemp("box-run")
