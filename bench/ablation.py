@@ -7,7 +7,7 @@
     python bench/ablation.py --json out.json     # also every number as JSON
     python bench/ablation.py --model DIR --data DIR   # another testbed build (model dir, data dir)
 
-Every reported number is ``editor.evaluate.score`` (greedy generation, exact match, abstention) on
+Every reported number is ``editor.eval.scorecard.score`` (greedy generation, exact match, abstention) on
 the testbed's ``eval.jsonl``; the methods (profiling, calibration) only ever see ``probe.jsonl``
 through the recipes.
 
@@ -40,7 +40,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from editor.evaluate import score  # noqa: E402
+from editor.eval.scorecard import score  # noqa: E402
 from editor.recipe import parse_recipe  # noqa: E402
 
 NA_SCORES = ("paper", "standardized", "overlap", "selective")
@@ -95,7 +95,7 @@ class Bench:
         return load(ROOT / "recipes" / name, self.model_dir, self.data_dir, **changes)
 
     def base_model(self, job):
-        from editor.modelio import load_model, load_tokenizer
+        from editor.model.loading import load_model, load_tokenizer
 
         if self._base is None:
             self.tok = load_tokenizer(job.recipe)
@@ -111,13 +111,14 @@ class Bench:
         res["seconds"] = round(time.perf_counter() - t, 1)
         return res
 
-    def edited(self, job, plans, model=None, na_applied=False):
-        from editor.patch import wrap
-        from editor.pipeline import apply_plans
+    def edited(self, job, plans, model=None):
+        """``plans`` applied to ``model`` (a fresh copy of the base model unless given; one that
+        carries the same NA already, as ``profile_job`` leaves it, keeps it), wrapped."""
+        from editor.patch import apply_plans, wrap
 
         model = model if model is not None else self.base_model(job)
-        edit = apply_plans(job, model, self.tok, plans, na_applied=na_applied)
-        return wrap(model, edit)
+        edit = apply_plans(job.recipe, job.model_type, job.n_layers, model, self.tok, plans)
+        return wrap(model, edit.config())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,7 +142,8 @@ def abstentions(res: dict, skill: str, probed: str) -> dict:
 
 
 def run_ksd(b: Bench, log) -> dict:
-    from editor.pipeline import plan_all, prepare, profile_job
+    from editor.pipeline import prepare, profile_job
+    from editor.plan import plan_all
 
     out = {}
     for label, recipe, linear_recipe, skill, probed in KSD_CASES:
@@ -156,7 +158,7 @@ def run_ksd(b: Bench, log) -> dict:
                                                          "refusal": ks.refusal, "check": check}))
                 if stats is None:
                     stats = profile_job(pj, b.base_model(pj), b.tok, progress=False)
-                plans = plan_all(pj, stats)
+                plans = plan_all(pj.recipe, pj.n_layers, stats)
                 res = b.score(b.edited(pj, plans))
                 rows.append({"method": f"paper (last layer, all {plans.key_space[max(plans.key_space)].dims} dims, α={scale:g})",
                              "check": check, "plan": plans.key_space_info, **abstentions(res, skill, probed)})
@@ -167,7 +169,7 @@ def run_ksd(b: Bench, log) -> dict:
             job = prepare(b.recipe(recipe, key_space=spec))
             t = time.perf_counter()
             st = profile_job(job, b.base_model(job), b.tok, progress=False)  # streaming stats + calibration
-            plans = plan_all(job, st)
+            plans = plan_all(job.recipe, job.n_layers, st)
             info = plans.key_space_info
             res = b.score(b.edited(job, plans))
             rows.append({"method": f"calibrated, budget {budget:.0%} ({_boxes(info)})", "check": check, "plan": info,
@@ -182,7 +184,7 @@ def run_ksd(b: Bench, log) -> dict:
             job = prepare(b.recipe(linear_recipe, key_space=spec))
             t = time.perf_counter()
             st = profile_job(job, b.base_model(job), b.tok, progress=False)  # streaming stats + pooled keys + fit
-            plans = plan_all(job, st)
+            plans = plan_all(job.recipe, job.n_layers, st)
             info = plans.key_space_info
             res = b.score(b.edited(job, plans))
             rows.append({"method": f"linear, budget {budget:.0%} (max-pooled keys of L{min(info['layers'])}-"
@@ -243,8 +245,9 @@ def drops(before: dict, after: dict, forget: str = "math") -> dict:
 
 
 def run_na(b: Bench, log, scores=NA_SCORES, sweep=NA_SWEEP) -> dict:
-    from editor.methods import plan_neuron_adjust
-    from editor.pipeline import Plans, _forget_retain, plan_all, prepare, profile_job
+    from editor.methods.neuron_adjust import plan_neuron_adjust
+    from editor.pipeline import prepare, profile_job
+    from editor.plan import Plans, forget_retain, plan_all
 
     demo = b.recipe("demo.yaml")
     job = prepare(demo)
@@ -255,7 +258,7 @@ def run_na(b: Bench, log, scores=NA_SCORES, sweep=NA_SWEEP) -> dict:
     log(f"[na] base model: {before} ({base['seconds']}s)")
     ks_only = prepare(b.recipe("demo.yaml", neuron_adjust=None))
     stats = profile_job(ks_only, copy.deepcopy(model), b.tok, progress=False)
-    f, r = _forget_retain(job, stats, na.forget, na.retain_sets)
+    f, r = forget_retain(stats, job.n_layers, na.forget, na.retain_sets)
 
     def na_run(score_name: str, p: float) -> dict:
         plan = plan_neuron_adjust(f, r, top_percent=p, mode=na.mode, seed=na.seed, score=score_name)
@@ -283,13 +286,13 @@ def run_na(b: Bench, log, scores=NA_SCORES, sweep=NA_SWEEP) -> dict:
         ksd = demo.key_space.model_dump(exclude_none=True) | {"check": check}
         tag = "demo.yaml" if check == demo.key_space.check else "demo.yaml but"
         ks_job = prepare(b.recipe("demo.yaml", neuron_adjust=None, key_space=ksd))
-        res = b.score(b.edited(ks_job, plan_all(ks_job, stats)))
+        res = b.score(b.edited(ks_job, plan_all(ks_job.recipe, ks_job.n_layers, stats)))
         abl.append({"setting": f"KSD alone ({tag} check {check}: paper KSD, last layer, α={a:g}, all math phrasings probed)",
                     "em": ems(res), "abstained": abstained(res)})
         both_job = prepare(b.recipe("demo.yaml", key_space=ksd))
         both = copy.deepcopy(model)
         st = profile_job(both_job, both, b.tok, progress=False)  # leaves NA on (KSD keys under NA)
-        res = b.score(b.edited(both_job, plan_all(both_job, st), model=both, na_applied=True))
+        res = b.score(b.edited(both_job, plan_all(both_job.recipe, both_job.n_layers, st), model=both))
         abl.append({"setting": f"both ({tag} check {check}: NA {na.top_percent:g} % {na.score} + paper KSD α={a:g})",
                     "em": ems(res), "abstained": abstained(res)})
     # the same with a calibrated KSD (recipes/generalize/demo-calibrated.yaml)
@@ -302,12 +305,12 @@ def run_na(b: Bench, log, scores=NA_SCORES, sweep=NA_SWEEP) -> dict:
         job_c = prepare(b.recipe("generalize/demo-calibrated.yaml", **({} if with_na else {"neuron_adjust": None})))
         m = copy.deepcopy(model)
         try:
-            plans = plan_all(job_c, profile_job(job_c, m, b.tok, progress=False))
+            plans = plan_all(job_c.recipe, job_c.n_layers, profile_job(job_c, m, b.tok, progress=False))
         except EditorError as e:  # no setting within the budget: say so in the table
             log(f"[na] {label}: {e}")
             abl.append({"setting": f"{label}: no feasible setting within the budget", "em": None, "abstained": None})
             continue
-        res = b.score(b.edited(job_c, plans, model=m, na_applied=with_na))
+        res = b.score(b.edited(job_c, plans, model=m))
         abl.append({"setting": f"{label} ({_boxes(plans.key_space_info)})", "em": ems(res), "abstained": abstained(res)})
     for a in abl[4:]:
         log(f"[na] {a['setting']}: {a['em']}")

@@ -11,8 +11,8 @@ What is measured (see bench/README.md for the details and the caveats):
 1. Profiling throughput (tokens/s) over the same texts, per length group (~30 / ~120 / ~250
    characters), all three approaches timed end to end from the texts (tokenization included):
    * ``plain``: a batched forward of the backbone (no LM head) over the length-bucketed batches of
-     ``editor.profile.make_batches`` — the limit;
-   * ``ours``: ``editor.profile.profile_texts`` (streaming float64 moments on the device);
+     ``editor.profile.collect.make_batches`` — the limit;
+   * ``ours``: ``editor.profile.profile.profile_texts`` (streaming float64 moments on the device);
    * ``paper``: one text at a time through the same backbone, forward hooks that do
      ``.to(torch.float32).cpu().numpy()`` in every call and append to Python lists, mean/std/min/max
      with numpy at the end.
@@ -57,9 +57,10 @@ import torch  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
-from editor.arch import d_ff, decoder_layers, spec_for  # noqa: E402
+from editor.model.arch import d_ff, decoder_layers, spec_for  # noqa: E402
 from editor.hooks import hooks  # noqa: E402
-from editor.profile import backbone, make_batches, profile_texts, tokenize  # noqa: E402
+from editor.profile.collect import backbone, make_batches, tokenize  # noqa: E402
+from editor.profile.profile import profile_texts  # noqa: E402
 
 MAX_LENGTH = 512
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -416,8 +417,10 @@ def bench_memory(model_name: str, size: str, threads: int) -> list[dict]:
 def build_patched(base, tok, spec, forget, retain):
     """A patched + wrapped copy of ``base`` (NA expected 3 %, KSD last layer, bounds that never
     fire), and what the paper-style hooks need (selected indices and Gaussians, as numpy)."""
-    from editor.methods import Gaussian, ksd_bounds, plan_neuron_adjust
-    from editor.patch import apply_key_space, apply_neuron_adjust, edit_description, refusal_token_ids, wrap
+    from editor.methods.key_space import LinearShare, ksd_bounds
+    from editor.methods.neuron_adjust import Gaussian, plan_neuron_adjust
+    from editor.patch import apply_key_space, apply_neuron_adjust, describe, refusal_token_ids, wrap
+    from editor.plan import Plans
 
     f, _ = profile_texts(base, tok, spec, forget, batch_size=BATCH_SIZE, progress=False)
     r, _ = profile_texts(base, tok, spec, retain, batch_size=BATCH_SIZE, progress=False)
@@ -433,13 +436,11 @@ def build_patched(base, tok, spec, forget, retain):
     apply_neuron_adjust(patched, spec, model_type, plan)
     apply_key_space(patched, spec, model_type, {last: b})
     refusal = "Sorry, I can't help with that."
-    edit = edit_description(model_type, plan, {last: b}, refusal, refusal_token_ids(tok, refusal), patched)
-    wrapped = wrap(patched, edit)
+    edit = describe(model_type, patched, Plans(plan, {last: b}), refusal=refusal, refusal_ids=refusal_token_ids(tok, refusal))
+    wrapped = wrap(patched, edit.config())
     # the same NA with the pooled linear detector on every layer (key_space.detector: linear,
     # check: prompt); random weights, a bias that keeps every score < 0: the full score runs, no
     # row abstains
-    from editor.methods import LinearShare
-
     n_layers = len(decoder_layers(base, spec))
     g = torch.Generator().manual_seed(0)
     shares = {i: LinearShare(torch.randn(f[i]["key"].mean.numel(), generator=g) * 1e-3, -1e6 if i == 0 else 0.0)
@@ -447,8 +448,8 @@ def build_patched(base, tok, spec, forget, retain):
     linear = copy.deepcopy(base)
     apply_neuron_adjust(linear, spec, model_type, plan)
     apply_key_space(linear, spec, model_type, shares)
-    wrapped_linear = wrap(linear, edit_description(model_type, plan, shares, refusal, refusal_token_ids(tok, refusal), linear,
-                                                   check="prompt"))
+    wrapped_linear = wrap(linear, describe(model_type, linear, Plans(plan, shares), refusal=refusal,
+                                           refusal_ids=refusal_token_ids(tok, refusal), check="prompt").config())
     paper = {"selected": {}, "last": last, "lower": b.lower.numpy().copy(), "upper": b.upper.numpy().copy()}
     for i, lp in plan.layers.items():
         if lp.selected.numel():

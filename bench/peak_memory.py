@@ -6,7 +6,7 @@
 
 Each stage runs in a fresh subprocess (``ru_maxrss`` is a process-lifetime peak): a random Llama of
 the given shape is saved once (float32 safetensors), then ``profile_recipe`` and
-``export_hf.export_recipe`` (NA expected 3 % + KSD) run on it over 64 short texts. Reported per
+``editor.pipeline.export_recipe`` (NA expected 3 % + KSD) run on it over 64 short texts. Reported per
 stage: the peak RSS, the RSS after imports (the floor: torch + transformers), and the peak above
 that floor divided by the weights' size on disk. CPU only: device: cpu.
 """
@@ -49,8 +49,7 @@ def _stage(stage: str, work: str) -> None:
     import torch
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    from editor.export_hf import export_recipe  # noqa: F401 - imports count in the floor
-    from editor.pipeline import profile_recipe
+    from editor.pipeline import export_recipe, profile_recipe  # noqa: F401 - imports count in the floor
 
     floor = _rss_kb()
     t0 = time.perf_counter()

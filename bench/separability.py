@@ -61,8 +61,8 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, weight_decay: float = 1e-3, i
 def keys_of(model_dir: Path, data_dir: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from editor.arch import spec_for
-    from editor.calibrate import collect_keys
+    from editor.model.arch import spec_for
+    from editor.profile.collect import last_token_keys
     from editor.testbed import DATA_DIR
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
@@ -72,7 +72,7 @@ def keys_of(model_dir: Path, data_dir: Path):
     for split in ("probe", "eval"):
         with open(Path(data_dir or DATA_DIR) / f"{split}.jsonl", encoding="utf-8") as fh:
             ex = [json.loads(line) for line in fh if line.strip()]
-        keys = collect_keys(model, tok, spec, [e["prompt"] for e in ex], batch_size=64, max_length=256)
+        keys = last_token_keys(model, tok, spec, [e["prompt"] for e in ex], batch_size=64, max_length=256)
         out[split] = ([e["phrasing"] for e in ex], keys)
     return out
 

@@ -2,9 +2,10 @@
 file) and ``restore`` (the exact base model: undo the neuron permutation, drop the patch).
 
 Works from the files alone (config.json, skill_editor.json, safetensors) — the checkpoint's
-shipped code is never imported or executed.
+shipped code is never imported or executed; names of files, formats and patch tensors are those
+of ``editor.manifest`` and of the tool's own copy of the runtime.
 
-An ONNX export directory (``editor.export_onnx``: model.onnx + external data, tokenizer files,
+An ONNX export directory (``editor.export.onnx``: model.onnx + external data, tokenizer files,
 skill_editor.json with an ``onnx`` section, deliberately no config.json) is recognised too: the
 same sha256 check of every file skill_editor.json lists (the graph and its external data must be
 listed), unlisted files, and — the analogue of the HF patch-digest check — the edit recorded in
@@ -24,18 +25,15 @@ import torch
 
 from editor.errors import EditorError
 from editor.io import atomic_directory, check_destination, sha256_file
+from editor.manifest import CARD, CONFIG, EDIT_KEY, GRAPH_FORMAT_KEY, INDEX, MANIFEST, ONNX_DATA, ONNX_FORMAT, ONNX_MODEL, RUNTIME_FILES, edit_of
+from editor.methods.neuron_adjust import inverse_permutation
+from editor.runtime.configuration_skill_editor import SkillEditorConfig
+from editor.runtime.modeling_skill_editor import FORMAT, GUARDS, PATCHES, NeuronAdjust, arch_spec, patch_digest
 
-MANIFEST = "skill_editor.json"
-INDEX = "model.safetensors.index.json"
 # files a Hub snapshot or a git clone adds that are not part of the checkpoint
 IGNORED = {".gitattributes", ".gitignore"}
-PATCH_MARKERS = (".neuron_adjust.", ".key_space.")
 BASE_PREFIX = "model."  # SkillEditorForCausalLM.base_model_prefix
-# an ONNX export (editor.export_onnx: MODEL_FILE, DATA_FILE, ONNX_FORMAT; kept literal here so that
-# inspecting needs neither the onnx packages nor the export module)
-ONNX_MODEL = "model.onnx"
-ONNX_DATA = "model.onnx.data"
-ONNX_FORMAT = "skill-editor/onnx"
+NA_PATCH, KS_PATCH = PATCHES
 
 
 @dataclass
@@ -56,7 +54,7 @@ class Report:
     def patched(self) -> bool:
         if self.format == "onnx":
             return bool(((self.manifest or {}).get("edit") or {}).get("patch_digest"))
-        return self.config.get("model_type") == "skill_editor"
+        return self.config.get("model_type") == SkillEditorConfig.model_type
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -102,23 +100,22 @@ def load_tensors(ckpt: Path, keep=lambda name: True) -> dict[str, torch.Tensor]:
 
 
 def is_patch_tensor(name: str) -> bool:
-    return any(m in name for m in PATCH_MARKERS)
+    return any(f".{p}." in name for p in PATCHES)
+
+
+def _patch_names(spec, layer, path: str, patch: str, tensors) -> set[str]:
+    return {f"{spec.layers}.{int(layer)}.{path}.{patch}.{t}" for t in tensors}
 
 
 def expected_patch_tensors(edit: dict) -> set[str]:
     """Names (relative to the base model) of every patch tensor the config's edit requires."""
-    from editor.runtime.modeling_skill_editor import arch_spec
-
     spec = arch_spec(edit["arch"])
     names = set()
-    na = edit.get("neuron_adjust") or {}
-    for layer in (na.get("counts") or {}):
-        base = f"{spec.layers}.{int(layer)}.{spec.pre}.neuron_adjust."
-        names.update(base + k for k in ("a", "b", "c", "slope", "offset", "permutation"))
+    for layer in (edit.get("neuron_adjust") or {}).get("counts") or {}:
+        names |= _patch_names(spec, layer, spec.pre, NA_PATCH, NeuronAdjust.TENSORS)
     ks = edit.get("key_space") or {}
     for layer in ks.get("layers") or []:
-        base = f"{spec.layers}.{int(layer)}.{spec.down}.key_space."
-        names.update(base + k for k in (("weight", "bias") if ks.get("detector") == "linear" else ("lower", "upper")))
+        names |= _patch_names(spec, layer, spec.down, KS_PATCH, GUARDS[ks.get("detector", "box")].TENSORS)
     return names
 
 
@@ -130,7 +127,7 @@ def is_onnx_export(ckpt) -> bool:
     """An ONNX export directory: no config.json, and model.onnx or a skill_editor.json with an
     ``onnx`` section."""
     ckpt = Path(ckpt)
-    if (ckpt / "config.json").exists():
+    if (ckpt / CONFIG).exists():
         return False
     if (ckpt / ONNX_MODEL).exists():
         return True
@@ -150,7 +147,7 @@ def verify(ckpt) -> Report:
         raise EditorError(f"{ckpt} is not a directory")
     if is_onnx_export(ckpt):
         return _verify_onnx(ckpt)
-    config = _read_json(ckpt / "config.json", "config")
+    config = _read_json(ckpt / CONFIG, "config")
     rep = Report(ckpt, config, None)
     _read_manifest(rep, "checkpoint")
     _verify_files(rep)
@@ -239,16 +236,16 @@ def _verify_graph_edit(ckpt: Path, manifest: dict, notes: list[str]) -> list[str
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return [f"{ONNX_MODEL}: cannot read the graph: {first}"]
     props = {p.key: p.value for p in graph.metadata_props}
-    if props.get("skill_editor.format") != ONNX_FORMAT:
-        return [f"{ONNX_MODEL}: not a skill-editor graph (metadata skill_editor.format is {props.get('skill_editor.format')!r})"]
+    if props.get(GRAPH_FORMAT_KEY) != ONNX_FORMAT:
+        return [f"{ONNX_MODEL}: not a skill-editor graph (metadata {GRAPH_FORMAT_KEY} is {props.get(GRAPH_FORMAT_KEY)!r})"]
     graph_edit: dict = {}
-    if "skill_editor" in props:
+    if EDIT_KEY in props:
         try:
-            graph_edit = json.loads(props["skill_editor"])
+            graph_edit = json.loads(props[EDIT_KEY])
         except ValueError as e:
-            return [f"{ONNX_MODEL}: its skill_editor metadata is not JSON: {e}"]
+            return [f"{ONNX_MODEL}: its {EDIT_KEY} metadata is not JSON: {e}"]
         if not isinstance(graph_edit, dict):
-            return [f"{ONNX_MODEL}: its skill_editor metadata is not a JSON object"]
+            return [f"{ONNX_MODEL}: its {EDIT_KEY} metadata is not a JSON object"]
     got = graph_edit.get("patch_digest")
     want = (manifest.get("edit") or {}).get("patch_digest")
     if got == want:
@@ -261,9 +258,7 @@ def _verify_graph_edit(ckpt: Path, manifest: dict, notes: list[str]) -> list[str
 
 
 def _verify_patch(ckpt: Path, config: dict, manifest: dict | None) -> list[str]:
-    from editor.runtime.modeling_skill_editor import FORMAT, patch_digest
-
-    edit = config.get("skill_editor") or {}
+    edit = config.get(EDIT_KEY) or {}
     if edit.get("format") != FORMAT:
         return ["config.json: skill_editor.format is missing"]
     problems = []
@@ -308,8 +303,7 @@ def describe(rep: Report) -> str:
     """Human-readable summary: what was edited, provenance, verification."""
     m = rep.manifest or {}
     cfg = rep.config
-    edit = m.get("edit") or {}
-    cedit = cfg.get("skill_editor") or {}
+    edit = edit_of(m, cfg)
     base = m.get("base_model") or {}
     onnx_meta = m.get("onnx") if isinstance(m.get("onnx"), dict) else {}
     lines = [f"checkpoint: {rep.path}"]
@@ -319,23 +313,23 @@ def describe(rep: Report) -> str:
     else:
         kind = "patched (custom code, trust_remote_code=True)" if rep.patched else "plain (base architecture, no custom code)"
     lines.append(f"kind:       {kind}")
-    arch = base.get("model_type") or cedit.get("arch") or edit.get("arch") or cfg.get("model_type") or "?"
+    arch = base.get("model_type") or edit.get("arch") or cfg.get("model_type") or "?"
     dtype = base.get("dtype") or cfg.get("dtype") or cfg.get("torch_dtype") or onnx_meta.get("dtype") or "?"
     lines.append(f"base model: {base.get('model', '?')}" + (f" @ {base['revision']}" if base.get("revision") else "")
                  + f" ({arch}, {dtype})")
     recipe = m.get("recipe")
     if isinstance(recipe, dict):
         lines.append("recipe:     " + _recipe_line(recipe))
-    methods = edit.get("methods") or [k for k in ("neuron_adjust", "key_space") if cedit.get(k)]
+    methods = edit.get("methods") or []
     lines.append(f"methods:    {', '.join(methods) or 'none'}")
-    na = edit.get("neuron_adjust") or cedit.get("neuron_adjust")
+    na = edit.get("neuron_adjust")
     if na:
         counts = na.get("counts") or {}
         total = na.get("total", sum(int(v) for v in counts.values()))
         lines.append(f"neuron adjust: {total} neurons, mode {na.get('mode')}, seed {na.get('seed')}, score {na.get('score')}, "
                      f"top {_fmt(na.get('top_percent'))} %" + (f", forget {na['forget']} vs retain {', '.join(na.get('retain') or [])}" if na.get("forget") else ""))
         lines.append("  per layer: " + ", ".join(f"{k}:{v}" for k, v in sorted(counts.items(), key=lambda kv: int(kv[0]))))
-    ks = edit.get("key_space") or cedit.get("key_space")
+    ks = edit.get("key_space")
     if ks:
         if ks.get("detector") == "linear":
             lines.append(f"key space:  pooled linear detector over layers {', '.join(str(x) for x in ks.get('layers') or [])} "
@@ -353,7 +347,7 @@ def describe(rep: Report) -> str:
     if pr:
         lines.append(f"prune:      {pr.get('total')} neurons zeroed (top {_fmt(pr.get('top_percent'))} %, forget {pr.get('forget')})")
         lines.append("  per layer: " + ", ".join(f"{k}:{v}" for k, v in sorted((pr.get("counts") or {}).items(), key=lambda kv: int(kv[0]))))
-    digest = cedit.get("patch_digest") or (edit.get("patch_digest") if rep.format == "onnx" else None)
+    digest = edit.get("patch_digest")
     if digest:
         lines.append(f"patch digest: {digest}")
     if onnx_meta:
@@ -452,11 +446,9 @@ def _index(t: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor:
 
 
 def unpermute_plan(spec, layer: int, perm: torch.Tensor, shapes: dict[str, tuple]) -> dict[str, tuple[int, torch.Tensor]]:
-    """Undo ``editor.arch.permute_neurons`` for one layer, as an index per tensor (names relative
-    to the base model, ``shapes``: every tensor's shape): {name: (dim, index)} — position j holds
-    original neuron perm[j]; ``index_select(dim, index)`` puts every neuron back in place."""
-    from editor.methods import inverse_permutation
-
+    """Undo ``editor.model.arch.permute_neurons`` for one layer, as an index per tensor (names
+    relative to the base model, ``shapes``: every tensor's shape): {name: (dim, index)} — position
+    j holds original neuron perm[j]; ``index_select(dim, index)`` puts every neuron back in place."""
     inv = inverse_permutation(perm.to(torch.int64))
     prefix = f"{spec.layers}.{layer}."
     plan: dict[str, tuple[int, torch.Tensor]] = {}
@@ -499,8 +491,6 @@ def restore(ckpt, out, *, overwrite: bool = False, max_shard_size="5GB", verify_
     so memory holds one output shard (``max_shard_size``), not the model."""
     from transformers import AutoConfig
 
-    from editor.runtime.modeling_skill_editor import arch_spec
-
     ckpt = Path(ckpt)
     out = check_destination(out, overwrite)
     if out.resolve() == ckpt.resolve():
@@ -518,7 +508,7 @@ def restore(ckpt, out, *, overwrite: bool = False, max_shard_size="5GB", verify_
             raise EditorError("restore: a pruned checkpoint cannot be restored (the pruned weights are zeroed, not kept)")
         raise EditorError(f"restore: {ckpt} is a plain checkpoint; there is no patch to undo")
     cfg = rep.config
-    edit = cfg.get("skill_editor") or {}
+    edit = cfg.get(EDIT_KEY) or {}
     text = dict(cfg.get("text_config") or {})
     model_type = text.pop("model_type", None) or edit.get("arch")
     if not model_type:
@@ -533,7 +523,7 @@ def restore(ckpt, out, *, overwrite: bool = False, max_shard_size="5GB", verify_
     if edit.get("base_architectures") and not text.get("architectures"):
         text["architectures"] = list(edit["base_architectures"])  # kept out of text_config (patch.checkpoint_config)
     base_config = AutoConfig.for_model(model_type, **text)
-    skip = {"config.json", MANIFEST, "README.md", INDEX, "configuration_skill_editor.py", "modeling_skill_editor.py"}
+    skip = {CONFIG, MANIFEST, CARD, INDEX, *RUNTIME_FILES}
     with atomic_directory(out, overwrite=overwrite) as tmp:
         _write_streaming(tmp, sources, shapes, plan, max_shard_size)
         base_config.save_pretrained(str(tmp))
@@ -553,8 +543,8 @@ def _index_weights(ckpt: Path, spec, edit: dict):
         raise EditorError(f"{ckpt}: no model.safetensors (or shard index) found")
     sources: dict[str, tuple[Path, str]] = {}
     shapes: dict[str, torch.Tensor] = {}
-    perm_names = {f"{spec.layers}.{int(i)}.{spec.pre}.neuron_adjust.permutation": int(i)
-                  for i in ((edit.get("neuron_adjust") or {}).get("counts") or {})}
+    perm_names = {name: int(i) for i in ((edit.get("neuron_adjust") or {}).get("counts") or {})
+                  for name in _patch_names(spec, i, spec.pre, NA_PATCH, ("permutation",))}
     perms: dict[int, torch.Tensor] = {}
     for f in files:
         try:

@@ -1,5 +1,6 @@
 """The ``skill-editor`` command line (click). Each command is a thin layer over ``editor.pipeline``
-and friends; every user error becomes one line on stderr and exit code 2."""
+(run, profile, export) or one stage's module (eval, inspect, restore, push, lm-eval-command); every
+user error becomes one line on stderr and exit code 2."""
 
 from __future__ import annotations
 
@@ -105,7 +106,7 @@ def run_cmd(recipe: str, out: str | None, overwrite: bool, quiet: bool, dry_run:
 @friendly
 def eval_cmd(checkpoint, data, base, out, batch_size, max_new_tokens, limit) -> None:
     """Forget/retain scorecard of CHECKPOINT, before vs after: exact match, abstention, relative drop."""
-    from editor.evaluate import evaluate_checkpoint, render_scorecard
+    from editor.eval.scorecard import evaluate_checkpoint, render_scorecard
     from editor.io import atomic_write_json
 
     card = evaluate_checkpoint(checkpoint, data, base=base, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit)
@@ -126,7 +127,7 @@ def eval_cmd(checkpoint, data, base, out, batch_size, max_new_tokens, limit) -> 
 def export_cmd(recipe: str, stats: str, out: str | None, fmt: str, max_shard_size: str, overwrite: bool) -> None:
     """Plan the edit of RECIPE from profiled statistics, patch the model and export a checkpoint."""
     single_process("export")
-    from editor.export_hf import export_recipe
+    from editor.pipeline import export_recipe
 
     path = export_recipe(recipe, stats, out, fmt=fmt, overwrite=overwrite, max_shard_size=max_shard_size)
     click.echo(f"exported {fmt}: {path}")
@@ -190,7 +191,7 @@ def push_cmd(checkpoint: str, repo_id: str, public: bool, revision: str | None, 
 def lm_eval_command_cmd(checkpoint, tasks, batch_size, device, dtype, num_fewshot, limit, output_path, log_samples) -> None:
     """Print the lm-evaluation-harness command that scores CHECKPOINT (an exported directory or a
     Hub repo id). Nothing is run; lm_eval is not a dependency of skill-editor."""
-    from editor.lmeval import lm_eval_command
+    from editor.eval.lmeval import lm_eval_command
 
     cmd = lm_eval_command(checkpoint, tasks, batch_size=batch_size, device=device, dtype=dtype, num_fewshot=num_fewshot,
                           limit=limit, output_path=output_path, log_samples=log_samples)

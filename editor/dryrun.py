@@ -5,7 +5,7 @@ What is checked, offline:
 
 * the recipe itself (``load_recipe``: keys, types, ranges, set names);
 * the model's ``config.json`` (a local directory, or a Hub id already in the local cache):
-  architecture supported (``editor.arch.spec_for``), layer indices (``check_against_config``);
+  architecture supported (``editor.model.arch.spec_for``), layer indices (``check_against_config``);
 * every data set: local files are read (jsonl / json / txt fully, csv / parquet by their header
   and metadata) and every template field and ``where`` key is checked on the records; Hub data
   sets are **not** fetched — their template fields, configuration and split are checked against
@@ -29,7 +29,9 @@ import re
 from pathlib import Path
 
 from editor.errors import EditorError
-from editor.recipe import DataSetSpec, Recipe, check_against_config, load_recipe
+from editor.model.arch import config_layers
+from editor.model.loading import check_against_config
+from editor.recipe import DataSetSpec, Recipe, load_recipe
 
 # ---------------------------------------------------------------------------------------------
 # known Hub schemas (fields, configurations, splits with their published row counts)
@@ -122,7 +124,7 @@ def model_shape(config) -> dict:
     """Layers, hidden size, d_ff, heads, vocab, tied embeddings — from the config only."""
     c = _text_config(config)
     hidden = int(_first(c, "hidden_size", "n_embd", "d_model", default=0))
-    layers = int(_first(c, "num_hidden_layers", "n_layer", "num_layers", default=0))
+    layers = config_layers(config) or 0
     d_ff = int(_first(c, "intermediate_size", "ffn_dim", "n_inner", default=0) or 4 * hidden)
     heads = int(_first(c, "num_attention_heads", "n_head", default=1))
     kv = int(_first(c, "num_key_value_heads", default=heads) or heads)
@@ -289,12 +291,11 @@ def calibration_plan(recipe: Recipe, sets: dict[str, dict], n_layers: int, d_ff:
     """What the dry run can say about a calibrated ``key_space`` (docs/GENERALIZATION.md §1): the
     layer(s), guarded dims and α are chosen at profile time by K-fold cross-validation on the forget
     and retain queries, so the recipe's ``layer`` / ``scale`` are not used and are not shown as the
-    plan. The settings come from ``editor.calibrate.calibration_config`` (what the stored choice
+    plan. The settings come from ``editor.methods.calibrate.calibration_config`` (what the stored choice
     must agree with). Returns {"lines": [...], "memory": str}."""
-    from editor import calibrate
-    from editor.calibrate import calibration_config
+    from editor.methods.calibrate import SCALES, calibration_config
 
-    scales = getattr(calibrate, "SCALES", ())
+    scales = SCALES
     ks = recipe.key_space
     cfg = calibration_config(recipe)
     retain = list(cfg.get("retain") or ks.retain_sets)
@@ -350,7 +351,7 @@ def _load_config(recipe: Recipe):
     (``try_to_load_from_cache`` only looks on disk)."""
     from transformers import AutoConfig
 
-    from editor.modelio import load_config
+    from editor.model.loading import load_config
 
     ref = recipe.model_ref()
     if Path(ref).exists():
@@ -376,8 +377,8 @@ def dry_run(recipe_path, *, model: str | None = None) -> str:
     """Validate ``recipe_path`` offline (config.json + data sets, no weights, nothing written)
     and return the printed plan. ``model`` overrides the recipe's ``model:`` (e.g. a local
     directory holding only the config.json of the Hub model)."""
-    from editor.arch import resolve_layer, spec_for
-    from editor.methods import selection_count
+    from editor.methods.neuron_adjust import selection_count
+    from editor.model.arch import resolve_layer, spec_for
 
     path = Path(recipe_path)
     recipe = load_recipe(path)

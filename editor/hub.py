@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from editor.errors import EditorError
+from editor.manifest import CARD
 
 COMMIT_MESSAGE = "Upload skill-editor checkpoint"
 
@@ -51,7 +52,7 @@ def plan_push(checkpoint, repo_id: str, *, private: bool = True, revision: str |
         rel = p.relative_to(ckpt).as_posix()
         if p.is_file() and not any(part.startswith(".") for part in Path(rel).parts):
             files.append((rel, p.stat().st_size))
-    card = (ckpt / "README.md").read_text(encoding="utf-8") if (ckpt / "README.md").exists() else ""
+    card = (ckpt / CARD).read_text(encoding="utf-8") if (ckpt / CARD).exists() else ""
     return PushPlan(ckpt, repo_id, private, revision, files, card)
 
 

@@ -11,8 +11,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from safetensors.torch import save_file
-
 from editor.errors import EditorError
 
 
@@ -57,11 +55,18 @@ def atomic_write_text(path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def json_bytes(obj) -> bytes:
+    """The one JSON layout of every file the tool writes: sorted keys, 2-space indent, UTF-8."""
+    return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+
+
 def atomic_write_json(path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    atomic_write_bytes(path, json_bytes(obj))
 
 
 def atomic_save_safetensors(tensors, path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file  # here: the rest of this module (and its users) need no torch
+
     with _atomic_file(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 

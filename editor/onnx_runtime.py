@@ -1,4 +1,4 @@
-"""Greedy generation with ONNX Runtime for a directory written by ``editor.export_onnx``.
+"""Greedy generation with ONNX Runtime for a directory written by ``editor.export.onnx``.
 
 Needs only ``onnxruntime``, ``numpy`` and a tokenizer library (``transformers`` when installed, else
 ``tokenizers`` reading ``tokenizer.json``) — no torch::
@@ -12,18 +12,16 @@ row stops at its end-of-sequence token; a row whose ``abstained`` output fires (
 any generated token, before it finished) stops at once and its answer is the refusal text
 recorded in ``skill_editor.json``. The other rows continue untouched.
 
-This file imports nothing from ``editor`` so it can be copied next to an exported model.
+Of ``editor`` it imports only the manifest's names (``editor.manifest``: standard library only).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-META_FILE = "skill_editor.json"
-MODEL_FILE = "model.onnx"
+from editor.manifest import MANIFEST, ONNX_MODEL, read_manifest
 
 
 class _Tok:
@@ -59,10 +57,10 @@ class OnnxGenerator:
         import onnxruntime as ort
 
         self.path = Path(path)
-        meta_path = self.path / META_FILE
+        meta_path = self.path / MANIFEST
         if not meta_path.is_file():
             raise FileNotFoundError(f"{meta_path} is missing: not a skill-editor ONNX export")
-        self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        self.meta = read_manifest(self.path)
         onnx_meta = self.meta.get("onnx") or {}
         self.num_layers = int(onnx_meta["num_layers"])
         self.past_shape = onnx_meta["past_shape"]
@@ -78,7 +76,7 @@ class OnnxGenerator:
         if threads:
             so.intra_op_num_threads = int(threads)
         so.log_severity_level = 3
-        self.session = ort.InferenceSession(str(self.path / MODEL_FILE), sess_options=so,
+        self.session = ort.InferenceSession(str(self.path / ONNX_MODEL), sess_options=so,
                                             providers=providers or ["CPUExecutionProvider"])
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.tokenizer = _Tok(self.path)

@@ -1,23 +1,27 @@
 """Applying plans to an in-memory model: permute neurons, install the shipped runtime's NA / KSD
-modules and fill their constants, or prune. Also builds the ``skill_editor`` edit description and
-wraps a patched base model in the checkpoint class (the same class a checkpoint loads as)."""
+modules and fill their constants, or prune; describe the result (``editor.manifest.Edit``); wrap
+a patched base model in the checkpoint class (the very class a checkpoint loads as); and undo the
+patch (``remove_patches``: the base model's function, for a scorecard's "before" column)."""
 
 from __future__ import annotations
-
-import hashlib
-import json
 
 import torch
 from torch import nn
 
-from editor import __version__
-from editor.arch import ArchSpec, decoder_layers, permute_neurons
-from editor.methods import KSDBounds, LinearShare, NAPlan
+from editor.manifest import Edit
+from editor.methods.key_space import KSDBounds, LinearShare
+from editor.methods.neuron_adjust import NAPlan
+from editor.model.arch import ArchSpec, decoder_layers, permute_neurons
+from editor.model.tokens import eos_ids
+from editor.plan import Plans
 from editor.runtime.configuration_skill_editor import SkillEditorConfig
 from editor.runtime.modeling_skill_editor import (
-    FORMAT,
-    FORMAT_VERSION,
+    KeySpaceGuardedMixin,
+    NeuronAdjust,
+    NeuronAdjustedMixin,
     SkillEditorForCausalLM,
+    _rebind_dispatched,
+    arch_spec,
     install_patches,
     patch_digest,
     patch_tensors,
@@ -29,20 +33,30 @@ AUTO_MAP = {
 }
 
 
-def plan_digest(plan: NAPlan) -> str:
-    """A short digest of an NA plan (selection + constants), to tie KSD keys profiled under NA to it."""
-    h = hashlib.sha256(json.dumps(plan.summary(), sort_keys=True).encode())
-    for i in sorted(plan.layers):
-        lp = plan.layers[i]
-        h.update(lp.permutation.numpy().tobytes())
-        for k in sorted(lp.constants):
-            h.update(lp.constants[k].numpy().tobytes())
-    return h.hexdigest()[:16]
+def _installed_na(model: nn.Module, spec: ArchSpec, plan: NAPlan) -> bool:
+    """Whether ``model`` already carries exactly ``plan`` (as ``apply_neuron_adjust`` leaves it);
+    raises if it carries another Neuron Adjust."""
+    layers = decoder_layers(model, spec)
+    installed = {i: getattr(layer.get_submodule(spec.pre), "neuron_adjust", None) for i, layer in enumerate(layers)}
+    installed = {i: m for i, m in installed.items() if isinstance(m, NeuronAdjust)}
+    if not installed:
+        return False
+    same = set(installed) == set(plan.layers) and all(
+        torch.equal(installed[i].permutation.cpu(), lp.permutation)
+        and all(torch.equal(getattr(installed[i], k).cpu(), v) for k, v in lp.constants.items())
+        for i, lp in plan.layers.items())
+    if not same:
+        raise ValueError("the model already carries a different Neuron Adjust patch")
+    return True
 
 
 @torch.no_grad()
 def apply_neuron_adjust(model: nn.Module, spec: ArchSpec, model_type: str, plan: NAPlan) -> None:
-    """Permute each layer's neurons so the selected ones come first, then install NA on them."""
+    """Permute each layer's neurons so the selected ones come first, then install NA on them.
+    A model that already carries this plan (the profile's NA-active pass installed it) is kept
+    as it is, random generators included."""
+    if _installed_na(model, spec, plan):
+        return
     for layer, lp in plan.layers.items():
         permute_neurons(model, spec, layer, lp.permutation)
     install_patches(model, model_type, {"neuron_adjust": {"mode": plan.mode, "seed": plan.seed,
@@ -56,28 +70,29 @@ def apply_neuron_adjust(model: nn.Module, spec: ArchSpec, model_type: str, plan:
         na.permutation.copy_(lp.permutation.to(dev))
 
 
+def detector(guard: dict) -> str:
+    """``box`` (hypercube bounds) or ``linear`` (the linear detector's shares): one kind per edit."""
+    kinds = {isinstance(b, LinearShare) for b in guard.values()}
+    if len(kinds) > 1:
+        raise ValueError("key_space: one kind of guard per edit (hypercube bounds or linear shares)")
+    return "linear" if kinds == {True} else "box"
+
+
 @torch.no_grad()
 def apply_key_space(model: nn.Module, spec: ArchSpec, model_type: str, bounds: dict[int, KSDBounds | LinearShare]) -> None:
     """Install the guard: hypercube bounds (``KSDBounds``) or the linear detector's per-layer
-    shares (``LinearShare``), one kind per edit."""
-    linear = _detector(bounds) == "linear"
-    install_patches(model, model_type, {"key_space": {"layers": sorted(bounds), "detector": "linear" if linear else "box"}})
+    shares (``LinearShare``)."""
+    kind = detector(bounds)
+    install_patches(model, model_type, {"key_space": {"layers": sorted(bounds), "detector": kind}})
     layers = decoder_layers(model, spec)
     for layer, b in bounds.items():
         ks = layers[layer].get_submodule(spec.down).key_space
-        if linear:
+        if kind == "linear":
             ks.weight.copy_(b.weight.to(ks.weight.device))
             ks.bias.fill_(float(b.bias))
         else:
             ks.lower.copy_(b.lower.to(ks.lower.device))
             ks.upper.copy_(b.upper.to(ks.upper.device))
-
-
-def _detector(guard: dict) -> str:
-    kinds = {isinstance(b, LinearShare) for b in guard.values()}
-    if len(kinds) > 1:
-        raise ValueError("key_space: one kind of guard per edit (hypercube bounds or linear shares)")
-    return "linear" if kinds == {True} else "box"
 
 
 @torch.no_grad()
@@ -95,27 +110,57 @@ def apply_prune(model: nn.Module, spec: ArchSpec, selected: dict[int, torch.Tens
             down.weight[:, i] = 0
 
 
-def edit_description(model_type: str, na: NAPlan | None, ksd: dict[int, KSDBounds] | None,
-                     refusal: str | None, refusal_ids: list[int] | None, model: nn.Module,
-                     check: str = "every_call") -> dict:
-    """The ``skill_editor`` dict of the checkpoint config, digest of the installed patch included."""
-    edit = {"format": FORMAT, "version": FORMAT_VERSION, "tool_version": __version__, "arch": model_type,
-            "neuron_adjust": None, "key_space": None}
+def refusal_token_ids(tokenizer, refusal: str) -> list[int]:
+    """The refusal text's tokens, then the tokenizer's end-of-sequence token."""
+    return list(tokenizer(refusal, add_special_tokens=False)["input_ids"]) + eos_ids(tokenizer)[:1]
+
+
+def describe(model_type: str, model: nn.Module | None, plans: Plans, *, recipe=None, num_layers: int | None = None,
+             refusal: str | None = None, refusal_ids: list[int] | None = None, check: str = "every_call") -> Edit:
+    """The edit of ``plans`` as installed on ``model`` (its patch digest; ``model`` None for the
+    prune baseline's plain weights). With the ``recipe``: its set names, methods, refusal and
+    ``check``; without it (an edit made in-process): ``refusal`` and ``check`` as given."""
+    na = plans.neuron_adjust
+    methods = recipe.methods if recipe is not None else [m for m, on in (("neuron_adjust", na is not None),
+                                                                        ("key_space", bool(plans.key_space)),
+                                                                        ("prune", plans.prune is not None)) if on]
+    edit = Edit(arch=model_type, num_layers=num_layers, methods=methods)
     if na is not None:
-        edit["neuron_adjust"] = {"mode": na.mode, "seed": na.seed, "score": na.score, "top_percent": na.top_percent,
-                                 "counts": {str(i): n for i, n in sorted(na.counts.items())}}
-    if ksd:
-        ks: dict = {"layers": sorted(ksd)}
-        if _detector(ksd) == "linear":
-            ks.update(detector="linear", pool="max")
-        else:
-            ks.update(k={str(i): b.k for i, b in sorted(ksd.items())},
-                      scale={str(i): b.scale for i, b in sorted(ksd.items())},
-                      dims={str(i): b.dims for i, b in sorted(ksd.items())})
-        ks.update(refusal=refusal, refusal_ids=list(refusal_ids or []), check=check)
-        edit["key_space"] = ks
-    edit["patch_digest"] = patch_digest(patch_tensors(model))
+        spec = recipe.neuron_adjust if recipe is not None else None
+        edit.neuron_adjust = {"forget": spec and spec.forget, "retain": spec and spec.retain_sets,
+                              **{k: v for k, v in na.summary().items() if k != "total"}}
+    if plans.key_space:
+        ks = recipe.key_space if recipe is not None else None
+        layers = sorted(plans.key_space)
+        edit.key_space = {"forget": ks and ks.forget, "layers": layers, "detector": detector(plans.key_space),
+                          "refusal": ks.refusal if ks else refusal, "refusal_ids": list(refusal_ids or []),
+                          "check": ks.check if ks else check, "plan": plans.key_space_info,
+                          "profiled_with_neuron_adjust": na is not None}
+        if edit.key_space["detector"] == "box":
+            edit.key_space.update(k={str(i): plans.key_space[i].k for i in layers},
+                                  scale={str(i): plans.key_space[i].scale for i in layers},
+                                  dims={str(i): plans.key_space[i].dims for i in layers})
+    if plans.prune is not None:
+        pr = recipe.prune
+        edit.prune = {"forget": pr.forget, "retain": pr.retain_sets, "top_percent": pr.top_percent, "score": pr.score,
+                      "counts": {str(i): int(v.numel()) for i, v in sorted(plans.prune.items())}}
+    if edit.patched:
+        edit.patch_digest = patch_digest(patch_tensors(model))
     return edit
+
+
+def apply_plans(recipe, model_type: str, num_layers: int, model: nn.Module, tokenizer, plans: Plans) -> Edit:
+    """Patch ``model`` in place with every plan; return the edit's description."""
+    spec = arch_spec(model_type)
+    if plans.prune is not None:
+        apply_prune(model, spec, plans.prune)
+    if plans.neuron_adjust is not None:
+        apply_neuron_adjust(model, spec, model_type, plans.neuron_adjust)
+    refusal_ids = None
+    if plans.key_space:
+        apply_key_space(model, spec, model_type, plans.key_space)
+        refusal_ids = refusal_token_ids(tokenizer, recipe.key_space.refusal)
+    return describe(model_type, model, plans, recipe=recipe, num_layers=num_layers, refusal_ids=refusal_ids)
 
 
 def checkpoint_config(base_config, edit: dict) -> SkillEditorConfig:
@@ -135,13 +180,32 @@ def checkpoint_config(base_config, edit: dict) -> SkillEditorConfig:
 
 
 def wrap(model: nn.Module, edit: dict) -> SkillEditorForCausalLM:
-    """The checkpoint class around an already patched base model (no copy of the weights)."""
-    cfg = checkpoint_config(model.config, edit)
-    return SkillEditorForCausalLM.from_patched(model, cfg)
+    """The checkpoint class around an already patched base model (no copy of the weights):
+    ``edit`` is config.json's ``skill_editor`` dict (``Edit.config()``)."""
+    with torch.device("meta"):
+        wrapped = SkillEditorForCausalLM(checkpoint_config(model.config, edit))
+    wrapped.model = model
+    wrapped.generation_config = model.generation_config
+    return wrapped.eval()
 
 
-def refusal_token_ids(tokenizer, refusal: str) -> list[int]:
-    ids = list(tokenizer(refusal, add_special_tokens=False)["input_ids"])
-    if tokenizer.eos_token_id is not None:
-        ids.append(int(tokenizer.eos_token_id))
-    return ids
+def _unswap_class(module: nn.Module, mixin: type) -> None:
+    cls = type(module)
+    if issubclass(cls, mixin):
+        module.__class__ = [c for c in cls.__mro__ if c is not cls and not issubclass(c, mixin)][0]
+        _rebind_dispatched(module)
+
+
+def remove_patches(model: nn.Module, model_type: str) -> None:
+    """Undo ``install_patches`` (the neuron permutation stays in the weights: same function)."""
+    spec = arch_spec(model_type)
+    for layer in decoder_layers(model, spec):
+        pre = layer.get_submodule(spec.pre)
+        down = layer.get_submodule(spec.down)
+        if isinstance(pre, NeuronAdjustedMixin):
+            del pre.neuron_adjust
+            _unswap_class(pre, NeuronAdjustedMixin)
+        if isinstance(down, KeySpaceGuardedMixin):
+            del down.key_space
+            _unswap_class(down, KeySpaceGuardedMixin)
+

@@ -1,31 +1,40 @@
-"""The job, stage by stage: recipe → data → profile → plan (methods) → patch. Export, evaluation
-and the Hub live in their own modules; this one wires the stages for the CLI and the Python API.
+"""The one orchestrator: recipe → data → profile → plan → patch → (scorecard) → export, for the
+CLI and the Python API (``run_recipe``, ``profile_recipe``, ``export_recipe``).
 
-Everything that can be validated without weights (recipe, config.json, data sets) is validated
-in ``prepare`` before any weight is loaded.
+Every other module is one stage and imports only earlier stages and the leaves; only this one
+wires them. Everything that can be validated without weights (recipe, config.json, data sets)
+is validated in ``prepare`` before any weight is loaded.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from editor.arch import resolve_layer, spec_for
 from editor.data import TextSet, load_all
 from editor.errors import EditorError
+from editor.eval.scorecard import render_scorecard, score, scorecard
+from editor.export.hf import DEFAULT_SHARD, export_hf
 from editor.io import check_destination
-from editor.methods import Gaussian, KSDBounds, LinearShare, NAPlan, ksd_bounds, neuron_scores, plan_neuron_adjust, pooled, select_neurons
-from editor.recipe import Recipe, check_against_config, load_recipe
-from editor.stats import SetStats, StatsFile, load_stats, save_stats
-
-NA_SUFFIX = "@neuron_adjust"
-STATS_NAME = "stats.safetensors"
+from editor.manifest import Edit, build_manifest
+from editor.methods.calibrate import KeySet, calibrate_keys, calibrate_linear, calibration_config, continuation_tokens
+from editor.model.arch import ArchSpec, config_layers, spec_for
+from editor.model.loading import check_against_config, load_config, load_model, load_tokenizer, offloaded_modules
+from editor.patch import apply_neuron_adjust, apply_plans, wrap
+from editor.plan import NA_SUFFIX, Plans, ksd_set_name, plan_all, plan_na
+from editor.profile import collect
+from editor.profile.distributed import Dist, session
+from editor.profile.profile import profile_set
+from editor.profile.stats import STATS_NAME, ProfiledSets, StatsFile, load_stats, provenance, save_stats, stats_path
+from editor.recipe import Recipe, load_recipe
 
 
 @dataclass
 class Job:
+    """A validated recipe with the model's config.json and every data set (no weights)."""
+
     recipe: Recipe
     config: object
     sets: dict[str, TextSet]
@@ -37,22 +46,11 @@ class Job:
 
     @property
     def n_layers(self) -> int:
-        c = self.config
-        return int(getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer"))
-
-
-@dataclass
-class Plans:
-    neuron_adjust: NAPlan | None = None
-    key_space: dict[int, KSDBounds] = field(default_factory=dict)
-    key_space_info: dict = field(default_factory=dict)
-    prune: dict[int, torch.Tensor] | None = None
+        return config_layers(self.config)
 
 
 def prepare(recipe: Recipe | str | Path) -> Job:
     """Recipe, config.json and every data set, validated — no weights loaded."""
-    from editor.modelio import load_config
-
     path = None
     if not isinstance(recipe, Recipe):
         path = Path(recipe)
@@ -63,59 +61,71 @@ def prepare(recipe: Recipe | str | Path) -> Job:
     return Job(recipe, config, sets, path)
 
 
-def ksd_set_name(recipe: Recipe) -> str | None:
-    """The stats set KSD bounds come from: profiled with NA active when both methods are on."""
-    if not recipe.key_space:
-        return None
-    return recipe.key_space.forget + (NA_SUFFIX if recipe.neuron_adjust else "")
+# ---------------------------------------------------------------------------------------------
+# profile (+ the NA-active pass and the key_space calibration)
+# ---------------------------------------------------------------------------------------------
 
 
-def profile_job(job: Job, model, tokenizer, *, progress: bool = True, dist=None) -> dict[str, SetStats]:
-    """Profile every named set; with NA and KSD both on, profile the KSD forget set again with the
-    NA patch active (seeded). NB: that leaves ``model`` patched with NA. ``dist``: an
-    ``editor.distributed.Dist`` (torchrun): each rank profiles its shard, statistics merged."""
-    from editor.modelio import offloaded_modules
-    from editor.patch import apply_neuron_adjust, plan_digest
-    from editor.profile import profile_set
-
-    if dist is not None:
-        profile_set = dist.profile_set  # noqa: F811 - same signature: shard, profile, merge
-    if job.recipe.neuron_adjust and job.recipe.key_space and (off := offloaded_modules(model)):
+def profile_job(job: Job, model, tokenizer, *, progress: bool = True, dist: Dist | None = None) -> ProfiledSets:
+    """Profile every named set. With NA and KSD both on, plan NA from these statistics, apply it
+    and profile the KSD forget set again (``<set>@neuron_adjust``, tied to the plan's digest): the
+    box must describe the keys the edited model sees. The NA patch stays on ``model`` (``apply_plans``
+    keeps it). A calibrated ``key_space`` then collects its probe keys, under NA when it is on, and
+    stores its choice with the KSD set. ``dist`` (torchrun): each rank profiles a shard, merged."""
+    r = job.recipe
+    profile = dist.profile_set if dist is not None else profile_set
+    if r.neuron_adjust and r.key_space and (off := offloaded_modules(model)):
         raise EditorError(f"neuron_adjust + key_space: the NA-active pass edits weights in place, but accelerate offloads "
                           f"{len(off)} module(s) to cpu/disk (e.g. {off[0]}): give the model enough GPU memory")
-
     spec = spec_for(job.config)
-    out: dict[str, SetStats] = {}
-    for name in job.recipe.profiled_sets():
-        ts = job.sets[name]
-        out[name] = profile_set(model, tokenizer, spec, ts, job.recipe.profile, progress=progress)
-    r = job.recipe
+    out = ProfiledSets()
+    for name in r.profiled_sets():
+        out[name] = profile(model, tokenizer, spec, job.sets[name], r.profile, progress=progress)
     if r.neuron_adjust and r.key_space:
-        plan = plan_from_sets(job, out)
+        plan = plan_na(r, job.n_layers, out)
         apply_neuron_adjust(model, spec, job.model_type, plan)
         ts = job.sets[r.key_space.forget]
-        s = profile_set(model, tokenizer, spec, ts, r.profile, desc=f"{ts.name} (NA on)", progress=progress)
-        s.info["neuron_adjust"] = plan_digest(plan)
+        s = profile(model, tokenizer, spec, ts, r.profile, desc=f"{ts.name} (NA on)", progress=progress)
+        s.info["neuron_adjust"] = plan.digest()
         out[ts.name + NA_SUFFIX] = s
     if r.key_space and r.key_space.calibrated:
-        # calibrated KSD (editor.calibrate): per-example keys of the key_space probe sets only,
-        # under NA when both methods are on; the choice is stored with the KSD set's statistics
-        from editor.calibrate import calibrate_job
-
-        record = calibrate_job(job, model, tokenizer, spec, progress=progress)
         target = out[ksd_set_name(r)]
-        target.detector = record.pop("weights", {})
-        target.info["calibration"] = record
+        target.info["calibration"], target.detector = calibrate_job(job, model, tokenizer, spec)
     return out
+
+
+def calibrate_job(job: Job, model, tokenizer, spec: ArchSpec) -> tuple[dict, dict[int, torch.Tensor]]:
+    """The calibrated ``key_space``: the keys of its forget set and of its retain query sets (the
+    only sets it reads), then the pure calibration (``editor.methods.calibrate``). Returns the
+    record stored with the statistics and the linear detector's weights ({} for a box)."""
+    ks, p = job.recipe.key_space, job.recipe.profile
+    kw = dict(batch_size=p.batch_size, max_length=p.max_length, padding_side=p.padding_side)
+    forget = job.sets[ks.forget].texts
+    retain = [t for name in ks.retain_sets for t in job.sets[name].texts]
+    group = torch.tensor([g for g, name in enumerate(ks.retain_sets) for _ in job.sets[name].texts], dtype=torch.long)
+    fit = dict(budget=ks.false_positive_budget, folds=ks.folds, seed=ks.seed, retain_names=ks.retain_sets)
+    if ks.detector == "linear":
+        record, weights = calibrate_linear(collect.pooled_keys(model, tokenizer, spec, forget, **kw),
+                                           collect.pooled_keys(model, tokenizer, spec, retain, **kw), group,
+                                           max_features=ks.max_features, **fit)
+    else:
+        new_tokens = continuation_tokens(ks.check)
+
+        def keys(texts: list[str], group: torch.Tensor | None = None) -> KeySet:
+            prompt = collect.last_token_keys(model, tokenizer, spec, texts, **kw)
+            cont, owner = collect.generated_keys(model, tokenizer, spec, texts, new_tokens=new_tokens,
+                                                 batch_size=p.batch_size, max_length=p.max_length)
+            return KeySet.of(prompt, cont, owner, group)
+
+        record, weights = calibrate_keys(keys(forget), keys(retain, group), **fit), {}
+    record["config"] = calibration_config(job.recipe)
+    return record, weights
 
 
 def profile_recipe(recipe_path, out, *, overwrite: bool = False, progress: bool = True) -> Path:
     """Profile a recipe into ``out/stats.safetensors``. Under ``torchrun`` (WORLD_SIZE > 1) every
     rank profiles a shard of each set, the statistics are merged with collectives and rank 0
-    writes the file (``editor.distributed``); any rank's error stops all ranks with one line."""
-    from editor.distributed import session
-    from editor.modelio import load_model, load_tokenizer
-
+    writes the file (``editor.profile.distributed``); any rank's error stops all ranks with one line."""
     target = Path(out) / STATS_NAME
 
     def check() -> Job:
@@ -139,151 +149,79 @@ def profile_recipe(recipe_path, out, *, overwrite: bool = False, progress: bool 
 
 
 # ---------------------------------------------------------------------------------------------
-# planning from statistics (in memory or from a file)
+# plan + patch, export
 # ---------------------------------------------------------------------------------------------
 
 
-def _gaussians(source, set_name: str, n_layers: int, kind: str = "pre") -> tuple[dict[int, Gaussian], int]:
-    out = {}
-    count = 0
-    for i in range(n_layers):
-        if isinstance(source, StatsFile):
-            mean, std = source.stat(set_name, i, kind, "mean"), source.stat(set_name, i, kind, "std")
-            count = int(source.stat(set_name, i, kind, "count"))
-        else:
-            if set_name not in source:
-                raise EditorError(f"no statistics for data set {set_name!r}")
-            m = source[set_name].get(i, kind)
-            # rounded to float32 exactly as save_stats writes them: planning from memory and from
-            # the stats file must give the same plan (and the same plan digest / checkpoint bytes)
-            mean, std, count = m.mean.float().cpu(), m.std.float().cpu(), int(m.count)
-        out[i] = Gaussian.of(mean, std, where=f"for set {set_name!r} layer {i}")
-    return out, count
+@dataclass
+class Edited:
+    """A patched in-memory model and what the exporters need."""
+
+    model: object  # the patched base model (NA / KSD installed, or pruned)
+    tokenizer: object
+    plans: Plans
+    edit: Edit
+
+    @property
+    def wrapped(self):
+        """The checkpoint class around the patched model (what a checkpoint loads as); the plain
+        model for the prune baseline."""
+        config = self.edit.config()
+        return self.model if config is None else wrap(self.model, config)
 
 
-def _forget_retain(job: Job, source, forget: str, retain: list[str]) -> tuple[dict, dict]:
-    f, _ = _gaussians(source, forget, job.n_layers)
-    parts = [_gaussians(source, r, job.n_layers) for r in retain]
-    r = {i: pooled([p[0][i] for p in parts], [p[1] for p in parts]) for i in range(job.n_layers)}
-    return f, r
+def edit_model(job: Job, stats: StatsFile | ProfiledSets, *, model=None, tokenizer=None) -> Edited:
+    """Plan from ``stats`` and patch the model (loaded unless given) in place."""
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(job.recipe)
+    plans = plan_all(job.recipe, job.n_layers, stats)  # plan before loading weights: bad stats fail fast
+    if model is None:
+        model = load_model(job.recipe, job.config)
+    edit = apply_plans(job.recipe, job.model_type, job.n_layers, model, tokenizer, plans)
+    return Edited(model, tokenizer, plans, edit)
 
 
-def plan_from_sets(job: Job, source) -> NAPlan:
-    na = job.recipe.neuron_adjust
-    f, r = _forget_retain(job, source, na.forget, na.retain_sets)
-    return plan_neuron_adjust(f, r, top_percent=na.top_percent, mode=na.mode, seed=na.seed, score=na.score)
+def _manifest(job: Job, ed: Edited, stats: StatsFile, stats_file: Path, scorecard: dict | None) -> dict:
+    return build_manifest(job.recipe, model_type=job.model_type, dtype=str(getattr(ed.model, "dtype", "")).removeprefix("torch."),
+                          edit=ed.edit, statistics=provenance(stats, stats_file), scorecard=scorecard)
 
 
-def plan_key_space(job: Job, source) -> tuple[dict[int, KSDBounds], dict]:
-    ks = job.recipe.key_space
-    name = ksd_set_name(job.recipe)
-    layer = resolve_layer(ks.layer, job.n_layers, "key_space.layer")
-    if isinstance(source, StatsFile):
-        if not source.has_set(name):
-            raise EditorError(f"statistics have no set {name!r}: profile again with this recipe")
-        get = lambda stat: source.stat(name, layer, "key", stat)  # noqa: E731
-    else:
-        if name not in source:
-            raise EditorError(f"no statistics for {name!r}")
-        m = source[name].get(layer, "key")
-        vals = {"mean": m.mean.float().cpu(), "std": m.std.float().cpu(), "min": m.min.float().cpu(), "max": m.max.float().cpu()}
-        get = vals.__getitem__
-    if ks.calibrated and ks.detector == "linear":
-        return _linear_key_space(job, source, name)
-    if ks.calibrated:
-        return _calibrated_key_space(job, source, name)
-    b = ksd_bounds(get("mean"), get("std"), get("min"), get("max"), ks.scale)
-    return {layer: b}, {"method": "paper", "layer": layer, "scale": ks.scale, "k": b.k, "set": name}
+def _export_onnx(job: Job, ed: Edited, manifest: dict, out, *, overwrite: bool) -> Path:
+    """The ONNX export, validated on prompts of both sides of the edit (abstention included)."""
+    from editor.export.onnx import export_onnx  # lazily: optional dependencies
 
-
-def _calibrated_key_space(job: Job, source, name: str) -> tuple[dict[int, KSDBounds], dict]:
-    """Bounds of the calibrated setting stored by ``profile_job``: the chosen layer(s), dims and α
-    over the KSD set's streaming statistics (other dims ±inf) — the same from memory or file."""
-    info = _stored_calibration(job, source, name)
-    bounds = {}
-    for layer in info["layers"]:
-        if isinstance(source, StatsFile):
-            st = {s: source.stat(name, layer, "key", s) for s in ("mean", "std", "min", "max")}
-        else:
-            m = source[name].get(layer, "key")
-            st = {"mean": m.mean.float().cpu(), "std": m.std.float().cpu(), "min": m.min.float().cpu(), "max": m.max.float().cpu()}
-        dims = torch.tensor(info["dims"][str(layer)], dtype=torch.long)
-        bounds[int(layer)] = ksd_bounds(st["mean"], st["std"], st["min"], st["max"], info["scale"][str(layer)], dims=dims)
-    plan = {"method": "calibrated", "layers": info["layers"], "scale": info["scale"],
-            "dims": {str(i): b.dims for i, b in bounds.items()}, "k": {str(i): b.k for i, b in bounds.items()},
-            "cv": info["cv"], "retain": info["config"]["retain"], "set": name}
-    return bounds, plan
-
-
-def _stored_calibration(job: Job, source, name: str) -> dict:
-    from editor.calibrate import calibration_config
-
-    info = (source.sets.get(name, {}) if isinstance(source, StatsFile) else source[name].info).get("calibration")
-    if not info or info.get("config") != calibration_config(job.recipe):
-        raise EditorError("the statistics hold no key_space calibration for these settings "
-                          "(key_space.retain / detector / false_positive_budget / folds / seed / check): "
-                          "profile again with this recipe")
-    return info
-
-
-def _linear_key_space(job: Job, source, name: str) -> tuple[dict[int, LinearShare], dict]:
-    """The pooled linear detector stored by ``profile_job``: per layer its weight, the bias on the
-    first layer (the runtime sums the layers' shares) — the same from memory or file."""
-    info = _stored_calibration(job, source, name)
-    shares = {}
-    for j, layer in enumerate(info["layers"]):
-        w = source.detector(name, layer) if isinstance(source, StatsFile) else source[name].detector[layer]
-        shares[int(layer)] = LinearShare(w.to(torch.float32).cpu(), info["bias"] if j == 0 else 0.0)
-    plan = {"method": "linear", "detector": "linear", "pool": info["pool"], "layers": info["layers"],
-            "cv": info["cv"], "retain": info["config"]["retain"], "set": name}
-    return shares, plan
-
-
-def plan_all(job: Job, source) -> Plans:
     r = job.recipe
-    plans = Plans()
-    if r.neuron_adjust:
-        plans.neuron_adjust = plan_from_sets(job, source)
-        if r.key_space and isinstance(source, StatsFile):
-            from editor.patch import plan_digest
-
-            info = source.sets.get(r.key_space.forget + NA_SUFFIX, {})
-            if info.get("neuron_adjust") != plan_digest(plans.neuron_adjust):
-                raise EditorError("the statistics' KSD keys were profiled under a different Neuron Adjust plan: profile again with this recipe")
-    if r.key_space:
-        plans.key_space, plans.key_space_info = plan_key_space(job, source)
-    if r.prune:
-        f, rt = _forget_retain(job, source, r.prune.forget, r.prune.retain_sets)
-        plans.prune = select_neurons({i: neuron_scores(f[i], rt[i], r.prune.score) for i in f}, r.prune.top_percent)
-    return plans
+    prompts = []
+    for name in dict.fromkeys(n for n in (r.key_space.forget if r.key_space else None,
+                                          r.neuron_adjust.forget if r.neuron_adjust else None,
+                                          *(r.neuron_adjust.retain_sets if r.neuron_adjust else [])) if n):
+        prompts += [t for t in job.sets[name].texts[:2] if t.strip()]
+    return Path(export_onnx(ed.wrapped, ed.tokenizer, out, opset=r.export.onnx_opset, overwrite=overwrite,
+                            manifest=manifest, prompts=prompts or None))
 
 
-def load_job_stats(stats_dir) -> StatsFile:
-    p = Path(stats_dir)
-    return load_stats(p / STATS_NAME if p.is_dir() else p)
+def export_recipe(recipe_path, stats, out=None, *, fmt: str = "hf", overwrite: bool = False,
+                  max_shard_size=DEFAULT_SHARD) -> Path:
+    """``skill-editor export``: validate the recipe (no weights), read the statistics (a directory
+    or the file), load the model, plan, patch and export in ``fmt`` (hf | onnx)."""
+    if fmt not in ("hf", "onnx"):
+        raise EditorError(f"--format must be hf or onnx, got {fmt!r}")
+    job = prepare(recipe_path)
+    r = job.recipe
+    if fmt == "onnx" and r.neuron_adjust and r.neuron_adjust.mode == "sample":
+        raise EditorError("ONNX needs a deterministic Neuron Adjust; set neuron_adjust.mode to 'expected' or 'hard'")
+    out = Path(out) if out else r.out_dir()
+    check_destination(out, overwrite)
+    stats_file = load_stats(stats)
+    ed = edit_model(job, stats_file)
+    manifest = _manifest(job, ed, stats_file, stats_path(stats), None)
+    if fmt == "hf":
+        return export_hf(ed.model, ed.tokenizer, ed.edit, manifest, out, overwrite=overwrite, max_shard_size=max_shard_size)
+    return _export_onnx(job, ed, manifest, out, overwrite=overwrite)
 
 
-def apply_plans(job: Job, model, tokenizer, plans: Plans, *, na_applied: bool = False) -> dict | None:
-    """Patch ``model`` in place; return the checkpoint's ``skill_editor`` dict (None for prune)."""
-    from editor.patch import apply_key_space, apply_neuron_adjust, apply_prune, edit_description, refusal_token_ids
-
-    spec = spec_for(job.config)
-    if plans.prune is not None:
-        apply_prune(model, spec, plans.prune)
-        return None
-    if plans.neuron_adjust is not None and not na_applied:
-        apply_neuron_adjust(model, spec, job.model_type, plans.neuron_adjust)
-    refusal = refusal_ids = None
-    check = job.recipe.key_space.check if job.recipe.key_space else "every_call"
-    if plans.key_space:
-        apply_key_space(model, spec, job.model_type, plans.key_space)
-        refusal = job.recipe.key_space.refusal
-        refusal_ids = refusal_token_ids(tokenizer, refusal)
-    edit = edit_description(job.model_type, plans.neuron_adjust, plans.key_space or None, refusal, refusal_ids, model,
-                            check=check)
-    if plans.key_space_info:
-        edit["key_space"]["plan"] = plans.key_space_info
-    return edit
+# ---------------------------------------------------------------------------------------------
+# the whole job
+# ---------------------------------------------------------------------------------------------
 
 
 def stats_dir_for(out: Path) -> Path:
@@ -295,9 +233,6 @@ def stats_dir_for(out: Path) -> Path:
 def run_recipe(recipe_path, out=None, *, overwrite: bool = False, progress: bool = True, echo=print) -> dict:
     """The whole job: validate → (scorecard before) → profile → plan → patch → (scorecard after)
     → export in every format of the recipe. Returns a summary dict."""
-    from editor.export_hf import build_edited, export_hf, export_onnx_for
-    from editor.modelio import load_model, load_tokenizer
-
     job = prepare(recipe_path)
     r = job.recipe
     out = Path(out) if out else r.out_dir()
@@ -306,57 +241,38 @@ def run_recipe(recipe_path, out=None, *, overwrite: bool = False, progress: bool
     onnx_out = out if formats == ["onnx"] else out.parent / f"{out.name}-onnx"
     if "onnx" in formats and formats != ["onnx"]:
         check_destination(onnx_out, overwrite)
-    stats_path = stats_dir_for(out) / STATS_NAME
-    if stats_path.exists() and not overwrite:
-        raise EditorError(f"{stats_path} exists (use --overwrite to replace it)")
+    stats_file = stats_dir_for(out) / STATS_NAME
+    if stats_file.exists() and not overwrite:
+        raise EditorError(f"{stats_file} exists (use --overwrite to replace it)")
     tokenizer = load_tokenizer(r)
     model = load_model(r, job.config)
 
     before = records = None
     if r.evaluate:
-        from editor.evaluate import score
-
         records = job.sets[r.evaluate.data].records
         echo(f"scoring the base model on {len(records)} records of {r.evaluate.data!r}")
         before = score(model, tokenizer, records, batch_size=r.evaluate.batch_size, max_new_tokens=r.evaluate.max_new_tokens)
 
-    stats = profile_job(job, model, tokenizer, progress=progress)
-    save_stats(stats_path, stats, model=r.model, revision=r.revision)
-    echo(f"wrote {stats_path}")
-    ed = build_edited(job, load_stats(stats_path), model=model, tokenizer=tokenizer,
-                      na_applied=bool(r.neuron_adjust and r.key_space))
+    save_stats(stats_file, profile_job(job, model, tokenizer, progress=progress), model=r.model, revision=r.revision)
+    echo(f"wrote {stats_file}")
+    stats = load_stats(stats_file)
+    ed = edit_model(job, stats, model=model, tokenizer=tokenizer)
     edited = ed.wrapped
 
     card = None
     if r.evaluate:
-        from editor.evaluate import scorecard
-
         echo("scoring the edited model")
         card = scorecard(None, edited, tokenizer, records, batch_size=r.evaluate.batch_size,
                          max_new_tokens=r.evaluate.max_new_tokens, before=before)
     if hasattr(edited, "reset_neuron_adjust_rng"):
         edited.reset_neuron_adjust_rng()  # the export starts from the seed, whatever ran before
 
+    manifest = _manifest(job, ed, stats, stats_file, card)
     written = {}
     if "hf" in formats:
-        written["hf"] = str(export_hf(job, ed.model, tokenizer, ed.plans, ed.edit, out, overwrite=overwrite,
-                                      stats_file=stats_path, scorecard=card))
+        written["hf"] = str(export_hf(ed.model, tokenizer, ed.edit, manifest, out, overwrite=overwrite))
     if "onnx" in formats:
-        written["onnx"] = str(export_onnx_for(job, ed, onnx_out, stats_path=stats_path, overwrite=overwrite, scorecard=card))
-    summary = {"out": written, "stats": str(stats_path), "plans": _plans_summary(ed.plans), "scorecard": card}
+        written["onnx"] = str(_export_onnx(job, ed, manifest, onnx_out, overwrite=overwrite))
     if card is not None:
-        from editor.evaluate import render_scorecard
-
         echo(render_scorecard(card))
-    return summary
-
-
-def _plans_summary(plans: Plans) -> dict:
-    out = {}
-    if plans.neuron_adjust:
-        out["neuron_adjust"] = plans.neuron_adjust.summary()
-    if plans.key_space:
-        out["key_space"] = plans.key_space_info
-    if plans.prune is not None:
-        out["prune"] = {str(i): int(v.numel()) for i, v in plans.prune.items()}
-    return out
+    return {"out": written, "stats": str(stats_file), "plans": ed.plans.summary(), "scorecard": card}

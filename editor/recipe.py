@@ -1,8 +1,9 @@
 """The typed recipe (DESIGN §5): one model drives the CLI, validation and the saved metadata.
 
-Every rule that can be checked without weights is checked here, before anything is loaded:
-unknown keys, types, ranges, names of data sets, and (``check_against_config``) layer indices
-against the model's ``config.json``. Errors are one line with the field path.
+Every rule that can be checked without weights or config is checked here, before anything is
+loaded: unknown keys, types, ranges, names of data sets (the rules that need the model's
+``config.json`` are ``editor.model.loading.check_against_config``'s). Errors are one line with the
+field path.
 """
 
 from __future__ import annotations
@@ -301,15 +302,3 @@ def load_recipe(path) -> Recipe:
         where = f" line {mark.line + 1}" if mark is not None else ""
         raise EditorError(f"recipe {path}:{where} is not valid YAML") from None
     return parse_recipe(obj, base_dir=path.parent.resolve())
-
-
-def check_against_config(recipe: Recipe, config) -> None:
-    """Rules that need the model's config.json (but no weights): architecture and layer ranges."""
-    from editor.arch import resolve_layer, spec_for
-
-    spec_for(config)
-    n_layers = getattr(config, "num_hidden_layers", None)
-    if n_layers is None:
-        n_layers = getattr(config.get_text_config(), "num_hidden_layers", None)
-    if recipe.key_space and n_layers:
-        resolve_layer(recipe.key_space.layer, int(n_layers), field="key_space.layer")

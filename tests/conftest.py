@@ -5,7 +5,21 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
+
+from tests.helpers import tiny_project  # noqa: E402
 
 # Tiny models: one thread avoids OpenMP oversubscription (and xdist workers fighting over cores).
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def make_project(tmp_path_factory):
+    """``make_project(name, methods, **kw)``: a tiny end-to-end project (``tests.helpers.tiny_project``)
+    in a fresh directory; returns its recipe path. Session-scoped, so module fixtures can use it."""
+
+    def make(name: str, methods: str = "", **kw):
+        return tiny_project(tmp_path_factory.mktemp(name), methods, **kw)
+
+    return make

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-# where the pre-activation / key live, written out per architecture (independent of editor.arch)
+# where the pre-activation / key live, written out per architecture (independent of editor.model.arch)
 PATHS = {
     "gpt2": ("transformer.h", "mlp.c_fc", "mlp.c_proj", False),
     "gpt_neox": ("gpt_neox.layers", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h", False),

@@ -8,18 +8,18 @@ from __future__ import annotations
 import builtins
 import json
 import math
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 
-from editor import calibrate
-from editor.calibrate import Box, cross_validate, dims_grid, fold_indices, rank_dims, separation
+from editor.methods import calibrate
+from editor.methods.calibrate import Box, cross_validate, dims_grid, fold_indices, rank_dims, separation
 from editor.errors import EditorError
-from editor.methods import ksd_bounds
-from tests.tiny import save_tiny
+from editor.methods.key_space import ksd_bounds
+from editor.profile import collect
+from tests.helpers import QUERIES, calibration_project
 
 torch.set_num_threads(1)
 
@@ -62,7 +62,7 @@ def test_box_depth_is_the_paper_box():
     box = Box.fit(f, dims)
     # at α = 1 every training key is inside (k is the max training deviation)
     assert bool((box.depth(f) <= 1 + 1e-12).all())
-    # the same box as methods.ksd_bounds restricted to those dims
+    # the same box as methods.key_space.ksd_bounds restricted to those dims
     b = ksd_bounds(f.double().mean(0), f.double().std(0), f.min(0).values, f.max(0).values, 2.0, dims=dims)
     assert b.k == pytest.approx(box.k, rel=1e-6)
     torch.testing.assert_close(b.lower[dims].double(), box.mean - 2 * box.k * box.std, rtol=1e-6, atol=1e-5)
@@ -147,7 +147,7 @@ def test_selected_dims_get_inf_elsewhere():
 def test_budget_holds_for_every_retain_set():
     """Two retain sets: a small one that looks like the forget set on one separating dim, a big one
     that does not: the budget is checked on each set's own rate, not on the pooled one."""
-    from editor.calibrate import KeySet
+    from editor.methods.calibrate import KeySet
 
     f, r = _keys(3, n_r=200)
     g = torch.Generator().manual_seed(9)
@@ -172,7 +172,7 @@ def test_budget_holds_for_every_retain_set():
 
 def test_query_depth_counts_any_key_of_a_query():
     """A query is inside when ANY of its keys (prompt or continuation) is."""
-    from editor.calibrate import KeySet
+    from editor.methods.calibrate import KeySet
 
     f, r = _keys(4, n_r=10)
     box = Box.fit(f, torch.tensor([3, 7, 11]))
@@ -186,20 +186,20 @@ def test_query_depth_counts_any_key_of_a_query():
 
 def test_continuation_keys_are_the_runtime_keys():
     """Each generated token fed back: its key equals the key at that position of a full forward."""
-    from editor.arch import spec_for
+    from editor.model.arch import spec_for
     from tests.tiny import char_tokenizer, tiny_model
 
     model, tok = tiny_model("llama"), char_tokenizer()
     spec = spec_for(model.config)
     texts = ["12 + 7 = ", "the cat sat", "a"*5]
-    prompt = calibrate.collect_keys(model, tok, spec, texts, batch_size=2)
-    cont, owner = calibrate.collect_continuation_keys(model, tok, spec, texts, new_tokens=4, batch_size=2)
+    prompt = collect.last_token_keys(model, tok, spec, texts, batch_size=2)
+    cont, owner = collect.generated_keys(model, tok, spec, texts, new_tokens=4, batch_size=2)
     assert owner.tolist().count(0) == 3 and sorted(set(owner.tolist())) == [0, 1, 2]  # new_tokens - 1 per row (no EOS)
     for q, text in enumerate(texts):
         ids = tok([text])["input_ids"][0]
         seq = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                              max_new_tokens=4, do_sample=False, pad_token_id=0)[0]
-        full = calibrate.collect_keys(model, tok, spec, [tok.decode(seq[1:k]) for k in range(len(ids), len(ids) + 4)])
+        full = collect.last_token_keys(model, tok, spec, [tok.decode(seq[1:k]) for k in range(len(ids), len(ids) + 4)])
         for layer in prompt:
             torch.testing.assert_close(prompt[layer][q], full[layer][0], atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(cont[layer][owner == q], full[layer][1:], atol=1e-5, rtol=1e-4)
@@ -209,40 +209,13 @@ def test_continuation_keys_are_the_runtime_keys():
 # end to end: profile → export on a tiny model
 # ---------------------------------------------------------------------------------------------
 
-FORGET = [f"{a} + {b} = " for a in (3, 12, 25, 8, 40, 17, 5, 21, 9, 33) for b in (4, 19)]
-RETAIN = [f"the {w} {v} on the {o}" for w in ("cat", "dog", "bird", "man", "cow", "fox")
-          for v in ("sat", "ran", "slept") for o in ("mat", "rug")]
-EVAL = [{"prompt": f"{a} plus {b} is ", "answer": str(a + b), "skill": "math"} for a, b in [(2, 3), (7, 1)]] + \
-       [{"prompt": "a hen sat on the ", "answer": "log", "skill": "text"}]
-
-
-def _write(path: Path, rows):
-    path.write_text("".join(json.dumps(x) + "\n" for x in rows), encoding="utf-8")
+FORGET, RETAIN, EVAL = QUERIES["forget"], QUERIES["retain"], QUERIES["eval"]
 
 
 @pytest.fixture(scope="module")
-def tiny_job(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cal")
-    save_tiny("llama", root / "model")
-    _write(root / "forget.jsonl", [{"text": t} for t in FORGET])
-    _write(root / "retain.jsonl", [{"text": t} for t in RETAIN])
-    _write(root / "eval.jsonl", EVAL)
-    (root / "recipe.yaml").write_text(textwrap.dedent("""\
-        model: model
-        dtype: float32
-        device: cpu
-        data:
-          forget: {path: forget.jsonl}
-          retain: {path: retain.jsonl}
-          answers: {path: forget.jsonl, text: "{text}1"}
-          scorecard: {path: eval.jsonl, text: "{prompt}"}
-        profile: {batch_size: 8, max_length: 32}
-        neuron_adjust: {forget: answers, retain: retain, top_percent: 5, mode: expected, seed: 0}
-        key_space: {forget: forget, retain: retain, folds: 3, seed: 0, false_positive_budget: 0.05}
-        export: {out: out}
-        evaluate: {data: scorecard}
-        """), encoding="utf-8")
-    return root
+def tiny_job(make_project):
+    return calibration_project(make_project, "cal",
+                               "key_space: {forget: forget, retain: retain, folds: 3, seed: 0, false_positive_budget: 0.05}")
 
 
 def _guard_eval(monkeypatch, root: Path, seen: list[str], opened: list[str]):
@@ -282,21 +255,23 @@ def _guard_eval(monkeypatch, root: Path, seen: list[str], opened: list[str]):
     monkeypatch.setattr(builtins, "open", spy_open)
     monkeypatch.setattr(Path, "open", spy_path_open)
 
-    real_collect = calibrate.collect_keys
+    real_collect = collect.last_token_keys
 
-    def collect(model, tok, spec, texts, **kw):
+    def spy(model, tok, spec, texts, **kw):
         seen.extend(texts)
         return real_collect(model, tok, spec, texts, **kw)
 
     monkeypatch.setattr(pipeline, "prepare", prepare)
-    monkeypatch.setattr(calibrate, "collect_keys", collect)
+    monkeypatch.setattr(collect, "last_token_keys", spy)
     return eval_path
 
 
+@pytest.mark.slow
 def test_end_to_end_profile_export_matches_in_process(tiny_job, monkeypatch):
     from editor.cli import main
-    from editor.export_hf import export_recipe
-    from editor.pipeline import load_job_stats, plan_all, prepare, profile_job, profile_recipe
+    from editor.pipeline import export_recipe, prepare, profile_job, profile_recipe
+    from editor.plan import plan_all
+    from editor.profile.stats import load_stats
 
     root = tiny_job
     seen, opened = [], []
@@ -311,7 +286,7 @@ def test_end_to_end_profile_export_matches_in_process(tiny_job, monkeypatch):
     assert not {r["prompt"] for r in EVAL} & set(seen)
 
     # the choice is stored with the statistics and lands in the checkpoint config
-    sf = load_job_stats(stats_path)
+    sf = load_stats(stats_path)
     cal = sf.sets["forget@neuron_adjust"]["calibration"]
     assert cal["method"] == "calibrated" and cal["config"]["retain"] == ["retain"]
     cfg = json.loads((Path(ckpt) / "config.json").read_text())
@@ -321,13 +296,13 @@ def test_end_to_end_profile_export_matches_in_process(tiny_job, monkeypatch):
     assert cfg["skill_editor"]["key_space"]["layers"] == cal["layers"]
 
     # deterministic: profiling again in memory plans the same bounds as the file
-    from editor.modelio import load_model, load_tokenizer
+    from editor.model.loading import load_model, load_tokenizer
 
     job = prepare(root / "recipe.yaml")
     tok = load_tokenizer(job.recipe)
     model = load_model(job.recipe, job.config)
     mem = profile_job(job, model, tok, progress=False)  # leaves NA applied
-    p_mem, p_file = plan_all(job, mem), plan_all(job, sf)
+    p_mem, p_file = plan_all(job.recipe, job.n_layers, mem), plan_all(job.recipe, job.n_layers, sf)
     assert p_mem.key_space_info == p_file.key_space_info
     for layer, b in p_file.key_space.items():
         assert torch.equal(b.lower, p_mem.key_space[layer].lower) and torch.equal(b.upper, p_mem.key_space[layer].upper)
@@ -335,11 +310,11 @@ def test_end_to_end_profile_export_matches_in_process(tiny_job, monkeypatch):
         assert int(guarded.sum()) == len(cal["dims"][str(layer)]) and torch.isinf(b.upper[~guarded]).all()
 
     # in-process decision (keys under NA, any chosen layer inside) == the checkpoint's `abstained`
-    from editor.arch import spec_for
+    from editor.model.arch import spec_for
 
     spec = spec_for(job.config)
     texts = FORGET[:6] + RETAIN[:10] + [r["prompt"] for r in EVAL]
-    keys = calibrate.collect_keys(model, tok, spec, texts, batch_size=4, max_length=32)
+    keys = collect.last_token_keys(model, tok, spec, texts, batch_size=4, max_length=32)
     expect = torch.zeros(len(texts), dtype=torch.bool)
     for layer, b in p_file.key_space.items():
         expect |= calibrate.inside(keys[layer], b.lower, b.upper)
@@ -362,10 +337,10 @@ def test_end_to_end_profile_export_matches_in_process(tiny_job, monkeypatch):
     assert cfg2["skill_editor"] == cfg["skill_editor"]
 
 
+@pytest.mark.slow
 def test_stale_calibration_refused(tiny_job, tmp_path):
     """Stats calibrated under other settings (seed here) must not be exported silently."""
-    from editor.export_hf import export_recipe
-    from editor.pipeline import profile_recipe
+    from editor.pipeline import export_recipe, profile_recipe
 
     root = tiny_job
     stats = tmp_path / "stats"  # its own statistics: independent of test order and xdist workers
@@ -377,10 +352,13 @@ def test_stale_calibration_refused(tiny_job, tmp_path):
         export_recipe(other, stats, tmp_path / "ck")
 
 
+@pytest.mark.slow
 def test_paper_ksd_stays_the_default(tiny_job, tmp_path):
     """No retain queries: the paper's KSD (every dim, the recipe's layer and α), no calibration."""
-    from editor.pipeline import plan_all, prepare, profile_job
-    from editor.modelio import load_model, load_tokenizer
+    from editor import pipeline
+    from editor.model.loading import load_model, load_tokenizer
+    from editor.pipeline import prepare, profile_job
+    from editor.plan import plan_all
 
     root = tiny_job
     text = (root / "recipe.yaml").read_text()
@@ -391,28 +369,27 @@ def test_paper_ksd_stays_the_default(tiny_job, tmp_path):
     p.write_text(text)
     job = prepare(p)
     called = []
-    orig = calibrate.calibrate_job
-    calibrate.calibrate_job = lambda *a, **k: called.append(1) or orig(*a, **k)
+    orig = pipeline.calibrate_job
+    pipeline.calibrate_job = lambda *a, **k: called.append(1) or orig(*a, **k)
     try:
         stats = profile_job(job, load_model(job.recipe, job.config), load_tokenizer(job.recipe), progress=False)
     finally:
-        calibrate.calibrate_job = orig
+        pipeline.calibrate_job = orig
     assert not called and "calibration" not in stats["forget"].info
-    plans = plan_all(job, stats)
+    plans = plan_all(job.recipe, job.n_layers, stats)
     assert plans.key_space_info["method"] == "paper" and list(plans.key_space) == [1]
     b = plans.key_space[1]
     assert b.dims == 48 and torch.isfinite(b.lower).all() and b.scale == 1.5
     assert math.isfinite(b.k)
 
 
+@pytest.mark.slow
 def test_onnx_export_with_inf_bounds(tiny_job, tmp_path):
     """The calibrated box (±inf outside the chosen dims) exports to ONNX and the graph's
     ``abstained`` agrees with PyTorch on forget and retain prompts (export_onnx validates it)."""
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    from editor.export_hf import export_recipe
-
-    from editor.pipeline import profile_recipe
+    from editor.pipeline import export_recipe, profile_recipe
 
     stats = tmp_path / "stats"  # its own statistics: independent of test order and xdist workers
     profile_recipe(tiny_job / "recipe.yaml", stats, progress=False)
@@ -424,12 +401,12 @@ def test_onnx_export_with_inf_bounds(tiny_job, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# the NA selection score of issue #9 (editor.methods.neuron_scores(..., "selective"))
+# the NA selection score of issue #9 (editor.methods.neuron_adjust.neuron_scores(..., "selective"))
 # ---------------------------------------------------------------------------------------------
 
 
 def test_selective_score_is_the_expected_displacement_gap():
-    from editor.methods import Gaussian, na_constants, neuron_scores
+    from editor.methods.neuron_adjust import Gaussian, na_constants, neuron_scores
 
     f = Gaussian.of(torch.tensor([2.0, 2.0, 0.5]), torch.tensor([0.5, 0.5, 1.0]))
     r = Gaussian.of(torch.tensor([0.0, 1.8, 0.0]), torch.tensor([0.5, 0.5, 1.0]))
@@ -454,25 +431,25 @@ def test_selective_score_is_the_expected_displacement_gap():
     assert sel[0] > sel[1]
 
 
+@pytest.mark.slow
 def test_check_prompt_calibrates_on_prompt_keys_only(tiny_job, tmp_path, monkeypatch):
     """``check: prompt``: the runtime decides on the prompt's key alone, so the calibration scores
     each query by that key only (no continuation keys), records the rule, and statistics
     calibrated under the other rule are refused."""
-    from editor.export_hf import export_recipe
-    from editor.pipeline import profile_recipe
+    from editor.pipeline import export_recipe, profile_recipe
 
     root = tiny_job
     text = (root / "recipe.yaml").read_text()
     prompt_recipe = root / "recipe-prompt.yaml"
     prompt_recipe.write_text(text.replace("false_positive_budget: 0.05}", "false_positive_budget: 0.05, check: prompt}"))
     asked = []
-    real = calibrate.collect_continuation_keys
+    real = collect.generated_keys
 
-    def spy(model, tok, spec, texts, *, new_tokens=calibrate.CONTINUATION_TOKENS, **kw):
+    def spy(model, tok, spec, texts, *, new_tokens, **kw):
         asked.append(new_tokens)
         return real(model, tok, spec, texts, new_tokens=new_tokens, **kw)
 
-    monkeypatch.setattr(calibrate, "collect_continuation_keys", spy)
+    monkeypatch.setattr(collect, "generated_keys", spy)
     stats = tmp_path / "stats"
     profile_recipe(prompt_recipe, stats, progress=False)
     assert asked and all(n < 2 for n in asked)

@@ -13,11 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from editor import calibrate
-from editor.calibrate import budget_threshold, calibrate_linear, fit_logistic
+from editor.methods import calibrate
+from editor.methods.calibrate import budget_threshold, calibrate_linear, fit_logistic
 from editor.errors import EditorError
-from tests.test_calibrate import EVAL, FORGET, RETAIN, _write
+from editor.profile import collect
+from tests.helpers import QUERIES, calibration_project
 from tests.tiny import save_tiny
+
+FORGET, RETAIN, EVAL = QUERIES["forget"], QUERIES["retain"], QUERIES["eval"]
 
 torch.set_num_threads(1)
 
@@ -128,14 +131,14 @@ def test_calibrated_detector_generalizes_to_fresh_draws_of_the_same_clusters():
 def test_pooled_keys_are_the_max_over_every_real_token(arch, side, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from editor.arch import spec_for
+    from editor.model.arch import spec_for
 
     save_tiny(arch, tmp_path / "m")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
     tok = AutoTokenizer.from_pretrained(tmp_path / "m")
     spec = spec_for(model.config)
     texts = ["3 + 4 = ", "the cat sat on the long mat", "a", "12 + 19 = 31 and more"]
-    got = calibrate.collect_pooled_keys(model, tok, spec, texts, batch_size=3, padding_side=side)
+    got = collect.pooled_keys(model, tok, spec, texts, batch_size=3, padding_side=side)
     layers = model.get_submodule(spec.layers)
     for q, text in enumerate(texts):
         rec = {}
@@ -191,39 +194,21 @@ def test_recipe_rules_of_the_linear_detector(tmp_path, key_space, match):
 
 
 @pytest.fixture(scope="module")
-def linear_job(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lin")
-    save_tiny("llama", root / "model")
-    _write(root / "forget.jsonl", [{"text": t} for t in FORGET])
-    _write(root / "retain.jsonl", [{"text": t} for t in RETAIN])
-    _write(root / "eval.jsonl", EVAL)
-    (root / "recipe.yaml").write_text(textwrap.dedent("""\
-        model: model
-        dtype: float32
-        device: cpu
-        data:
-          forget: {path: forget.jsonl}
-          retain: {path: retain.jsonl}
-          answers: {path: forget.jsonl, text: "{text}1"}
-          scorecard: {path: eval.jsonl, text: "{prompt}"}
-        profile: {batch_size: 8, max_length: 32}
-        neuron_adjust: {forget: answers, retain: retain, top_percent: 5, mode: expected, seed: 0}
-        key_space: {forget: forget, retain: retain, detector: linear, check: prompt, folds: 3, seed: 0,
-                    false_positive_budget: 0.05}
-        export: {out: out}
-        evaluate: {data: scorecard}
-        """), encoding="utf-8")
-    return root
+def linear_job(make_project):
+    return calibration_project(make_project, "lin", """key_space: {forget: forget, retain: retain, detector: linear, check: prompt, folds: 3, seed: 0,
+                    false_positive_budget: 0.05}""")
 
 
+@pytest.mark.slow
 def test_linear_end_to_end_never_sees_eval_and_export_reproduces(linear_job, monkeypatch):
     from editor import pipeline
-    from editor.export_hf import export_recipe
-    from editor.pipeline import load_job_stats, plan_all, prepare, profile_job, profile_recipe
+    from editor.pipeline import export_recipe, prepare, profile_job, profile_recipe
+    from editor.plan import plan_all
+    from editor.profile.stats import load_stats
 
     root = linear_job
     seen: list[str] = []
-    real_prepare, real_collect = pipeline.prepare, calibrate.collect_pooled_keys
+    real_prepare, real_collect = pipeline.prepare, collect.pooled_keys
 
     class Poison:
         name = "scorecard"
@@ -236,19 +221,19 @@ def test_linear_end_to_end_never_sees_eval_and_export_reproduces(linear_job, mon
         job.sets["scorecard"] = Poison()
         return job
 
-    def collect(model, tok, spec, texts, **kw):
+    def spy(model, tok, spec, texts, **kw):
         seen.extend(texts)
         return real_collect(model, tok, spec, texts, **kw)
 
     monkeypatch.setattr(pipeline, "prepare", prepare_)
-    monkeypatch.setattr(calibrate, "collect_pooled_keys", collect)
+    monkeypatch.setattr(collect, "pooled_keys", spy)
     stats_path = profile_recipe(root / "recipe.yaml", root / "stats", progress=False)
     ckpt = export_recipe(root / "recipe.yaml", root / "stats", root / "ckpt")
     monkeypatch.undo()
     assert sorted(set(seen)) == sorted(set(FORGET + RETAIN))
     assert not {r["prompt"] for r in EVAL} & set(seen)
 
-    sf = load_job_stats(stats_path)
+    sf = load_stats(stats_path)
     cal = sf.sets["forget@neuron_adjust"]["calibration"]
     mcfg = json.loads((root / "model" / "config.json").read_text())
     assert cal["method"] == "linear" and cal["config"]["detector"] == "linear"
@@ -260,24 +245,24 @@ def test_linear_end_to_end_never_sees_eval_and_export_reproduces(linear_job, mon
     assert ks["plan"]["cv"]["retain_fpr"] <= 0.05 + 1e-12
 
     # profiling again in memory plans the same detector as the file, bit for bit
-    from editor.modelio import load_model, load_tokenizer
+    from editor.model.loading import load_model, load_tokenizer
 
     job = prepare(root / "recipe.yaml")
     tok = load_tokenizer(job.recipe)
     model = load_model(job.recipe, job.config)
     mem = profile_job(job, model, tok, progress=False)  # leaves NA applied
-    p_mem, p_file = plan_all(job, mem), plan_all(job, sf)
+    p_mem, p_file = plan_all(job.recipe, job.n_layers, mem), plan_all(job.recipe, job.n_layers, sf)
     assert p_mem.key_space_info == p_file.key_space_info
     for layer, share in p_file.key_space.items():
         assert torch.equal(share.weight, p_mem.key_space[layer].weight) and share.bias == p_mem.key_space[layer].bias
 
     # the checkpoint's `abstained` == the literal rule on keys pooled by the calibration's collector
-    from editor.arch import spec_for
+    from editor.model.arch import spec_for
     from editor.runtime.modeling_skill_editor import SkillEditorForCausalLM
 
     spec = spec_for(job.config)
     texts = FORGET[:6] + RETAIN[:10] + [r["prompt"] for r in EVAL]
-    pooled = calibrate.collect_pooled_keys(model, tok, spec, texts, batch_size=4, max_length=32)
+    pooled = collect.pooled_keys(model, tok, spec, texts, batch_size=4, max_length=32)
     score = sum(pooled[i].double() @ p_file.key_space[i].weight.double() + p_file.key_space[i].bias for i in pooled)
     expect = score > 0
     assert expect[:6].any() and not expect[6:16].all(), "the detector should tell some forget from retain queries"
@@ -289,10 +274,10 @@ def test_linear_end_to_end_never_sees_eval_and_export_reproduces(linear_job, mon
     assert got.tolist() == expect.tolist()
 
 
+@pytest.mark.slow
 def test_box_statistics_refused_for_a_linear_recipe(linear_job, tmp_path):
     """Statistics calibrated for the hypercube must not be exported as a linear detector (and back)."""
-    from editor.export_hf import export_recipe
-    from editor.pipeline import profile_recipe
+    from editor.pipeline import export_recipe, profile_recipe
 
     root = linear_job
     box = root / "recipe-box.yaml"
@@ -303,12 +288,12 @@ def test_box_statistics_refused_for_a_linear_recipe(linear_job, tmp_path):
         export_recipe(root / "recipe.yaml", stats, tmp_path / "ck")
 
 
+@pytest.mark.slow
 def test_dry_run_and_inspect_describe_the_linear_detector(linear_job, tmp_path):
     from click.testing import CliRunner
 
     from editor.cli import main
-    from editor.export_hf import export_recipe
-    from editor.pipeline import profile_recipe
+    from editor.pipeline import export_recipe, profile_recipe
 
     root = linear_job
     res = CliRunner().invoke(main, ["run", str(root / "recipe.yaml"), "--dry-run"], catch_exceptions=False)
@@ -349,16 +334,17 @@ def test_calibrate_linear_with_a_feature_limit():
     assert rec["cv"]["forget_coverage"] > 0.9
 
 
+@pytest.mark.slow
 def test_max_features_reaches_the_fit_and_is_part_of_the_stored_settings(linear_job, tmp_path):
-    from editor.export_hf import export_recipe
-    from editor.pipeline import load_job_stats, profile_recipe
+    from editor.pipeline import export_recipe, profile_recipe
+    from editor.profile.stats import load_stats
 
     root = linear_job
     small = root / "recipe-small.yaml"
     small.write_text((root / "recipe.yaml").read_text().replace("detector: linear,", "detector: linear, max_features: 8,"))
     stats = tmp_path / "stats"
     profile_recipe(small, stats, progress=False)
-    cal = load_job_stats(stats).sets["forget@neuron_adjust"]["calibration"]
+    cal = load_stats(stats).sets["forget@neuron_adjust"]["calibration"]
     assert cal["config"]["max_features"] == 8 and cal["cv"]["features_fitted"] == [8, 8, 8]
     export_recipe(small, stats, tmp_path / "ok")  # the same settings export
     with pytest.raises(EditorError, match="calibration"):

@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from editor.arch import arch_spec
-from editor.methods import KSDBounds
-from editor.patch import apply_key_space, edit_description, wrap
+from editor.model.arch import arch_spec
+from editor.methods.key_space import KSDBounds
+from editor.patch import apply_key_space, describe, wrap
+from editor.plan import Plans
 from tests import reference_methods as ref
-from tests.test_runtime import pad, texts
+from tests.helpers import pad, random_rows
 from tests.tiny import tiny_model
 
 REFUSAL_IDS = [40, 41, 42, 2]
@@ -62,7 +63,7 @@ def edited(base, layer, bounds, check):
     arch = base.config.model_type
     patched = copy.deepcopy(base)
     apply_key_space(patched, arch_spec(arch), arch, {layer: bounds})
-    edit = edit_description(arch, None, {layer: bounds}, "no", REFUSAL_IDS, patched, check=check)
+    edit = describe(arch, patched, Plans(key_space={layer: bounds}), refusal="no", refusal_ids=REFUSAL_IDS, check=check).config()
     return wrap(patched, edit)
 
 
@@ -70,7 +71,7 @@ def edited(base, layer, bounds, check):
 def setup():
     base = tiny_model("llama", seed=3)
     layer = len(ref.layers_of(base)) - 1
-    rows = texts(7, 3, lo=5, hi=9)
+    rows = random_rows(7, 3, lo=5, hi=9)
     lit = literal_keys(base, rows, layer)
     for cont, _ in lit:
         assert 2 not in cont[:3], "the boxes below sit on calls before any EOS"
@@ -116,7 +117,7 @@ def test_default_is_every_call(setup):
     patched = copy.deepcopy(base)
     bounds = box_around(lit[0][1][2])
     apply_key_space(patched, arch_spec("llama"), "llama", {layer: bounds})
-    edit = edit_description("llama", None, {layer: bounds}, "no", REFUSAL_IDS, patched)
+    edit = describe("llama", patched, Plans(key_space={layer: bounds}), refusal="no", refusal_ids=REFUSAL_IDS).config()
     assert edit["key_space"]["check"] == "every_call"
     edit["key_space"].pop("check")  # a checkpoint written before the option existed
     out = wrap(patched, edit).generate(input_ids=torch.tensor([rows[0]]), max_new_tokens=NEW, do_sample=False,

@@ -15,7 +15,7 @@ import pytest
 from editor.pipeline import run_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.xdist_group("testbed-demo")
+pytestmark = [pytest.mark.xdist_group("testbed-demo"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Data-parallel profiling (editor.distributed, DESIGN §7): gloo on CPU with real processes, the
+"""Data-parallel profiling (editor.profile.distributed, DESIGN §7): gloo on CPU with real processes, the
 merge against concatenated data, and accelerate-dispatched models (``device_map``)."""
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from editor.distributed import Dist, env_ranks, merge_moments, shard
+from editor.profile.distributed import Dist, env_ranks, merge_moments, shard
 from editor.errors import EditorError
-from editor.stats import Moments, load_stats
+from editor.profile.stats import Moments, load_stats
+from tests.helpers import tiny_project
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,31 +32,18 @@ def _texts(n: int, seed: int) -> list[str]:
     return out
 
 
-def _write_jsonl(path: Path, texts: list[str]) -> None:
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
-
-
 def _make_job(tmp_path: Path, sizes: dict[str, int], *, batch_size: int, na_ksd: bool = True, mode: str = "expected") -> Path:
-    """A tiny Llama + JSONL sets + a recipe in ``tmp_path``; returns the recipe path."""
-    from tests.tiny import save_tiny
-
-    model_dir = tmp_path / "model"
-    if not model_dir.exists():
-        save_tiny("llama", model_dir)
-    lines = ["model: model", "dtype: float32", "device: cpu", "data:"]
-    for i, (name, n) in enumerate(sizes.items()):
-        _write_jsonl(tmp_path / f"{name}.jsonl", _texts(n, seed=10 + i))
-        lines.append(f"  {name}: {{path: {name}.jsonl, text: '{{text}}'}}")
-    lines.append(f"profile: {{batch_size: {batch_size}, max_length: 24}}")
+    """A tiny project in ``tmp_path`` whose sets have ``sizes`` random texts; returns the recipe path."""
     names = list(sizes)
     if na_ksd:
-        lines.append(f"neuron_adjust: {{forget: {names[0]}, retain: {names[1]}, top_percent: 10.0, mode: {mode}, seed: 0}}")
-        lines.append(f"key_space: {{forget: {names[-1]}, layer: -1, scale: 2.0}}")
+        methods = (f"neuron_adjust: {{forget: {names[0]}, retain: {names[1]}, top_percent: 10.0, mode: {mode}, seed: 0}}\n"
+                   f"key_space: {{forget: {names[-1]}, layer: -1, scale: 2.0}}\n")
     else:
-        lines.append(f"prune: {{forget: {names[0]}, retain: {names[1:]}, top_percent: 10.0}}")
-    recipe = tmp_path / f"recipe_{'_'.join(f'{k}{v}' for k, v in sizes.items())}_b{batch_size}.yaml"
-    recipe.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return recipe
+        methods = f"prune: {{forget: {names[0]}, retain: {names[1:]}, top_percent: 10.0}}\n"
+    return tiny_project(tmp_path, methods, files={name: _texts(n, seed=10 + i) for i, (name, n) in enumerate(sizes.items())},
+                        sets={name: f"{{path: {name}.jsonl, text: '{{text}}'}}" for name in names},
+                        profile=f"{{batch_size: {batch_size}, max_length: 24}}", export=None,
+                        name=f"recipe_{'_'.join(f'{k}{v}' for k, v in sizes.items())}_b{batch_size}.yaml")
 
 
 def _free_port() -> int:
@@ -130,8 +118,8 @@ def test_shard_and_env():
 
 
 def test_empty_shard_profiles_to_empty_moments():
-    from editor.arch import spec_for
-    from editor.profile import profile_texts
+    from editor.model.arch import spec_for
+    from editor.profile.profile import profile_texts
     from tests.tiny import CharTokenizer, tiny_model
 
     model = tiny_model("llama")
@@ -148,6 +136,7 @@ def test_empty_shard_profiles_to_empty_moments():
 
 
 @pytest.mark.xdist_group("distributed")  # process groups on loopback: one at a time
+@pytest.mark.slow
 def test_torchrun_cli_two_ranks_matches_single_process(tmp_path):
     # forget: 5 texts → shards 3 / 2, both smaller than the batch of 4; retain: 3 texts → 2 / 1;
     # keys: 2 texts → 1 / 1. NA (expected mode) + KSD: the NA-active pass is distributed too.
@@ -171,8 +160,8 @@ def _worker(rank: int, world: int, port: int, jobs: list[tuple[str, str]], resul
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
-    from editor.distributed import session
     from editor.pipeline import profile_recipe
+    from editor.profile.distributed import session
 
     for recipe, out in jobs:
         profile_recipe(recipe, out, progress=False)
@@ -192,6 +181,7 @@ def _worker(rank: int, world: int, port: int, jobs: list[tuple[str, str]], resul
 
 
 @pytest.mark.xdist_group("distributed")  # process groups on loopback: one at a time
+@pytest.mark.slow
 def test_spawn_three_ranks_empty_shard_and_errors(tmp_path):
     import torch.multiprocessing as mp
 
@@ -271,7 +261,7 @@ def test_device_map_dispatch_gives_same_stats(tmp_path, offload):
     pytest.importorskip("accelerate")
     from transformers import AutoModelForCausalLM
 
-    from editor.modelio import load_tokenizer
+    from editor.model.loading import load_tokenizer
     from editor.pipeline import prepare, profile_job
 
     recipe = _make_job(tmp_path, {"forget": 7, "retain": 5, "keys": 4}, batch_size=3)
@@ -283,8 +273,8 @@ def test_device_map_dispatch_gives_same_stats(tmp_path, offload):
     if not offload:
         _assert_same_sets(profile_job(job, model, tok, progress=False), want)
         return
-    from editor.profile import profile_set
-    from editor.arch import spec_for
+    from editor.model.arch import spec_for
+    from editor.profile.profile import profile_set
 
     spec = spec_for(job.config)
     for name in ("forget", "retain", "keys"):
@@ -301,9 +291,11 @@ def test_guards_run_on_an_accelerate_dispatched_model(tmp_path, detector):
     pytest.importorskip("accelerate")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from editor.arch import spec_for
-    from editor.methods import LinearShare, ksd_bounds
-    from editor.patch import apply_key_space, edit_description, wrap
+    from editor.methods.key_space import LinearShare, ksd_bounds
+    from editor.model.arch import spec_for
+    from editor.patch import apply_key_space, describe, wrap
+    from editor.plan import Plans
+    from editor.profile.collect import pooled_keys
     from tests.tiny import save_tiny
 
     save_tiny("llama", tmp_path / "model")
@@ -317,10 +309,8 @@ def test_guards_run_on_an_accelerate_dispatched_model(tmp_path, detector):
     d = plain.config.intermediate_size
     g = torch.Generator().manual_seed(0)
     if detector == "linear":
-        from editor.calibrate import collect_pooled_keys
-
         w = {i: torch.randn(d, generator=g) for i in range(n_layers)}
-        pooled = collect_pooled_keys(plain, tok, spec, texts, batch_size=4)
+        pooled = pooled_keys(plain, tok, spec, texts, batch_size=4)
         score = sum(pooled[i] @ w[i] for i in w)
         bias = -float(score.median()) + 1e-3  # about half the rows abstain
         guard = {i: LinearShare(w[i], bias if i == 0 else 0.0) for i in range(n_layers)}
@@ -335,9 +325,9 @@ def test_guards_run_on_an_accelerate_dispatched_model(tmp_path, detector):
 
     def decide(model):
         apply_key_space(model, spec, "llama", guard)
-        edit = edit_description("llama", None, guard, "no", [5, 2], model, check="prompt")
+        edit = describe("llama", model, Plans(key_space=guard), refusal="no", refusal_ids=[5, 2], check="prompt")
         with torch.no_grad():
-            out = wrap(model, edit)(**enc)
+            out = wrap(model, edit.config())(**enc)
         return out.abstained, out.logits
 
     want_ab, want_logits = decide(plain)

@@ -12,6 +12,7 @@ import yaml
 from editor.dryrun import KNOWN_DATASETS, dry_run, model_shape, parameter_count
 from editor.errors import EditorError
 from editor.recipe import load_recipe
+from tests.helpers import write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "recipes" / "paper"
@@ -223,7 +224,7 @@ def test_dry_run_unknown_hub_dataset_is_reported_not_fetched(tmp_path):
 
 
 def test_dry_run_local_data(tmp_path):
-    (tmp_path / "f.jsonl").write_text("\n".join(json.dumps({"q": f"question {i}", "a": str(i)}) for i in range(5)) + "\n")
+    write_jsonl(tmp_path / "f.jsonl", [{"q": f"question {i}", "a": str(i)} for i in range(5)])
     (tmp_path / "r.csv").write_text("src,lang\nprint(1),py\nprint(2),py\nx=1,py\n")
     obj = _base()
     obj["data"] = {

@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,9 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from editor.cli import main
-from tests.tiny import save_tiny
+from tests.helpers import cli, tiny_project
+
+pytestmark = pytest.mark.slow  # the module's checkpoints are built end to end and loaded in a clean process
 
 # arch -> (dtype, NA mode): every mode and dtype somewhere
 ARCH_CASES = {
@@ -36,38 +37,6 @@ ARCH_CASES = {
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PROMPTS = ["12 + 7 = 19", "the cat sat on"]
-
-FORGET = [f"{a} + {b} = {a + b}" for a, b in [(3, 4), (12, 7), (25, 31), (8, 9), (40, 2), (17, 6), (5, 55), (21, 21), (9, 90), (33, 3)]]
-RETAIN = ["the cat sat on the mat", "a dog ran in the park", "birds sing at dawn", "she reads a long book",
-          "rain falls on the roof", "we walk by the river", "he paints the old door", "the sun is warm today",
-          "they cook rice and beans", "my friend likes green tea"]
-
-
-def _write_jsonl(path: Path, texts: list[str]) -> None:
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
-
-
-def _recipe(root: Path, dtype: str, body: str) -> Path:
-    _write_jsonl(root / "forget.jsonl", FORGET)
-    _write_jsonl(root / "retain.jsonl", RETAIN)
-    p = root / "recipe.yaml"
-    p.write_text(textwrap.dedent(f"""\
-        model: model
-        dtype: {dtype}
-        device: cpu
-        data:
-          forget: {{path: forget.jsonl}}
-          retain: {{path: retain.jsonl}}
-        profile: {{batch_size: 4, max_length: 32}}
-        export: {{out: out}}
-        """) + textwrap.dedent(body), encoding="utf-8")
-    return p
-
-
-def _invoke(*args) -> str:
-    res = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    assert res.exit_code == 0, f"{args}: exit {res.exit_code}: {res.output}"
-    return res.output
 
 
 def _inputs(tok) -> dict:
@@ -176,21 +145,19 @@ def _na_ksd_body(mode: str) -> str:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """Per arch: base model dir, stats, exported checkpoint, the in-process expected outputs."""
-    from editor.export_hf import build_edited
-    from editor.pipeline import load_job_stats, prepare
+    from editor.pipeline import edit_model, prepare
+    from editor.profile.stats import load_stats
 
     root = tmp_path_factory.mktemp("export")
     out = {"root": root, "archs": {}}
     inputs = None
     for arch, (dtype, mode) in ARCH_CASES.items():
         d = root / arch
-        d.mkdir()
-        save_tiny(arch, d / "model", dtype=DTYPES[dtype])
-        recipe = _recipe(d, dtype, _na_ksd_body(mode))
-        _invoke("profile", recipe, "--out", d / "stats", "--quiet")
-        _invoke("export", recipe, "--stats", d / "stats", "--out", d / "ckpt")
+        recipe = tiny_project(d, _na_ksd_body(mode), arch=arch, dtype=dtype)
+        cli("profile", recipe, "--out", d / "stats", "--quiet")
+        cli("export", recipe, "--stats", d / "stats", "--out", d / "ckpt")
         job = prepare(recipe)
-        ed = build_edited(job, load_job_stats(d / "stats"))
+        ed = edit_model(job, load_stats(d / "stats"))
         wrapped = ed.wrapped.eval()
         if inputs is None:
             inputs = _inputs(ed.tokenizer)
@@ -200,13 +167,11 @@ def built(tmp_path_factory):
                               "abstained": res.abstained, "edited": ed}
     # prune baseline (plain checkpoint)
     d = root / "prune"
-    d.mkdir()
-    save_tiny("llama", d / "model")
-    recipe = _recipe(d, "float32", "prune: {forget: forget, retain: retain, top_percent: 10}\n")
-    _invoke("profile", recipe, "--out", d / "stats", "--quiet")
-    _invoke("export", recipe, "--stats", d / "stats")  # --out defaults to export.out, relative to the recipe
+    recipe = tiny_project(d, "prune: {forget: forget, retain: retain, top_percent: 10}\n")
+    cli("profile", recipe, "--out", d / "stats", "--quiet")
+    cli("export", recipe, "--stats", d / "stats")  # --out defaults to export.out, relative to the recipe
     job = prepare(recipe)
-    ed = build_edited(job, load_job_stats(d / "stats"))
+    ed = edit_model(job, load_stats(d / "stats"))
     with torch.no_grad():
         out["prune"] = {"dir": d, "ckpt": d / "out", "logits": ed.model(**inputs).logits.float(), "edited": ed}
     out["inputs"] = inputs
@@ -217,7 +182,7 @@ def built(tmp_path_factory):
 def variants(built):
     """Tampered copies of the llama checkpoint, a sharded export and the restored base models."""
     from editor.checkpoint import restore
-    from editor.export_hf import export_recipe
+    from editor.pipeline import export_recipe
 
     root = built["root"] / "variants"
     root.mkdir()
@@ -417,34 +382,6 @@ def test_model_card(built):
     assert "Effective Skill Unlearning through Intervention and Abstention" in text
 
 
-def test_card_with_scorecard_has_model_index():
-    from huggingface_hub import ModelCard
-
-    from editor.card import build_card
-
-    manifest = {
-        "kind": "patched", "tool_version": "0",
-        "base_model": {"model": "meta-llama/Meta-Llama-3-8B", "local": False, "model_type": "llama"},
-        "recipe": {"push": {"repo_id": "me/llama-no-math"}},
-        "edit": {"methods": ["key_space"], "key_space": {"forget": "math", "layers": [31], "k": {"31": 3.2},
-                                                         "scale": {"31": 2.0}, "refusal": "No."}},
-        "scorecard": {"before": {"math": {"exact_match": 0.5, "abstained": 0.0, "n": 10}, "code": {"exact_match": 0.4, "n": 10}},
-                      "after": {"math": {"exact_match": 0.05, "abstained": 0.9, "n": 10}, "code": {"exact_match": 0.4}},
-                      "drop": {"math": 0.9}},
-    }
-    card = ModelCard(str(build_card(manifest)))
-    data = card.data.to_dict()
-    assert data["base_model"] == "meta-llama/Meta-Llama-3-8B"
-    results = data["model-index"][0]["results"]
-    metrics = {(r["dataset"]["config"], m["name"]): m["value"] for r in results for m in r["metrics"]}
-    assert metrics[("math", "exact match (edited)")] == 0.05
-    assert metrics[("math", "relative drop 1 - after/before")] == 0.9
-    assert metrics[("code", "relative drop 1 - after/before")] == 0.0  # computed when "drop" lacks it
-    assert "| math | 0.500 | 0.050 | 0.900 |" in card.text
-    # missing keys are tolerated
-    assert "model-index" not in ModelCard(str(build_card({"scorecard": {}}))).data.to_dict()
-
-
 # ---------------------------------------------------------------------------------------------
 # determinism, atomicity, destination
 # ---------------------------------------------------------------------------------------------
@@ -456,18 +393,19 @@ def _tree(d: Path) -> dict[str, bytes]:
 
 def test_export_is_byte_identical(built, tmp_path):
     a = built["archs"]["llama"]
-    _invoke("export", a["recipe"], "--stats", a["dir"] / "stats", "--out", tmp_path / "again")
+    cli("export", a["recipe"], "--stats", a["dir"] / "stats", "--out", tmp_path / "again")
     assert _tree(tmp_path / "again") == _tree(a["ckpt"])
 
 
 def test_export_is_atomic(built, tmp_path, monkeypatch):
-    import editor.export_hf as ex
+    import editor.export.hf as ex
+    from editor.manifest import build_manifest
+    from editor.pipeline import prepare
 
     a = built["archs"]["gpt2"]
     ed = a["edited"]
-    from editor.pipeline import load_job_stats, prepare
-
     job = prepare(a["recipe"])
+    manifest = build_manifest(job.recipe, model_type=job.model_type, dtype="float32", edit=ed.edit, statistics=None)
 
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
@@ -475,14 +413,14 @@ def test_export_is_atomic(built, tmp_path, monkeypatch):
     monkeypatch.setattr(ex, "_save_tokenizer", boom)  # after the weights were written
     dest = tmp_path / "ckpt"
     with pytest.raises(RuntimeError, match="disk full"):
-        ex.export_hf(job, ed.model, ed.tokenizer, ed.plans, ed.edit, dest, stats_file=load_job_stats(a["dir"] / "stats"))
+        ex.export_hf(ed.model, ed.tokenizer, ed.edit, manifest, dest)
     assert not dest.exists()
     assert list(tmp_path.iterdir()) == []  # no temp dir left behind
     # an existing checkpoint survives a failed --overwrite
     dest.mkdir()
     (dest / "keep.txt").write_text("old")
     with pytest.raises(RuntimeError, match="disk full"):
-        ex.export_hf(job, ed.model, ed.tokenizer, ed.plans, ed.edit, dest, overwrite=True)
+        ex.export_hf(ed.model, ed.tokenizer, ed.edit, manifest, dest, overwrite=True)
     assert [p.name for p in dest.iterdir()] == ["keep.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
@@ -496,7 +434,7 @@ def test_non_empty_destination_needs_overwrite(built, tmp_path):
     assert res.exit_code == 2
     assert "not empty" in res.output and "--overwrite" in res.output
     assert [p.name for p in dest.iterdir()] == ["something"]
-    _invoke("export", a["recipe"], "--stats", a["dir"] / "stats", "--out", dest, "--overwrite")
+    cli("export", a["recipe"], "--stats", a["dir"] / "stats", "--out", dest, "--overwrite")
     assert not (dest / "something").exists() and (dest / "skill_editor.json").exists()
 
 
@@ -531,7 +469,7 @@ def test_inspect_catches_a_changed_byte_and_a_missing_file(built, tmp_path):
 
 def test_inspect_catches_patch_tampering_even_with_rehashed_manifest(built, variants, tmp_path):
     from editor.checkpoint import verify
-    from editor.export_hf import MANIFEST, file_digests
+    from editor.manifest import MANIFEST, file_digests
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(variants["value"], ckpt)
@@ -577,9 +515,9 @@ def test_single_method_exports(built, tmp_path, body):
     from editor.runtime.modeling_skill_editor import SkillEditorForCausalLM
 
     shutil.copytree(built["archs"]["gpt2"]["dir"] / "model", tmp_path / "model")
-    recipe = _recipe(tmp_path, "float32", body)
-    _invoke("profile", recipe, "--out", tmp_path / "stats", "--quiet")
-    _invoke("export", recipe, "--stats", tmp_path / "stats", "--out", tmp_path / "ckpt")
+    recipe = tiny_project(tmp_path, body)
+    cli("profile", recipe, "--out", tmp_path / "stats", "--quiet")
+    cli("export", recipe, "--stats", tmp_path / "stats", "--out", tmp_path / "ckpt")
     rep = verify(tmp_path / "ckpt")
     assert rep.ok, rep.problems
     m = rep.manifest["edit"]
@@ -613,7 +551,7 @@ def test_restore_streams_sharded_in_and_out(built, tmp_path):
     import safetensors.torch as st_torch
 
     from editor.checkpoint import INDEX, restore
-    from editor.export_hf import export_recipe
+    from editor.pipeline import export_recipe
 
     arch = "llama"
     d = built["archs"][arch]["dir"]

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from editor.arch import check_mapping, decoder_layers, permute_neurons, spec_for
+from editor.model.arch import check_mapping, decoder_layers, permute_neurons, spec_for
 
 EXTRA = {
     "gemma3_text": dict(head_dim=8),

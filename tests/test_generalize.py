@@ -18,7 +18,7 @@ import pytest
 from editor.pipeline import run_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.xdist_group("testbed-generalize")
+pytestmark = [pytest.mark.xdist_group("testbed-generalize"), pytest.mark.slow]
 
 
 def _check_target(out: Path, recipe: str, skill: str, probed: str, n_unseen: int) -> dict:

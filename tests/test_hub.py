@@ -18,7 +18,8 @@ import pytest
 from click.testing import CliRunner
 
 from editor.cli import main
-from editor.export_hf import MANIFEST, _json_bytes, file_digests
+from editor.io import json_bytes
+from editor.manifest import MANIFEST, file_digests
 
 TOKEN = "hf_testtokenABCDEFGHIJKLMNOP1234"
 
@@ -183,7 +184,7 @@ def make_checkpoint(root: Path) -> Path:
     (ckpt / "README.md").write_text("---\nlibrary_name: transformers\ntags:\n- skill-editor\n---\n\n# card body\n")
     manifest = {"format": "skill-editor/checkpoint", "kind": "plain", "edit": {"methods": ["prune"]},
                 "files": file_digests(ckpt)}
-    (ckpt / MANIFEST).write_bytes(_json_bytes(manifest))
+    (ckpt / MANIFEST).write_bytes(json_bytes(manifest))
     return ckpt
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -18,48 +17,24 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from editor.cli import main  # noqa: E402
-from tests.tiny import save_tiny  # noqa: E402
+from tests.helpers import cli  # noqa: E402
 
-pytestmark = pytest.mark.xdist_group("inspect_onnx")  # one worker builds the export once
+pytestmark = [pytest.mark.xdist_group("inspect_onnx"), pytest.mark.slow]  # one worker builds the export once
 
-FORGET = [f"{a} + {b} = {a + b}" for a, b in [(3, 4), (12, 7), (25, 31), (8, 9), (40, 2), (17, 6), (5, 55), (21, 21), (9, 90), (33, 3)]]
-RETAIN = ["the cat sat on the mat", "a dog ran in the park", "birds sing at dawn", "she reads a long book",
-          "rain falls on the roof", "we walk by the river", "he paints the old door", "the sun is warm today",
-          "they cook rice and beans", "my friend likes green tea"]
-EVAL = ([{"prompt": t[: t.index("=") + 1], "answer": t.split("= ")[1], "skill": "math"} for t in FORGET[:4]]
-        + [{"prompt": t[:8], "answer": t[8:12], "skill": "other"} for t in RETAIN[:4]])
 FILES = ["README.md", "generation_config.json", "model.onnx", "model.onnx.data", "tokenizer.json", "tokenizer_config.json"]
 
 
-def _jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-
-
 @pytest.fixture(scope="module")
-def onnx_export(tmp_path_factory) -> Path:
+def onnx_export(make_project) -> Path:
     """`skill-editor run` of a recipe with NA + calibrated KSD + scorecard, exported as ONNX only."""
-    root = tmp_path_factory.mktemp("inspect-onnx")
-    save_tiny("llama", root / "model")
-    _jsonl(root / "forget.jsonl", [{"text": t} for t in FORGET])
-    _jsonl(root / "retain.jsonl", [{"text": t} for t in RETAIN])
-    _jsonl(root / "eval.jsonl", EVAL)
-    (root / "recipe.yaml").write_text(textwrap.dedent("""\
-        model: model
-        dtype: float32
-        device: cpu
-        data:
-          forget: {path: forget.jsonl}
-          retain: {path: retain.jsonl}
-          scorecard: {path: eval.jsonl, text: "{prompt}"}
-        profile: {batch_size: 4, max_length: 32}
+    recipe = make_project("inspect-onnx", """\
         neuron_adjust: {forget: forget, retain: retain, top_percent: 10, mode: expected, seed: 0}
         key_space: {forget: forget, retain: retain, folds: 3, seed: 0, false_positive_budget: 0.05, refusal: "No."}
-        export: {out: out, formats: [onnx]}
         evaluate: {data: scorecard}
-        """), encoding="utf-8")
-    res = CliRunner().invoke(main, ["run", str(root / "recipe.yaml"), "--quiet"], catch_exceptions=False)
-    assert res.exit_code == 0, res.output
-    out = root / "out"
+        """, sets={"forget": "{path: forget.jsonl}", "retain": "{path: retain.jsonl}",
+                   "scorecard": '{path: eval.jsonl, text: "{prompt}"}'}, export="{out: out, formats: [onnx]}")
+    cli("run", recipe, "--quiet")
+    out = recipe.parent / "out"
     assert (out / "model.onnx").is_file() and not (out / "config.json").exists()
     return out
 
@@ -214,7 +189,7 @@ def test_onnx_export_has_its_model_card(onnx_export, tmp_path):
 
 def test_plain_onnx_export(tmp_path):
     """A base model exported directly (no edit, no pipeline manifest): verified, reported as plain."""
-    from editor.export_onnx import export_onnx
+    from editor.export.onnx import export_onnx
     from tests.tiny import char_tokenizer, tiny_model
 
     out = tmp_path / "plain"
@@ -235,11 +210,14 @@ def test_restore_refuses_an_onnx_export(onnx_export, tmp_path):
     assert not (tmp_path / "base").exists()
 
 
-def test_detection_constants_match_the_exporter(onnx_export, tmp_path):
-    from editor import checkpoint, export_onnx
+def test_detection_uses_the_exporters_names(onnx_export, tmp_path):
+    from editor import checkpoint, manifest, onnx_runtime
+    from editor.export import onnx
 
-    assert (checkpoint.ONNX_MODEL, checkpoint.ONNX_DATA, checkpoint.ONNX_FORMAT) == (
-        export_onnx.MODEL_FILE, export_onnx.DATA_FILE, export_onnx.ONNX_FORMAT)
+    for module in (checkpoint, onnx, onnx_runtime):  # one definition, in editor.manifest
+        assert module.ONNX_MODEL is manifest.ONNX_MODEL
+    for module in (checkpoint, onnx):
+        assert (module.ONNX_DATA, module.ONNX_FORMAT) == (manifest.ONNX_DATA, manifest.ONNX_FORMAT)
     assert checkpoint.is_onnx_export(onnx_export)
     ckpt = _copy(onnx_export, tmp_path / "ckpt")
     (ckpt / "config.json").write_text("{}", encoding="utf-8")  # with a config.json it is read as an HF checkpoint

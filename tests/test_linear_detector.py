@@ -19,19 +19,19 @@ import functools
 import json
 import shutil
 import struct
-import textwrap
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 
-from editor.arch import arch_spec
-from editor.methods import LinearShare
-from editor.patch import apply_key_space, edit_description, refusal_token_ids, wrap
+from editor.model.arch import arch_spec
+from editor.methods.key_space import LinearShare
+from editor.patch import apply_key_space, describe, refusal_token_ids, wrap
+from editor.plan import Plans
 from tests import reference_methods as ref
-from tests.test_runtime import pad, positions, texts
-from tests.tiny import char_tokenizer, save_tiny, tiny_model
+from tests.helpers import pad, positions, random_rows, tiny_project
+from tests.tiny import char_tokenizer, tiny_model
 
 REFUSAL = "No."
 REFUSAL_IDS = [40, 41, 42, 2]
@@ -124,8 +124,8 @@ def edited(base, weights, biases, check="prompt"):
     patched = copy.deepcopy(base)
     shares = {layer: LinearShare(weights[layer].clone(), biases[layer]) for layer in weights}
     apply_key_space(patched, arch_spec(arch), arch, shares)
-    edit = edit_description(arch, None, shares, REFUSAL, REFUSAL_IDS, patched, check=check)
-    return wrap(patched, edit), shares
+    edit = describe(arch, patched, Plans(key_space=shares), refusal=REFUSAL, refusal_ids=REFUSAL_IDS, check=check)
+    return wrap(patched, edit.config()), shares
 
 
 # ------------------------------------------------------------------------------------------------
@@ -141,7 +141,7 @@ class Case:
         # several guarded layers; llama (3 layers) skips its middle one
         self.layers = [0, 2] if n == 3 else list(range(n))
         self.weights = random_weights(self.base, self.layers, seed=5)
-        self.rows = texts(21, 4, lo=3, hi=11)
+        self.rows = random_rows(21, 4, lo=3, hi=11)
         assert len({len(r) for r in self.rows}) > 1, "prompts of different lengths"
         self.biases = balanced_biases(self.base, self.rows, self.weights)
         self.alone = literal_alone(self.base, self.rows, self.weights, self.biases)
@@ -308,16 +308,12 @@ def test_score_ignores_padding(arch):
 
 
 # ------------------------------------------------------------------------------------------------
-# 4. HF export round trip (editor.export_hf), fail-closed loading
+# 4. HF export round trip (editor.export.hf), fail-closed loading
 # ------------------------------------------------------------------------------------------------
 
 PROMPTS = ["What is 2+2?", "Compute 7*8 now.", "Hello there, friend", "x", "Le chat est noir."]
 FORGET = ["1 + 1 = 2", "3 + 4 = 7"]
 RETAIN = ["the cat sat", "a dog ran"]
-
-
-def _jsonl(path: Path, rows):
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in rows), encoding="utf-8")
 
 
 def _enc(tok, prompts):
@@ -329,29 +325,21 @@ def _enc(tok, prompts):
 @pytest.fixture(scope="module")
 def hf_export(tmp_path_factory):
     """A tiny llama saved to disk, edited in-process with a linear guard on layers 0 and 2 (biases
-    splitting PROMPTS), written by ``editor.export_hf.export_hf`` and read back through
+    splitting PROMPTS), written by ``editor.export.hf.export_hf`` and read back through
     ``AutoModelForCausalLM.from_pretrained(trust_remote_code=True)``."""
     from transformers import AutoModelForCausalLM
 
-    from editor.export_hf import export_hf
-    from editor.pipeline import Plans, prepare
+    from editor.export.hf import export_hf
+    from editor.manifest import build_manifest
+    from editor.pipeline import prepare
 
-    root = tmp_path_factory.mktemp("linear-hf")
-    base = save_tiny("llama", root / "model", seed=4)
-    tok = char_tokenizer()
-    _jsonl(root / "forget.jsonl", FORGET)
-    _jsonl(root / "retain.jsonl", RETAIN)
-    (root / "recipe.yaml").write_text(textwrap.dedent("""\
-        model: model
-        dtype: float32
-        device: cpu
-        data:
-          forget: {path: forget.jsonl}
-          retain: {path: retain.jsonl}
+    recipe = tiny_project(tmp_path_factory.mktemp("linear-hf"), """\
         key_space: {forget: forget, retain: retain, detector: linear, check: prompt, refusal: "No."}
-        export: {out: out}
-        """), encoding="utf-8")
-    job = prepare(root / "recipe.yaml")
+        """, seed=4, profile=None, files={"forget": FORGET, "retain": RETAIN})
+    root = recipe.parent
+    base = AutoModelForCausalLM.from_pretrained(str(root / "model")).eval()
+    tok = char_tokenizer()
+    job = prepare(recipe)
     rows = [list(tok(p)["input_ids"]) for p in PROMPTS]
     weights = random_weights(base, [0, 2], seed=9)
     biases = balanced_biases(base, rows, weights)
@@ -360,18 +348,22 @@ def hf_export(tmp_path_factory):
     patched = copy.deepcopy(base)
     shares = {layer: LinearShare(weights[layer], biases[layer]) for layer in weights}
     apply_key_space(patched, arch_spec(arch), arch, shares)
-    edit = edit_description(arch, None, shares, REFUSAL, refusal_token_ids(tok, REFUSAL), patched, check="prompt")
-    out = export_hf(job, patched, tok, Plans(key_space=shares), edit, root / "ckpt")
+    edit = describe(arch, patched, Plans(key_space=shares), refusal=REFUSAL, refusal_ids=refusal_token_ids(tok, REFUSAL),
+                    check="prompt")
+    manifest = build_manifest(job.recipe, model_type=arch, dtype="float32", edit=edit, statistics=None)
+    out = export_hf(patched, tok, edit, manifest, root / "ckpt")
     loaded = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True).eval()
-    return {"root": root, "base": base, "tok": tok, "model": wrap(patched, edit).eval(), "loaded": loaded,
+    return {"root": root, "base": base, "tok": tok, "model": wrap(patched, edit.config()).eval(), "loaded": loaded,
             "ckpt": Path(out), "want": want, "weights": weights, "biases": biases}
 
 
 # the export tests share one module fixture (one worker builds it, as in test_inspect_onnx)
 EXPORT_GROUP = pytest.mark.xdist_group("linear_detector_export")
+SLOW = pytest.mark.slow
 
 
 @EXPORT_GROUP
+@SLOW
 def test_export_round_trip_matches_in_process(hf_export):
     e = hf_export
     loaded, model = e["loaded"], e["model"]
@@ -419,6 +411,7 @@ def _tampered(src: Path, dst: Path, how: str) -> Path:
 
 
 @EXPORT_GROUP
+@SLOW
 @pytest.mark.parametrize("how", ["missing-weight", "missing-bias", "changed-byte"])
 def test_tampered_checkpoint_refuses_to_load(hf_export, tmp_path, how):
     from transformers import AutoModelForCausalLM
@@ -436,13 +429,14 @@ def test_tampered_checkpoint_refuses_to_load(hf_export, tmp_path, how):
 
 
 @EXPORT_GROUP
+@SLOW
 def test_onnx_abstained_matches_torch(hf_export, tmp_path):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     import numpy as np
 
-    from editor.export_onnx import export_onnx
+    from editor.export.onnx import export_onnx
     from editor.onnx_runtime import OnnxGenerator
 
     e = hf_export

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from editor.errors import EditorError
-from editor.methods import (
-    SIGMA_FLOOR,
+from editor.methods import SIGMA_FLOOR
+from editor.methods.key_space import ksd_bounds
+from editor.methods.neuron_adjust import (
     Gaussian,
-    ksd_bounds,
     na_constants,
     neuron_scores,
     plan_neuron_adjust,

@@ -15,12 +15,15 @@ pytest.importorskip("onnxscript")
 
 import numpy as np  # noqa: E402
 
-from editor.arch import decoder_layers, spec_for  # noqa: E402
+from editor.model.arch import decoder_layers, spec_for  # noqa: E402
 from editor.errors import EditorError  # noqa: E402
-from editor.export_onnx import DATA_FILE, META_FILE, MODEL_FILE, export_onnx, io_names, validate_onnx  # noqa: E402
-from editor.methods import Gaussian, ksd_bounds, plan_neuron_adjust  # noqa: E402
+from editor.export.onnx import export_onnx, io_names, validate_onnx  # noqa: E402
+from editor.manifest import MANIFEST, ONNX_DATA, ONNX_MODEL  # noqa: E402
+from editor.methods.key_space import ksd_bounds  # noqa: E402
+from editor.methods.neuron_adjust import Gaussian, plan_neuron_adjust  # noqa: E402
 from editor.onnx_runtime import OnnxGenerator  # noqa: E402
-from editor.patch import apply_key_space, apply_neuron_adjust, edit_description, refusal_token_ids, wrap  # noqa: E402
+from editor.patch import apply_key_space, apply_neuron_adjust, describe, refusal_token_ids, wrap  # noqa: E402
+from editor.plan import Plans  # noqa: E402
 from tests.tiny import char_tokenizer, tiny_model  # noqa: E402
 
 FORGET = ["What is 2+2?", "Compute 7*8."]
@@ -59,9 +62,9 @@ def build(arch: str, mode: str, *, ksd: bool = True, seed: int = 0):
         k = torch.stack(keys).double()
         bounds = {layer: ksd_bounds(k.mean(0), k.std(0), k.min(0).values, k.max(0).values, scale=1.5)}
         apply_key_space(m, spec, arch, bounds)
-    edit = edit_description(arch, plan, bounds, REFUSAL if ksd else None,
-                            refusal_token_ids(tok, REFUSAL) if ksd else None, m)
-    return wrap(m, edit), tok
+    edit = describe(arch, m, Plans(plan, bounds or {}), refusal=REFUSAL if ksd else None,
+                    refusal_ids=refusal_token_ids(tok, REFUSAL) if ksd else None)
+    return wrap(m, edit.config()), tok
 
 
 def torch_greedy(model, tok, prompts, max_new=MAX_NEW) -> list[str]:
@@ -85,30 +88,32 @@ def exported(request, tmp_path_factory):
     return arch, mode, model, tok, out, result
 
 
+@pytest.mark.slow
 def test_export_files_and_validation(exported):
     arch, mode, model, tok, out, result = exported
     assert Path(result) == out and str(result) == str(out)  # path-like for callers that only want the path
-    for name in (MODEL_FILE, DATA_FILE, META_FILE, "tokenizer.json", "generation_config.json"):
+    for name in (ONNX_MODEL, ONNX_DATA, MANIFEST, "tokenizer.json", "generation_config.json"):
         assert (out / name).is_file(), name
     assert not (out / "config.json").exists()  # it would change how AutoTokenizer reloads the tokenizer
     v = result["validation"]
     assert v["agree"] and v["max_abs_diff"] <= 1e-4 and v["greedy_steps"] >= 8
     assert v["abstained_row_steps"] >= len(FORGET)  # the forget prompts abstained (in both runtimes)
-    assert result["export_seconds"] > 0 and result["files"][DATA_FILE] > 0
-    meta = json.loads((out / META_FILE).read_text())
+    assert result["export_seconds"] > 0 and result["files"][ONNX_DATA] > 0
+    meta = json.loads((out / MANIFEST).read_text())
     assert meta["edit"]["neuron_adjust"]["mode"] == mode
     assert meta["edit"]["patch_digest"] == model.config.skill_editor["patch_digest"]
     assert meta["onnx"]["refusal"] == REFUSAL and meta["onnx"]["validation"]["agree"]
     from editor.io import sha256_file
 
-    assert meta["files"] == {p.name: sha256_file(p) for p in out.iterdir() if p.name != META_FILE}
+    assert meta["files"] == {p.name: sha256_file(p) for p in out.iterdir() if p.name != MANIFEST}
 
 
+@pytest.mark.slow
 def test_graph_io(exported):
     import onnxruntime as ort
 
     arch, mode, model, tok, out, result = exported
-    sess = ort.InferenceSession(str(out / MODEL_FILE), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(out / ONNX_MODEL), providers=["CPUExecutionProvider"])
     n = model.model.config.num_hidden_layers
     want_in, want_out = io_names(n)
     assert [i.name for i in sess.get_inputs()] == want_in
@@ -123,6 +128,7 @@ def test_graph_io(exported):
     assert json.loads(sess.get_modelmeta().custom_metadata_map["skill_editor"])["patch_digest"] == model.config.skill_editor["patch_digest"]
 
 
+@pytest.mark.slow
 def test_ort_logits_and_abstention_match(exported):
     """Independent of the built-in validation: a left-padded batch mixing forget and other prompts,
     then two cached steps; logits at real positions within 1e-4, abstention per row identical."""
@@ -152,6 +158,7 @@ def test_ort_logits_and_abstention_match(exported):
         cache, nxt = ref.past_key_values, ref.logits[:, -1].argmax(-1)
 
 
+@pytest.mark.slow
 def test_generator_matches_torch_greedy(exported):
     arch, mode, model, tok, out, result = exported
     prompts = FORGET + OTHER
@@ -182,15 +189,17 @@ def test_bfloat16_refused_before_export(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_float16_export(tmp_path):
     """16-bit graphs validate with the 16-bit tolerance (5e-2 on the logits)."""
     model = tiny_model("gpt2", n_layer=1, dtype=torch.float16)
     tok = char_tokenizer()
     result = export_onnx(model, tok, tmp_path / "fp16", prompts=OTHER)
     assert result["validation"]["atol"] == 5e-2 and result["validation"]["max_abs_diff"] <= 5e-2
-    assert json.loads((tmp_path / "fp16" / META_FILE).read_text())["onnx"]["dtype"] == "float16"
+    assert json.loads((tmp_path / "fp16" / MANIFEST).read_text())["onnx"]["dtype"] == "float16"
 
 
+@pytest.mark.slow
 def test_plain_model_exports_without_abstention(tmp_path):
     """A base model (no edit): the same graph I/O, ``abstained`` all False."""
     model = tiny_model("llama", num_hidden_layers=1)
@@ -203,7 +212,7 @@ def test_plain_model_exports_without_abstention(tmp_path):
     digests = [{p.name: sha256_file(p) for p in sorted((tmp_path / d).iterdir())} for d in ("plain", "again")]
     assert digests[0] == digests[1]
     assert result["validation"]["abstained_row_steps"] == 0
-    meta = json.loads((tmp_path / "plain" / META_FILE).read_text())
+    meta = json.loads((tmp_path / "plain" / MANIFEST).read_text())
     assert "edit" not in meta and meta["onnx"]["num_layers"] == 1
     gen = OnnxGenerator(tmp_path / "plain", threads=1)
     assert gen.generate(OTHER, max_new_tokens=MAX_NEW) == torch_greedy(model, tok, OTHER)
@@ -218,6 +227,7 @@ def test_plain_model_exports_without_abstention(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_testbed_model_export(tmp_path):
     from editor.testbed import DATA_DIR, MODEL_DIR
 
@@ -226,8 +236,7 @@ def test_testbed_model_export(tmp_path):
     import yaml
 
     from editor import pipeline
-    from editor.export_hf import build_edited
-    from editor.modelio import load_model, load_tokenizer
+    from editor.model.loading import load_model, load_tokenizer
     from editor.recipe import parse_recipe
     from editor.testbed import load_examples
 
@@ -241,8 +250,8 @@ def test_testbed_model_export(tmp_path):
     tok = load_tokenizer(job.recipe)
     model = load_model(job.recipe, job.config)
     stats = pipeline.profile_job(job, model, tok, progress=False)
-    ed = build_edited(job, stats, model=model, tokenizer=tok, na_applied=True)
-    wrapped = wrap(ed.model, ed.edit)
+    ed = pipeline.edit_model(job, stats, model=model, tokenizer=tok)  # keeps the NA profile_job applied
+    wrapped = ed.wrapped
 
     evals = load_examples("eval")
     math = [e["prompt"] for e in evals if e["skill"] == "math"][:3]

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from editor.arch import spec_for
-from editor.profile import profile_texts, tokenize
+from editor.model.arch import spec_for
+from editor.profile.collect import tokenize
+from editor.profile.profile import profile_texts
 from tests.reference import reference_stats, summarize
 from tests.tiny import ARCHS, CharTokenizer, tiny_model
 

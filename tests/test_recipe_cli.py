@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from safetensors import safe_open
 
 from editor.cli import main
+from tests.helpers import write_jsonl
 from tests.tiny import save_tiny
 
 
@@ -18,11 +19,10 @@ from tests.tiny import save_tiny
 def workdir(tmp_path_factory):
     d = tmp_path_factory.mktemp("recipe")
     save_tiny("llama", d / "model")
-    with open(d / "data.jsonl", "w") as f:
-        for i in range(12):
-            f.write(json.dumps({"prompt": f"Q: {i}+{i + 1}=", "answer": str(2 * i + 1), "skill": "math"}) + "\n")
-            f.write(json.dumps({"prompt": f"say {chr(97 + i) * 3}", "answer": "ok", "skill": "words"}) + "\n")
-    (d / "one.jsonl").write_text(json.dumps({"prompt": "only", "answer": "1"}) + "\n")
+    write_jsonl(d / "data.jsonl", [row for i in range(12) for row in (
+        {"prompt": f"Q: {i}+{i + 1}=", "answer": str(2 * i + 1), "skill": "math"},
+        {"prompt": f"say {chr(97 + i) * 3}", "answer": "ok", "skill": "words"})])
+    write_jsonl(d / "one.jsonl", [{"prompt": "only", "answer": "1"}])
     (d / "empty.jsonl").write_text("")
     (d / "bad.jsonl").write_text('{"prompt": "x"}\nnot json\n')
     return d
@@ -130,7 +130,7 @@ def test_profile_writes_stats_file(workdir):
         "import os, sys; os.environ['HF_HUB_OFFLINE']='1'; from editor.cli import main; "
         f"sys.argv=['skill-editor','profile',{str(p)!r},'--out',{str(out)!r},'--quiet']; main()"
     )
-    res = subprocess.run([sys.executable, "-c", env_code], capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    res = subprocess.run([sys.executable, "-c", env_code], capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr
     f = out / "stats.safetensors"
     with safe_open(str(f), framework="pt") as st:
@@ -164,9 +164,8 @@ def test_nan_activation_names_layer(tmp_path):
     with torch.no_grad():
         model.model.layers[1].mlp.gate_proj.weight[0, 0] = float("nan")
     model.save_pretrained(tmp_path / "model")
-    with open(tmp_path / "data.jsonl", "w") as f:
-        for i in range(4):
-            f.write(json.dumps({"prompt": f"p{i}", "answer": "a", "skill": "math" if i % 2 else "words"}) + "\n")
+    write_jsonl(tmp_path / "data.jsonl", [{"prompt": f"p{i}", "answer": "a", "skill": "math" if i % 2 else "words"}
+                                          for i in range(4)])
     r = {"model": "model", "data": {"a": {"path": "data.jsonl", "text": "{prompt}"}}}
     res, out = run_profile(tmp_path, r)
     assert res.exit_code == 2
@@ -198,8 +197,7 @@ def test_statistics_and_export_identical_in_another_checkout(workdir, tmp_path):
     exported from two directories gives byte-identical statistics and checkpoints."""
     import shutil
 
-    from editor.export_hf import export_recipe
-    from editor.pipeline import profile_recipe
+    from editor.pipeline import export_recipe, profile_recipe
 
     outs = []
     for name in ("a", "b"):
@@ -232,7 +230,7 @@ def test_accelerator_load_goes_straight_to_the_device(workdir, monkeypatch):
     to record its arguments and load on the CPU (a ``.to("cuda:1")`` would fail on this machine)."""
     from transformers import AutoModelForCausalLM
 
-    from editor.modelio import load_model
+    from editor.model.loading import load_model
     from editor.pipeline import prepare
 
     job = prepare(write(workdir, base_recipe(), "device.yaml"))

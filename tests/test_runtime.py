@@ -12,10 +12,13 @@ import copy
 import pytest
 import torch
 
-from editor.arch import arch_spec, permute_neurons, resolve_layer
-from editor.methods import Gaussian, KSDBounds, ksd_bounds, plan_neuron_adjust
-from editor.patch import apply_key_space, apply_neuron_adjust, edit_description, wrap
+from editor.model.arch import arch_spec, permute_neurons, resolve_layer
+from editor.methods.key_space import KSDBounds, ksd_bounds
+from editor.methods.neuron_adjust import Gaussian, plan_neuron_adjust
+from editor.patch import apply_key_space, apply_neuron_adjust, describe, wrap
+from editor.plan import Plans
 from tests import reference_methods as ref
+from tests.helpers import pad, positions, random_rows
 from tests.tiny import ARCHS, VOCAB, tiny_model
 
 REFUSAL_IDS = [40, 41, 42, 2]
@@ -91,30 +94,6 @@ def literal_na_spec(forget, retain, top_percent):
             for i, s in sel.items()}
 
 
-def texts(seed, n, lo=6, hi=12, suffix=()):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        length = int(torch.randint(lo, hi + 1, (), generator=g))
-        out.append([1] + torch.randint(3, VOCAB, (length,), generator=g).tolist() + list(suffix))
-    return out
-
-
-def pad(rows, side):
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        sl = slice(width - len(r), width) if side == "left" else slice(0, len(r))
-        ids[i, sl] = torch.tensor(r)
-        mask[i, sl] = 1
-    return ids, mask
-
-
-def positions(mask):
-    return (mask.cumsum(-1) - 1).clamp(min=0)
-
-
 class Edited:
     """A tiny model of ``arch`` edited with NA (synthetic stats) and/or KSD (literal probe keys)."""
 
@@ -137,14 +116,15 @@ class Edited:
         bounds = None
         if ksd:
             # forget queries share a suffix; their keys (last token, NA active) are the probes
-            self.probes = texts(100 + seed, 8, suffix=(7, 8, 9))
+            self.probes = random_rows(100 + seed, 8, suffix=(7, 8, 9))
             keys = self.reference_keys(self.probes)
             self.box = ref.KSDBox(keys, scale)
             k64 = keys.double()
             b = ksd_bounds(k64.mean(0), k64.std(0), k64.min(0).values, k64.max(0).values, scale)
             bounds = {self.ksd_layer: b}
             apply_key_space(patched, self.spec, arch, bounds)
-        self.edit = edit_description(arch, self.plan, bounds, "no" if ksd else None, REFUSAL_IDS if ksd else None, patched)
+        self.edit = describe(arch, patched, Plans(self.plan, bounds or {}), refusal="no" if ksd else None,
+                             refusal_ids=REFUSAL_IDS if ksd else None).config()
         self.patched = patched
         self.model = wrap(patched, self.edit)
         if dtype != torch.float32:
@@ -178,7 +158,7 @@ def test_na_logits_match_literal_math(arch):
             assert lp.selected.tolist() == e.na_ref[i][0], (arch, i)
         assert e.plan.counts[e.n_layers - 1] == 0
         assert set(range(5)) <= set(e.na_ref[0][0])
-        rows = texts(1, 3) + texts(2, 1, lo=3, hi=3)
+        rows = random_rows(1, 3) + random_rows(2, 1, lo=3, hi=3)
         ids, mask = pad(rows, "left")
         with torch.no_grad():
             got = e.model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
@@ -205,7 +185,7 @@ def _ksd_queries(e):
         tails.append(p[-3:])
     rows.append(e.probes[3])
     tails.append(torch.randint(3, VOCAB, (3,), generator=g).tolist())
-    for r in texts(55, 3, lo=4, hi=10):
+    for r in random_rows(55, 3, lo=4, hi=10):
         rows.append(r)
         tails.append(torch.randint(3, VOCAB, (3,), generator=g).tolist())
     return rows, tails
@@ -264,24 +244,24 @@ def test_ksd_negative_layer_and_rows_without_tokens():
     """``key_space.layer: -1`` is the last layer; a row with no real token in the chunk never abstains."""
     from types import SimpleNamespace
 
-    from editor.pipeline import Job, plan_key_space
+    from editor.plan import plan_key_space
+    from editor.profile.stats import ProfiledSets, SetStats
     from editor.recipe import Recipe
 
     e = Edited("llama", na=False, ksd=False)
-    probes = texts(100, 6, suffix=(7, 8, 9))
+    probes = random_rows(100, 6, suffix=(7, 8, 9))
     keys = e.reference_keys(probes).double()
     moments = SimpleNamespace(mean=keys.mean(0), std=keys.std(0), min=keys.min(0).values, max=keys.max(0).values,
                               count=torch.tensor(len(probes)))
-    source = {"f": SimpleNamespace(get=lambda layer, kind: moments if (layer, kind) == (e.n_layers - 1, "key") else None)}
+    stats = ProfiledSets(f=SetStats({e.n_layers - 1: {"key": moments}}))
     recipe = Recipe(model="tiny", data={"f": {"path": "f.txt"}}, key_space={"forget": "f", "layer": -1, "scale": 1.5})
-    job = Job(recipe, e.base.config, {})
-    bounds, info = plan_key_space(job, source)
+    bounds, info = plan_key_space(recipe, e.n_layers, stats)
     assert list(bounds) == [e.n_layers - 1] == [resolve_layer(-1, e.n_layers)] and info["layer"] == e.n_layers - 1
     patched = copy.deepcopy(e.base)
     apply_key_space(patched, e.spec, "llama", bounds)
-    model = wrap(patched, edit_description("llama", None, bounds, "no", REFUSAL_IDS, patched))
+    model = wrap(patched, describe("llama", patched, Plans(key_space=bounds), refusal="no", refusal_ids=REFUSAL_IDS).config())
     box = ref.KSDBox(keys, 1.5)
-    rows = probes[:2] + texts(5, 2)
+    rows = probes[:2] + random_rows(5, 2)
     ids, mask = pad(rows, "right")
     mask[3] = 0  # a row with no real token at all
     with torch.no_grad(), ref.literal_edit(e.base, ksd_layer=-1) as got_keys:
@@ -298,7 +278,7 @@ def test_ksd_negative_layer_and_rows_without_tokens():
 
 def test_ksd_decides_every_row_not_just_row_zero():
     e = Edited("llama")
-    other = texts(55, 1)[0]
+    other = random_rows(55, 1)[0]
     ids, mask = pad([other, e.probes[0]], "left")
     with torch.no_grad():
         out = e.model(input_ids=ids, attention_mask=mask, position_ids=positions(mask))
@@ -308,7 +288,7 @@ def test_ksd_decides_every_row_not_just_row_zero():
 def test_ksd_flag_does_not_leak_between_calls_or_models():
     forget_model = Edited("llama")
     other_model = Edited("gpt2")
-    probe, other = forget_model.probes[0], texts(55, 1)[0]
+    probe, other = forget_model.probes[0], random_rows(55, 1)[0]
     with torch.no_grad():
         assert forget_model.model(input_ids=torch.tensor([probe])).abstained.tolist() == [True]
         assert forget_model.model(input_ids=torch.tensor([other])).abstained.tolist() == [False]
@@ -333,7 +313,7 @@ def test_ksd_flag_does_not_leak_between_calls_or_models():
 def test_generate_mixed_batch(arch):
     e = Edited(arch, mode="expected")
     forget_rows = [e.probes[0], e.probes[1]]
-    retain_rows = texts(55, 2, lo=5, hi=9)
+    retain_rows = random_rows(55, 2, lo=5, hi=9)
     rows = [retain_rows[0], forget_rows[0], retain_rows[1], forget_rows[1]]
     ids, mask = pad(rows, "left")
     gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
@@ -362,7 +342,7 @@ def test_generate_mixed_batch(arch):
 
 
 def test_sample_mode_reproducible_through_model():
-    ids, mask = pad(texts(1, 3), "right")
+    ids, mask = pad(random_rows(1, 3), "right")
 
     def logits(seed, e=None):
         e = e or Edited("llama", mode="sample", ksd=False, seed=0)
@@ -400,7 +380,7 @@ def test_permutation_alone_keeps_logits(arch):
         perm = torch.randperm(d, generator=g)
         assert not torch.equal(perm, torch.arange(d))
         permute_neurons(permuted, spec, layer, perm)
-    ids, mask = pad(texts(1, 3), "left")
+    ids, mask = pad(random_rows(1, 3), "left")
     with torch.no_grad():
         a = base(input_ids=ids, attention_mask=mask).logits
         b = permuted(input_ids=ids, attention_mask=mask).logits
@@ -419,7 +399,7 @@ def test_permutation_alone_keeps_logits(arch):
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "phi3", "opt"])
 def test_half_precision_close_to_float32(arch, dtype):
     e32 = Edited(arch, mode="hard")
-    rows = [e32.probes[0]] + texts(55, 2)
+    rows = [e32.probes[0]] + random_rows(55, 2)
     ids, mask = pad(rows, "left")
     with torch.no_grad():
         want = e32.model(input_ids=ids, attention_mask=mask, position_ids=positions(mask))

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from editor import scorers
+from editor.eval import scorers
 from editor.errors import EditorError
-from editor.lmeval import PAPER_TASKS, lm_eval_command
-from editor.scorers import (
+from editor.eval.lmeval import PAPER_TASKS, lm_eval_command
+from editor.eval.scorers import (
     execute_mbpp,
     extract_gsm8k_answer,
     extract_mbpp_code,

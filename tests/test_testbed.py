@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from editor.testbed import DATA_DIR, MODEL_DIR, SKILLS, corpus, load_examples
-from editor.testbed.evaluate import compare, extract_answer, format_table, score
+from editor.eval.scorecard import compare, extract_answer, format_table, score
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +72,7 @@ def test_tokenizer_is_character_level_with_bos(model_and_tokenizer):
 
 
 # ---------------------------------------------------------------- accuracy
+@pytest.mark.slow
 def test_every_skill_at_least_95_percent_on_eval(eval_result):
     skills = eval_result["skills"]
     assert set(skills) == set(SKILLS)
@@ -81,6 +82,7 @@ def test_every_skill_at_least_95_percent_on_eval(eval_result):
         assert r["exact_match"] >= 0.95, (skill, format_table(eval_result, by="phrasings"))
 
 
+@pytest.mark.slow
 def test_batched_left_padded_generation_matches_single(model_and_tokenizer, eval_result):
     model, tok = model_and_tokenizer
     subset = load_examples("eval")[::53]

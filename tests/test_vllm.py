@@ -86,8 +86,7 @@ def ckpts(tmp_path_factory):
 
 
 def _build_checkpoints(root: Path) -> None:
-    from editor.export_hf import export_recipe
-    from editor.pipeline import profile_recipe
+    from editor.pipeline import export_recipe, profile_recipe
 
     box = {"forget": "math_queries", "layer": -1, "scale": 1.0}
     recipes = {

@@ -1,27 +1,23 @@
 """Runtime of a skill-editor checkpoint: Neuron Adjust (NA) and Key Space Detection (KSD).
 
-This one file is shipped verbatim into every exported checkpoint and is also what the
-``skill-editor`` tool uses in-process: one source of truth. It imports only ``torch`` and
-``transformers``.
+How to audit this file: it imports only ``torch`` and ``transformers``. It builds the base model
+from ``config.text_config`` and changes it in two places only, per edited decoder layer:
 
-* NA: in every edited layer the selected intermediate neurons were permuted to the front, so the
-  pre-activation module (gate / fc1 / c_fc ...) gets its output's first ``n`` channels remapped
-  by a per-neuron log-likelihood-ratio rule (DESIGN §3). Modes: ``sample`` (seeded, one draw per
-  element), ``expected`` and ``hard``.
-* KSD: the input of the down projection at the guarded layer(s) is tested against a hypercube
-  ``lower <= key <= upper`` (every dimension); the test is taken per batch row at the last
-  real token of every forward call and returned as ``abstained``. With ``key_space.detector:
-  linear`` the guard is instead a linear score over the keys of the guarded layers, each
-  max-pooled over the real tokens of the forward call (``KeyScore``; needs ``check: prompt``); ``generate`` answers abstained
-  rows with the refusal text and stops them at once. Which calls of ``generate`` decide is the
-  edit's ``key_space.check``: ``every_call`` (default: the prompt and each generated token) or
-  ``prompt`` (the first forward call of each ``generate`` only: the query decides, the model's
-  own answer is not re-checked).
+* NA: the pre-activation module (``gate_proj``, ``fc1``, ``c_fc`` …) gets a child
+  ``neuron_adjust`` (buffers ``a``, ``b``, ``c``, ``slope``, ``offset``, ``permutation``); its
+  output's first ``n`` channels (the selected neurons, permuted to the front when the checkpoint was
+  written) are remapped by ``neuron_adjust`` below. Modes: ``sample`` (seeded, one draw per
+  element), ``expected``, ``hard``.
+* KSD: the down projection gets a child ``key_space`` that tests its input (the key): a box
+  (buffers ``lower`` / ``upper``: inside in every dimension at the row's last real token) or a
+  linear score (buffers ``weight`` / ``bias``: the keys max-pooled over the call's real tokens,
+  summed over the guarded layers, > 0). ``forward`` returns the decision as ``abstained`` (bool per
+  row); ``generate`` stops abstained rows at once and answers them with ``refusal_ids``. The edit's
+  ``key_space.check`` says which calls of ``generate`` decide: ``every_call`` (the prompt and each
+  generated token) or ``prompt`` (the first call only).
 
-Both patches swap the class of the existing module for a subclass (parameter names do not
-change) and add a child module holding the auditable constants, e.g.
-``model.layers.3.mlp.gate_proj.neuron_adjust.slope`` or
-``model.layers.3.mlp.down_proj.key_space.lower``.
+Loading refuses a checkpoint whose patch tensors are missing or differ from
+``config.skill_editor.patch_digest`` (sha256 of every patch tensor, see ``patch_digest``).
 """
 
 from __future__ import annotations
@@ -29,8 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -94,17 +89,11 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 }
 
 
-class UnsupportedArchitecture(ValueError):
-    pass
-
-
 def arch_spec(model_type: str) -> ArchSpec:
-    """The table entry for ``model_type``; a one-line error naming the supported ones otherwise."""
+    """The table entry for ``model_type``; a ValueError naming the supported ones otherwise."""
     spec = ARCHITECTURES.get(model_type)
     if spec is None:
-        raise UnsupportedArchitecture(
-            f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(ARCHITECTURES))}"
-        )
+        raise ValueError(f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(ARCHITECTURES))}")
     return spec
 
 
@@ -112,17 +101,9 @@ def decoder_layers(model: nn.Module, spec: ArchSpec) -> nn.ModuleList:
     return model.get_submodule(spec.layers)
 
 
-def layer_module(model: nn.Module, spec: ArchSpec, layer: int, role: str) -> nn.Module:
-    """The module playing ``role`` ("pre", "up", "down", "act") in decoder layer ``layer``."""
-    path = getattr(spec, role)
-    if path is None:
-        raise KeyError(f"architecture has no {role!r} module")
-    return decoder_layers(model, spec)[layer].get_submodule(path)
-
-
-# --------------------------------------------------------------------------------------------
-# Neuron Adjust
-# --------------------------------------------------------------------------------------------
+def _d_ff(down: nn.Module, spec: ArchSpec) -> int:
+    w = down.weight
+    return int(w.shape[0] if spec.layout == "conv1d" else w.shape[1])
 
 
 def _apply_keep_dtype(module: nn.Module, fn) -> nn.Module:
@@ -136,6 +117,11 @@ def _apply_keep_dtype(module: nn.Module, fn) -> nn.Module:
             moved = buf.to(device=moved.device)
         module._buffers[key] = moved
     return module
+
+
+# --------------------------------------------------------------------------------------------
+# Neuron Adjust
+# --------------------------------------------------------------------------------------------
 
 
 def neuron_adjust(x: torch.Tensor, a, b, c, slope, offset, mode: str, generator=None) -> torch.Tensor:
@@ -163,18 +149,17 @@ def neuron_adjust(x: torch.Tensor, a, b, c, slope, offset, mode: str, generator=
 
 
 class NeuronAdjust(nn.Module):
-    """Per-neuron NA constants of one layer, for its first ``n`` (permuted) intermediate neurons.
+    """Per-neuron NA constants of one layer, for its first ``n`` (permuted) intermediate neurons:
+    ``CONSTANTS`` float64 [n] (kept float64 when the model is cast) and ``permutation`` int64
+    [d_ff] (position j holds the base model's neuron ``permutation[j]``)."""
 
-    Buffers: ``a``, ``b``, ``c`` (the quadratic log-likelihood ratio), ``slope``, ``offset`` (the
-    map onto the retain distribution), all float64 [n] (see ``neuron_adjust``) and kept float64
-    when the model is cast (``model.half()``, ``.to(bfloat16)``); ``permutation`` int64 [d_ff].
-    """
+    CONSTANTS = ("a", "b", "c", "slope", "offset")
+    TENSORS = CONSTANTS + ("permutation",)
 
     def __init__(self, n: int, d_ff: int, mode: str = "expected", seed: int = 0, layer: int = 0):
         super().__init__()
-        for name in ("a", "b", "c", "slope", "offset"):
+        for name in self.CONSTANTS:
             self.register_buffer(name, torch.zeros(n, dtype=torch.float64))
-        # permutation[j] = original index of the neuron stored at position j
         self.register_buffer("permutation", torch.arange(d_ff, dtype=torch.int64))
         self.n = n
         self.mode = mode
@@ -228,22 +213,33 @@ class NeuronAdjustedMixin:
 # --------------------------------------------------------------------------------------------
 
 
-class KeySpace(nn.Module):
-    """The hypercube of one guarded layer: float32 ``lower`` / ``upper`` bounds [d_ff].
+class Guard(nn.Module):
+    """A test of one layer's key, run by ``observe`` in every forward call while ``enabled``
+    (``generate`` switches it off once a ``check: prompt`` decision is taken); ``guard_decision``
+    reads and clears what it recorded."""
 
-    Dimensions that are not guarded carry -inf / +inf. ``observe`` records, for every token of the
-    current forward call, whether its key lies inside the box in every dimension.
-    """
+    def __init__(self):
+        super().__init__()
+        self.enabled = True
+
+    def _apply(self, fn, recurse=True):
+        return _apply_keep_dtype(self, fn)
+
+    def observe(self, key: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+class KeySpace(Guard):
+    """The box: float32 ``lower`` / ``upper`` [d_ff] (±inf on unguarded dimensions). Records per
+    token whether its key lies inside in every dimension (``inside``)."""
+
+    TENSORS = ("lower", "upper")
 
     def __init__(self, d_ff: int):
         super().__init__()
         self.register_buffer("lower", torch.full((d_ff,), float("-inf"), dtype=torch.float32))
         self.register_buffer("upper", torch.full((d_ff,), float("inf"), dtype=torch.float32))
         self.inside: torch.Tensor | None = None
-        self.enabled = True  # off only inside ``generate`` once a ``check: prompt`` decision is taken
-
-    def _apply(self, fn, recurse=True):
-        return _apply_keep_dtype(self, fn)
 
     def observe(self, key: torch.Tensor) -> None:
         if not self.enabled:
@@ -252,24 +248,19 @@ class KeySpace(nn.Module):
         self.inside = ((k >= self.lower) & (k <= self.upper)).all(dim=-1)
 
 
-class KeyScore(KeySpace):
-    """The pooled linear detector's share of one layer (``key_space.detector: linear``): float32
-    ``weight`` [d_ff] and ``bias`` [1]. Its ``observe`` max-pools the key over every real token of
-    the current forward call (the prompt, under ``check: prompt``) and records ``weight · pool +
-    bias`` per row; the model abstains on a row when the sum over the guarded layers is > 0.
+class KeyScore(Guard):
+    """One layer's share of the pooled linear detector: float32 ``weight`` [d_ff] and ``bias``
+    [1]. Records per row ``weight · maxpool(key) + bias`` (``score``), the key max-pooled over the
+    real tokens of the current call, so a query is judged by all of its tokens, not only the last.
+    ``bind`` gives the call's attention mask (past + current columns; None: every token is real)."""
 
-    Why pooled: the last token's key encodes its local context; what a query is *about* (its
-    language, say) is spread over its tokens (docs/GENERALIZATION.md §4.3). ``bind`` gives the
-    current call's attention mask (past + current columns; None = every token is real) and shape.
-    """
+    TENSORS = ("weight", "bias")
 
     def __init__(self, d_ff: int):
-        nn.Module.__init__(self)
+        super().__init__()
         self.register_buffer("weight", torch.zeros(d_ff, dtype=torch.float32))
         self.register_buffer("bias", torch.zeros(1, dtype=torch.float32))
-        self.inside = None
         self.score: torch.Tensor | None = None
-        self.enabled = True
         self._call: tuple | None = None
 
     def bind(self, attention_mask, batch: int, seq: int) -> None:
@@ -300,6 +291,61 @@ class KeySpaceGuardedMixin:
         return super().forward(hidden, *args, **kwargs)
 
 
+GUARDS = {"box": KeySpace, "linear": KeyScore}
+# the child modules that hold the patch tensors: ``<module path>.<PATCH>.<tensor>``
+PATCHES = ("neuron_adjust", "key_space")
+
+
+def guards_of(model: nn.Module) -> list[Guard]:
+    return [m for m in model.modules() if isinstance(m, Guard)]
+
+
+def last_real_index(attention_mask: torch.Tensor | None, batch: int, seq: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index of the last real token of each row in the current chunk, and whether there is one.
+
+    ``attention_mask`` covers past + current tokens; the current chunk is its last ``seq`` columns.
+    Works with left and right padding.
+    """
+    if attention_mask is None or attention_mask.dim() != 2:
+        return torch.full((batch,), seq - 1, device=device, dtype=torch.long), torch.ones(batch, dtype=torch.bool, device=device)
+    m = attention_mask[:, -seq:].to(device=device, dtype=torch.long)
+    pos = torch.arange(1, seq + 1, device=device, dtype=torch.long)
+    idx = (m * pos).argmax(dim=-1)
+    return idx, m.sum(dim=-1) > 0
+
+
+def guard_decision(guards: list[Guard], attention_mask, batch: int, seq: int, device) -> torch.Tensor | None:
+    """Per row: some box holds the key of its last real token, or the linear scores summed over
+    their layers are > 0; rows without a real token never abstain. None when no guard recorded
+    anything (none installed, or all switched off). Clears what the guards recorded."""
+    inside = None  # [batch, seq]: some guarded layer's box holds the token's key
+    score = None  # [batch]: the linear detector's score, summed over its layers
+    for g in guards:
+        if isinstance(g, KeyScore):
+            if g.score is not None:
+                s = g.score.reshape(batch).to(device)
+                score = s if score is None else score + s
+            g.score = None
+            g._call = None
+        elif isinstance(g, KeySpace) and g.inside is not None:
+            t = g.inside.reshape(batch, seq).to(device)
+            g.inside = None
+            inside = t if inside is None else (inside | t)
+    if inside is None and score is None:
+        return None
+    idx, has = last_real_index(attention_mask, batch, seq, device)
+    row = torch.zeros_like(has)
+    if inside is not None:
+        row = row | inside.gather(1, idx[:, None])[:, 0]
+    if score is not None:
+        row = row | (score > 0)
+    return row & has
+
+
+# --------------------------------------------------------------------------------------------
+# Installing the patches (zero-initialised; loading the checkpoint's weights fills them)
+# --------------------------------------------------------------------------------------------
+
 _SWAPPED: dict[tuple[type, type], type] = {}
 
 
@@ -322,18 +368,9 @@ def _swap_class(module: nn.Module, mixin: type) -> None:
     _rebind_dispatched(module)
 
 
-def _unswap_class(module: nn.Module, mixin: type) -> None:
-    cls = type(module)
-    if issubclass(cls, mixin):
-        module.__class__ = [c for c in cls.__mro__ if c is not cls and not issubclass(c, mixin)][0]
-        _rebind_dispatched(module)
-
-
-def install_patches(model: nn.Module, model_type: str, edit: dict[str, Any]) -> None:
-    """Attach NA / KSD modules (zero-initialised, to be filled by loading weights) to ``model``.
-
-    ``edit`` is the ``skill_editor`` dict of the config. Idempotent per module.
-    """
+def install_patches(model: nn.Module, model_type: str, edit: dict) -> None:
+    """Attach NA / KSD modules to ``model`` as the ``skill_editor`` dict of the config describes
+    them: ``neuron_adjust.counts`` (neurons per layer), ``key_space.layers`` and ``detector``."""
     spec = arch_spec(model_type)
     layers = decoder_layers(model, spec)
     na = edit.get("neuron_adjust")
@@ -342,105 +379,35 @@ def install_patches(model: nn.Module, model_type: str, edit: dict[str, Any]) -> 
             layer = int(layer_str)
             pre = layers[layer].get_submodule(spec.pre)
             down = layers[layer].get_submodule(spec.down)
-            d_ff = _d_ff(down, spec)
             _swap_class(pre, NeuronAdjustedMixin)
             # on the module's own device (GPU / device_map="auto" / meta at load time)
-            pre.neuron_adjust = NeuronAdjust(int(n), d_ff, mode=na["mode"], seed=int(na.get("seed", 0)), layer=layer).to(down.weight.device)
+            pre.neuron_adjust = NeuronAdjust(int(n), _d_ff(down, spec), mode=na["mode"], seed=int(na.get("seed", 0)),
+                                             layer=layer).to(down.weight.device)
     ks = edit.get("key_space")
     if ks:
-        guard = {"box": KeySpace, "linear": KeyScore}.get(ks.get("detector", "box"))
+        guard = GUARDS.get(ks.get("detector", "box"))
         if guard is None:
-            raise ValueError(f"unknown key_space detector {ks.get('detector')!r}; expected 'box' or 'linear'")
+            raise ValueError(f"unknown key_space detector {ks.get('detector')!r}; expected one of {', '.join(GUARDS)}")
         for layer in ks["layers"]:
             down = layers[int(layer)].get_submodule(spec.down)
             _swap_class(down, KeySpaceGuardedMixin)
             down.key_space = guard(_d_ff(down, spec)).to(down.weight.device)
 
 
-def remove_patches(model: nn.Module, model_type: str) -> None:
-    """Undo ``install_patches`` (the neuron permutation stays in the weights)."""
-    spec = arch_spec(model_type)
-    for layer in decoder_layers(model, spec):
-        pre = layer.get_submodule(spec.pre)
-        down = layer.get_submodule(spec.down)
-        if isinstance(pre, NeuronAdjustedMixin):
-            del pre.neuron_adjust
-            _unswap_class(pre, NeuronAdjustedMixin)
-        if isinstance(down, KeySpaceGuardedMixin):
-            del down.key_space
-            _unswap_class(down, KeySpaceGuardedMixin)
-
-
-def _d_ff(down: nn.Module, spec: ArchSpec) -> int:
-    w = down.weight
-    return int(w.shape[0] if spec.layout == "conv1d" else w.shape[1])
-
-
 def patch_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every NA / KSD tensor of ``model`` by its state-dict name."""
-    return {
-        name: t
-        for name, t in model.state_dict().items()
-        if ".neuron_adjust." in name or ".key_space." in name
-    }
+    return {name: t for name, t in model.state_dict().items() if any(f".{p}." in name for p in PATCHES)}
 
 
 def patch_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 over (name, dtype, shape, bytes) of the patch tensors, names sorted.
-
-    Names are relative to the base model (``patch_tensors(base_model)``), so the digest is the same
-    in-process and inside a checkpoint.
-    """
+    """sha256 over (name, dtype, shape, bytes) of the patch tensors, names sorted. Names are
+    relative to the base model, so the digest is the same in-process and inside a checkpoint."""
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().to("cpu").contiguous()
         h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
-
-
-def last_real_index(attention_mask: torch.Tensor | None, batch: int, seq: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index of the last real token of each row in the current chunk, and whether there is one.
-
-    ``attention_mask`` covers past + current tokens; the current chunk is its last ``seq`` columns.
-    Works with left and right padding.
-    """
-    if attention_mask is None or attention_mask.dim() != 2:
-        return torch.full((batch,), seq - 1, device=device, dtype=torch.long), torch.ones(batch, dtype=torch.bool, device=device)
-    m = attention_mask[:, -seq:].to(device=device, dtype=torch.long)
-    pos = torch.arange(1, seq + 1, device=device, dtype=torch.long)
-    idx = (m * pos).argmax(dim=-1)
-    return idx, m.sum(dim=-1) > 0
-
-
-def guard_decision(model: nn.Module, attention_mask, batch: int, seq: int, device,
-                   guards: list | None = None) -> torch.Tensor | None:
-    """Collect the per-token box tests of every guarded layer (any layer inside ⇒ abstain, decided
-    at each row's last real token) and the linear detector's per-row scores (sum > 0 ⇒ abstain);
-    rows without a real token never abstain. Clears the recorded state. ``guards``: the
-    model's KeySpace modules, if the caller has them at hand (saves a walk over all modules)."""
-    inside = None  # [batch, seq]: some guarded layer's box holds the token's key
-    score = None  # [batch]: the linear detector's score, summed over its layers
-    for module in (guards if guards is not None else model.modules()):
-        if isinstance(module, KeyScore):
-            if module.score is not None:
-                s = module.score.reshape(batch).to(device)
-                score = s if score is None else score + s
-            module.score = None
-            module._call = None
-        elif isinstance(module, KeySpace) and module.inside is not None:
-            t = module.inside.reshape(batch, seq).to(device)
-            module.inside = None
-            inside = t if inside is None else (inside | t)
-    if inside is None and score is None:
-        return None
-    idx, has = last_real_index(attention_mask, batch, seq, device)
-    row = torch.zeros_like(has)
-    if inside is not None:
-        row = row | inside.gather(1, idx[:, None])[:, 0]
-    if score is not None:
-        row = row | (score > 0)
-    return row & has
 
 
 # --------------------------------------------------------------------------------------------
@@ -455,28 +422,40 @@ class SkillEditorCausalLMOutput(CausalLMOutputWithPast):
     abstained: torch.Tensor | None = None
 
 
-class _AbstentionStop(StoppingCriteria):
-    """Marks a row finished as soon as the guard fires on it (per-row stopping). Rows that already
-    ended on EOS are frozen: the padding fed to them afterwards can no longer make them abstain."""
+@dataclass(eq=False)
+class Abstention(StoppingCriteria):
+    """The abstention state of one ``generate`` call: ``forward`` records the guard's decisions
+    in it, and as a stopping criterion it finishes every row that abstained."""
 
-    def __init__(self, state: dict, eos_ids: list[int]):
-        self.state = state
-        self.eos_ids = eos_ids
-        self._eos: torch.Tensor | None = None  # eos_ids as a tensor on the ids' device, made once
+    check: str  # "every_call" or "prompt": which forward calls decide
+    eos_ids: list[int]
+    decided: bool = False  # a call has decided (with check "prompt", the later calls are not tested)
+    rows: torch.Tensor | None = None  # [batch] bool: the rows that abstained
+    ended: torch.Tensor | None = None  # [batch] bool: rows that reached EOS first; never abstain later
+    _eos: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def skip_test(self) -> bool:
+        return self.check == "prompt" and self.decided
+
+    def record(self, abstained: torch.Tensor) -> None:
+        self.decided = True
+        now = abstained
+        if self.ended is not None and self.ended.shape == abstained.shape:
+            now = abstained & ~self.ended.to(abstained.device)
+        self.rows = now if self.rows is None or self.rows.shape != abstained.shape else (self.rows | now)
 
     def __call__(self, input_ids, scores, **kwargs):
-        flags = self.state.get("flags")
-        if flags is None:
-            flags = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        flags = flags.to(input_ids.device)
+        rows = self.rows
+        if rows is None:
+            rows = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        rows = rows.to(input_ids.device)
         if self.eos_ids:
             if self._eos is None or self._eos.device != input_ids.device:
                 self._eos = torch.tensor(self.eos_ids, device=input_ids.device)
-            eos = torch.isin(input_ids[:, -1], self._eos)
-            frozen = self.state.get("frozen")
-            frozen = eos & ~flags if frozen is None else (frozen.to(input_ids.device) | (eos & ~flags))
-            self.state["frozen"] = frozen
-        return flags
+            eos = torch.isin(input_ids[:, -1], self._eos) & ~rows
+            self.ended = eos if self.ended is None else (self.ended.to(input_ids.device) | eos)
+        return rows
 
 
 class IntegrityError(RuntimeError):
@@ -529,18 +508,8 @@ class SkillEditorForCausalLM(SkillEditorPreTrainedModel, GenerationMixin):
         base_cfg._attn_implementation = requested_attn
         self.model = AutoModelForCausalLM.from_config(base_cfg, dtype=getattr(config, "dtype", None))
         install_patches(self.model, edit["arch"], edit)
+        self._abstention: Abstention | None = None  # set while ``generate`` runs
         self.post_init()
-
-    @classmethod
-    def from_patched(cls, base: PreTrainedModel, config: SkillEditorConfig) -> "SkillEditorForCausalLM":
-        """Wrap an in-memory base model that already carries its patches (no weight copy)."""
-        with torch.device("meta"):
-            obj = cls(config)
-        obj.model = base
-        obj.__dict__.pop("_guard_modules", None)
-        obj.generation_config = base.generation_config
-        obj.eval()
-        return obj
 
     @classmethod
     def is_backend_compatible(cls):
@@ -564,16 +533,12 @@ class SkillEditorForCausalLM(SkillEditorPreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(self, *args, **kwargs):
         return self.model.prepare_inputs_for_generation(*args, **kwargs)
 
-    @property
-    def edit(self) -> dict:
-        return self.config.skill_editor
-
     # -- integrity
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        missing = [k for k in info.get("missing_keys", []) if ".neuron_adjust." in k or ".key_space." in k]
+        missing = [k for k in info.get("missing_keys", []) if any(f".{p}." in k for p in PATCHES)]
         if missing:
             raise IntegrityError(f"skill-editor checkpoint is missing patch tensors: {', '.join(sorted(missing)[:5])}")
         model.verify_patch()
@@ -596,13 +561,12 @@ class SkillEditorForCausalLM(SkillEditorPreTrainedModel, GenerationMixin):
                 m.reset_rng(seed)
 
     # -- forward / generate
-    def _guards(self) -> list:
-        """The KeySpace modules, found once (patches are installed before the first forward; a
-        plain list in ``__dict__`` so they are not registered twice as submodules)."""
-        guards = self.__dict__.get("_guard_modules")
+    def _guards(self) -> list[Guard]:
+        """The guards, found once (patches are installed before the first forward; a plain list,
+        so they are not registered twice as submodules)."""
+        guards = self.__dict__.get("_guard_list")
         if guards is None:
-            guards = [m for m in self.model.modules() if isinstance(m, KeySpace)]
-            self.__dict__["_guard_modules"] = guards
+            guards = self.__dict__["_guard_list"] = guards_of(self.model)
         return guards
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
@@ -610,36 +574,24 @@ class SkillEditorForCausalLM(SkillEditorPreTrainedModel, GenerationMixin):
         # ``position_ids`` and ``logits_to_keep`` are named in the signature: ``generate`` derives
         # position ids from the attention mask (left padding) and asks for the last position's
         # logits only for models whose ``forward`` declares them.
-        state = getattr(self, "_abstention_state", None)
+        state = self._abstention
         guards = self._guards()
-        # with check == "prompt" only the first forward call of a generate (the prompt) decides;
-        # the later calls of that generate skip the box test altogether
-        skip = state is not None and state.get("check") == "prompt" and state.get("decided")
-        if skip:
-            for g in guards:
-                g.enabled = False
+        skip = state is not None and state.skip_test
         ref = input_ids if input_ids is not None else inputs_embeds
         batch, seq = ref.shape[0], ref.shape[1]
         for g in guards:
+            g.enabled = not skip
             if isinstance(g, KeyScore):
                 g.bind(attention_mask, batch, seq)
         try:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              inputs_embeds=inputs_embeds, logits_to_keep=logits_to_keep, **kwargs)
         finally:
-            if skip:
-                for g in guards:
-                    g.enabled = True
-        abstained = guard_decision(self.model, attention_mask, batch, seq, out.logits.device, guards=guards)
+            for g in guards:
+                g.enabled = True
+        abstained = guard_decision(guards, attention_mask, batch, seq, out.logits.device)
         if state is not None and abstained is not None:
-            state["decided"] = True
-            frozen = state.get("frozen")
-            if frozen is not None and frozen.shape == abstained.shape:
-                abstained_now = abstained & ~frozen.to(abstained.device)
-            else:
-                abstained_now = abstained
-            prev = state.get("flags")
-            state["flags"] = abstained_now if prev is None or prev.shape != abstained.shape else (prev | abstained_now)
+            state.record(abstained)
         return SkillEditorCausalLMOutput(
             loss=out.get("loss"),
             logits=out.logits,
@@ -653,34 +605,31 @@ class SkillEditorForCausalLM(SkillEditorPreTrainedModel, GenerationMixin):
         ks = (self.config.skill_editor or {}).get("key_space")
         if not ks:
             return super().generate(*args, **kwargs)
-        state: dict = {"check": ks.get("check", "every_call")}
         stops = list(kwargs.pop("stopping_criteria", None) or [])
         gc = kwargs.get("generation_config") or self.generation_config
         eos = kwargs.get("eos_token_id", getattr(gc, "eos_token_id", None))
-        eos_ids = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
-        stops.append(_AbstentionStop(state, eos_ids))
-        self._abstention_state = state
+        state = Abstention(ks.get("check", "every_call"),
+                           [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None])
+        self._abstention = state
         try:
-            out = super().generate(*args, stopping_criteria=StoppingCriteriaList(stops), **kwargs)
+            out = super().generate(*args, stopping_criteria=StoppingCriteriaList(stops + [state]), **kwargs)
         finally:
-            self._abstention_state = None
-        flags = state.get("flags")
+            self._abstention = None
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
-        if flags is None:
-            flags = torch.zeros(sequences.shape[0], dtype=torch.bool, device=sequences.device)
-        flags = flags.to(sequences.device)
+        rows = state.rows if state.rows is not None else torch.zeros(sequences.shape[0], dtype=torch.bool)
+        rows = rows.to(sequences.device)
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         prompt_len = input_ids.shape[1] if isinstance(input_ids, torch.Tensor) else 0
-        sequences = self._refuse(sequences, flags, prompt_len, ks)
+        sequences = self._refuse(sequences, rows, prompt_len, ks)
         if isinstance(out, torch.Tensor):
             return sequences
         out.sequences = sequences
-        out["abstained"] = flags
+        out["abstained"] = rows
         return out
 
-    def _refuse(self, sequences: torch.Tensor, flags: torch.Tensor, prompt_len: int, ks: dict) -> torch.Tensor:
+    def _refuse(self, sequences: torch.Tensor, rows: torch.Tensor, prompt_len: int, ks: dict) -> torch.Tensor:
         """Replace the continuation of abstained rows by the refusal tokens (then padding)."""
-        if not bool(flags.any()):
+        if not bool(rows.any()):
             return sequences
         refusal = torch.tensor(ks.get("refusal_ids") or [], dtype=sequences.dtype, device=sequences.device)
         pad = self.generation_config.pad_token_id
@@ -694,7 +643,7 @@ class SkillEditorForCausalLM(SkillEditorPreTrainedModel, GenerationMixin):
             extra = torch.full((sequences.shape[0], width - sequences.shape[1]), pad, dtype=sequences.dtype, device=sequences.device)
             sequences = torch.cat([sequences, extra], dim=1)
         sequences = sequences.clone()
-        rows = flags.nonzero()[:, 0]
-        sequences[rows, prompt_len:] = pad
-        sequences[rows, prompt_len : prompt_len + refusal.numel()] = refusal
+        idx = rows.nonzero()[:, 0]
+        sequences[idx, prompt_len:] = pad
+        sequences[idx, prompt_len : prompt_len + refusal.numel()] = refusal
         return sequences

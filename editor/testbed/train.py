@@ -33,8 +33,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+from editor.eval.scorecard import format_table, score
+
 from . import DATA_DIR, corpus
-from .evaluate import format_table, score
 from .tokenizer import build_tokenizer
 
 # sampling weight of each skill in a training batch

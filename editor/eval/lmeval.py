@@ -16,7 +16,7 @@ Notes for edited checkpoints:
 * Generative tasks (``gsm8k_cot``, ``mbpp``, MLQA) go through ``generate``: a KSD abstention
   returns the refusal text, which the harness scores as wrong — as the paper counts it.
   Log-likelihood tasks (``mmlu``) read logits only, so the harness never sees an abstention;
-  ``editor.scorers.evaluate_mmlu`` counts abstentions as wrong.
+  ``editor.eval.scorers.evaluate_mmlu`` counts abstentions as wrong.
 * Code tasks execute model-written programs: the harness wants ``HF_ALLOW_CODE_EVAL=1`` and (from
   lm-eval 0.4.8) ``--confirm_run_unsafe_code``; both are added for them (``unsafe_code=None``).
 """

@@ -7,6 +7,7 @@ import logging
 import torch
 
 from editor.errors import EditorError
+from editor.model.arch import check_mapping, config_layers, resolve_layer, spec_for
 from editor.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,14 @@ def load_config(recipe: Recipe):
         raise EditorError(f"model: cannot load config of {recipe.model!r}: {first}") from None
     except ValueError as e:
         raise EditorError(f"model: {str(e).splitlines()[0]}") from None
+
+
+def check_against_config(recipe: Recipe, config) -> None:
+    """Rules that need the model's config.json (but no weights): architecture and layer ranges."""
+    spec_for(config)
+    n_layers = config_layers(config)
+    if recipe.key_space and n_layers:
+        resolve_layer(recipe.key_space.layer, n_layers, field="key_space.layer")
 
 
 def load_tokenizer(recipe: Recipe):
@@ -51,11 +60,11 @@ def pick_dtype(recipe: Recipe, config) -> torch.dtype:
     return d if isinstance(d, torch.dtype) else torch.float32
 
 
-def _param_bytes(config, dtype: torch.dtype) -> int:
+def param_bytes(config, dtype: torch.dtype) -> int:
     """Rough parameter memory from the config (no weights needed)."""
     c = config.get_text_config() if hasattr(config, "get_text_config") else config
     h = getattr(c, "hidden_size", 0) or getattr(c, "n_embd", 0)
-    n = getattr(c, "num_hidden_layers", 0) or getattr(c, "n_layer", 0)
+    n = config_layers(config) or 0
     ff = getattr(c, "intermediate_size", None) or getattr(c, "ffn_dim", None) or getattr(c, "n_inner", None) or 4 * h
     v = getattr(c, "vocab_size", 0)
     params = n * (4 * h * h + 3 * h * ff) + 2 * v * h
@@ -73,7 +82,7 @@ def placement(recipe: Recipe, config, dtype: torch.dtype) -> dict:
         if not torch.cuda.is_available():
             return {"device_map": None, "device": "cpu"}
         free, _ = torch.cuda.mem_get_info(0)
-        if _param_bytes(config, dtype) > 0.85 * free and torch.cuda.device_count() > 1:
+        if param_bytes(config, dtype) > 0.85 * free and torch.cuda.device_count() > 1:
             try:
                 import accelerate  # noqa: F401
             except ImportError:
@@ -87,10 +96,8 @@ def placement(recipe: Recipe, config, dtype: torch.dtype) -> dict:
 
 def load_model(recipe: Recipe, config=None, *, device: str | None = None):
     """The base causal LM in eval mode, placed per ``placement`` (or on ``device``: one
-    data-parallel rank's own device, see ``editor.distributed``), with its architecture checked."""
+    data-parallel rank's own device, see ``editor.profile.distributed``), with its architecture checked."""
     from transformers import AutoModelForCausalLM
-
-    from editor.arch import check_mapping, spec_for
 
     config = config or load_config(recipe)
     spec = spec_for(config)

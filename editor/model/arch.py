@@ -1,5 +1,5 @@
-"""The architecture table (one matcher) plus what only the tool needs: the load-time numeric check
-and the intermediate-neuron permutation.
+"""The architecture table (one matcher) plus what only the tool needs: module lookup, the layer
+count from a config, the load-time numeric check and the intermediate-neuron permutation.
 
 The table itself lives in the shipped runtime file (``editor/runtime/modeling_skill_editor.py``)
 so checkpoints and the tool agree on it; this module re-exports it.
@@ -12,14 +12,7 @@ from torch import nn
 
 from editor.errors import EditorError
 from editor.hooks import hooks
-from editor.runtime.modeling_skill_editor import (
-    ARCHITECTURES,
-    ArchSpec,
-    UnsupportedArchitecture,
-    arch_spec,
-    decoder_layers,
-    layer_module,
-)
+from editor.runtime.modeling_skill_editor import ARCHITECTURES, ArchSpec, arch_spec, decoder_layers
 
 __all__ = [
     "ARCHITECTURES",
@@ -28,7 +21,7 @@ __all__ = [
     "spec_for",
     "decoder_layers",
     "layer_module",
-    "num_layers",
+    "config_layers",
     "d_ff",
     "check_mapping",
     "permute_neurons",
@@ -41,12 +34,26 @@ def spec_for(config) -> ArchSpec:
     model_type = getattr(config, "model_type", None)
     try:
         return arch_spec(model_type)
-    except UnsupportedArchitecture as e:
+    except ValueError as e:
         raise EditorError(str(e)) from None
 
 
-def num_layers(model: nn.Module, spec: ArchSpec) -> int:
-    return len(decoder_layers(model, spec))
+def layer_module(model: nn.Module, spec: ArchSpec, layer: int, role: str) -> nn.Module:
+    """The module playing ``role`` ("pre", "up", "down", "act") in decoder layer ``layer``."""
+    path = getattr(spec, role)
+    if path is None:
+        raise KeyError(f"architecture has no {role!r} module")
+    return decoder_layers(model, spec)[layer].get_submodule(path)
+
+
+def config_layers(config) -> int | None:
+    """The number of decoder layers a config (or its text config) declares; None if it says nothing."""
+    for c in (config, config.get_text_config() if hasattr(config, "get_text_config") else config):
+        for name in ("num_hidden_layers", "n_layer", "num_layers"):
+            n = getattr(c, name, None)
+            if n:
+                return int(n)
+    return None
 
 
 def d_ff(model: nn.Module, spec: ArchSpec, layer: int = 0) -> int:

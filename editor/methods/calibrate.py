@@ -7,10 +7,10 @@ prompts) to choose, per layer, the key dimensions where forget and retain keys s
 and picks the layer(s), the number of dimensions m and α by K-fold cross-validation on the probe
 sets:
 
-1. ``query_keys``: per query, the last-real-token down-projection input (key) at every layer
-   (``collect_keys``: the profiler's tokenization and batching) plus the keys of its greedy
-   continuation (``collect_continuation_keys``): the runtime tests every forward call, so a query
-   is refused when ANY of its keys is inside the box — the calibration scores it the same way.
+1. ``KeySet``: per query, the last-real-token down-projection input (key) at every layer plus
+   the keys of its greedy continuation (collected by ``editor.profile.collect``, the profiler's
+   tokenization and batching): the runtime tests every forward call, so a query is refused when
+   ANY of its keys is inside the box — the calibration scores it the same way.
 2. ``cross_validate``: seeded K folds over the forget queries and over the retain queries. On each
    fold's training part: dimension ranking by ``separation`` (|μf − μr| / (σf + σr)), the box of
    the top-m dimensions exactly as the paper builds it (μ ± α·k·σ on the forget prompt keys,
@@ -23,10 +23,12 @@ sets:
    queries lie — the widest box the budget allows, the most robust to rephrasing), then fewer
    layers, smaller m, smaller α, lower layer — every step deterministic.
 3. ``refit_dims``: the chosen dimensions re-ranked on all probe keys; the bounds themselves come
-   from the forget set's streaming statistics (``editor.methods.ksd_bounds(..., dims=...)``,
-   others ±inf) in ``editor.pipeline.plan_key_space``, so ``export --stats`` rebuilds them bit
-   for bit. ``calibrate_job`` (called by ``profile_job``) stores the decision with the statistics.
+   from the forget set's streaming statistics (``editor.methods.key_space.ksd_bounds(...,
+   dims=...)``, others ±inf) in ``editor.plan``, so ``export --stats`` rebuilds them bit for bit.
+   ``editor.pipeline.calibrate_job`` collects the keys and stores the decision with the statistics.
 
+The pooled linear detector (``calibrate_linear``, docs/GENERALIZATION.md §4.3) is fitted here too.
+This module is pure math on key matrices.
 Only probe-set keys ever reach these functions: the calibration is handed the key matrices of
 the sets named by ``key_space.forget`` / ``key_space.retain`` and nothing else.
 """
@@ -301,148 +303,6 @@ def inside(keys: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> torc
     return ((k >= lower) & (k <= upper)).all(dim=-1)
 
 
-# ---------------------------------------------------------------------------------------------
-# collection (forwards with hooks) and the job-level entry point
-# ---------------------------------------------------------------------------------------------
-
-
-@torch.inference_mode()
-def _per_text_keys(model, tokenizer, spec, texts: list[str], reduce, *, batch_size: int, max_length: int,
-                   padding_side: str | None) -> dict[int, torch.Tensor]:
-    """One key vector per text and layer: ``reduce(keys [B, S, d_ff] float32, batch)`` → [B, d_ff]
-    over the down projection's input, under the profiler's tokenization, batching and padding.
-    {layer: float32 [len(texts), d_ff]} on the CPU, rows in the order of ``texts``."""
-    from editor.arch import d_ff, decoder_layers
-    from editor.hooks import hooks
-    from editor.profile import _input_device, backbone, make_batches, tokenize
-
-    side = padding_side or getattr(tokenizer, "padding_side", "right") or "right"
-    ids, _ = tokenize(tokenizer, texts, max_length)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batches = make_batches(ids, batch_size, pad_id, side)
-    order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))  # make_batches' row order
-    layers = decoder_layers(model, spec)
-    width = d_ff(model, spec)
-    got: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(layers))}
-    current = {}
-
-    def key_hook(i):
-        def fn(module, args):
-            b = current["batch"]
-            x = args[0].reshape(b.input_ids.shape[0], b.input_ids.shape[1], width)
-            got[i].append(reduce(x, b).float().cpu())
-
-        return fn
-
-    regs = [(layer.get_submodule(spec.down), "forward_pre", key_hook(i)) for i, layer in enumerate(layers)]
-    runner = backbone(model)
-    device = _input_device(model)
-    with hooks(regs):
-        for b in batches:
-            current["batch"] = b
-            runner(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device),
-                   position_ids=b.position_ids.to(device), use_cache=False)
-    inv = torch.empty(len(order), dtype=torch.long)
-    inv[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
-    out = {}
-    for i, chunks in got.items():
-        keys = torch.cat(chunks)[inv]
-        if not torch.isfinite(keys).all():
-            raise EditorError(f"non-finite keys (NaN/Inf) in layer {i} during key_space calibration")
-        out[i] = keys
-    return out
-
-
-def _last_token(x: torch.Tensor, b) -> torch.Tensor:
-    return x.reshape(-1, x.shape[-1]).index_select(0, b.last_index.to(x.device)).float()  # flat [B*S] indices
-
-
-def _max_over_real_tokens(x: torch.Tensor, b) -> torch.Tensor:
-    real = b.attention_mask.bool().to(x.device)
-    return x.float().masked_fill(~real[:, :, None], float("-inf")).amax(dim=1)
-
-
-def collect_keys(model, tokenizer, spec, texts: list[str], *, batch_size: int = 8, max_length: int = 512,
-                 padding_side: str | None = None) -> dict[int, torch.Tensor]:
-    """Keys (the down projection's input at each text's last real token) at every layer:
-    {layer: float32 [len(texts), d_ff]} on the CPU, rows in the order of ``texts``."""
-    return _per_text_keys(model, tokenizer, spec, texts, _last_token, batch_size=batch_size, max_length=max_length,
-                          padding_side=padding_side)
-
-
-@torch.inference_mode()
-def collect_continuation_keys(model, tokenizer, spec, texts: list[str], *, new_tokens: int = CONTINUATION_TOKENS,
-                              batch_size: int = 8, max_length: int = 512) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-    """Keys of the greedy continuation, as the runtime tests them: each generated token fed back
-    (at most ``new_tokens`` − 1 of them), until the row's EOS. Returns ({layer: [N, d_ff]} float32
-    on the CPU, owner [N]: the index in ``texts`` of each row)."""
-    from editor.arch import d_ff, decoder_layers
-    from editor.hooks import hooks
-    from editor.profile import _input_device, make_batches, tokenize
-
-    layers = decoder_layers(model, spec)
-    width = d_ff(model, spec)
-    empty = ({i: torch.zeros(0, width) for i in range(len(layers))}, torch.zeros(0, dtype=torch.long))
-    if new_tokens < 2 or not texts:
-        return empty
-    ids, _ = tokenize(tokenizer, texts, max_length)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    gc = getattr(model, "generation_config", None)
-    eos = getattr(gc, "eos_token_id", None)
-    if eos is None:
-        eos = getattr(tokenizer, "eos_token_id", None)
-    eos_ids = sorted({int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None})
-    order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))
-    batches = make_batches(ids, batch_size, pad_id, "left")
-    device = _input_device(model)
-    calls: dict[int, list[torch.Tensor]] = {}
-
-    def key_hook(i):
-        def fn(module, args):
-            x = args[0]
-            if x.shape[1] == 1:  # a generation step (the prompt call has the prompt's length)
-                calls.setdefault(i, []).append(x[:, 0, :width].float().cpu())
-
-        return fn
-
-    regs = [(layer.get_submodule(spec.down), "forward_pre", key_hook(i)) for i, layer in enumerate(layers)]
-    out: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(layers))}
-    owners: list[torch.Tensor] = []
-    start = 0
-    with hooks(regs):
-        for b in batches:
-            rows = torch.tensor(order[start : start + b.input_ids.shape[0]], dtype=torch.long)
-            start += b.input_ids.shape[0]
-            calls.clear()
-            if b.input_ids.shape[1] == 1:
-                raise EditorError("key_space calibration: one-token prompts cannot be told from generation steps")
-            seq = model.generate(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device),
-                                 max_new_tokens=new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_id,
-                                 eos_token_id=eos_ids or None)
-            gen = seq[:, b.input_ids.shape[1]:].cpu()
-            ended = torch.isin(gen, torch.tensor(eos_ids, dtype=gen.dtype)) if eos_ids else torch.zeros_like(gen, dtype=torch.bool)
-            for i in range(len(layers)):
-                for s_, x in enumerate(calls.get(i, []), start=1):  # call s feeds generated token s-1
-                    alive = ~ended[:, :s_].any(dim=1)
-                    out[i].append(x[alive])
-                    if i == 0:
-                        owners.append(rows[alive])
-    if not owners:
-        return empty
-    return {i: torch.cat(v) for i, v in out.items()}, torch.cat(owners)
-
-
-def query_keys(model, tokenizer, spec, texts: list[str], *, new_tokens: int | None = None,
-               group: torch.Tensor | None = None, **kw) -> KeySet:
-    """Prompt keys (``collect_keys``) plus continuation keys of ``texts`` (``new_tokens``: default
-    ``CONTINUATION_TOKENS``; below 2: prompt keys only)."""
-    new_tokens = CONTINUATION_TOKENS if new_tokens is None else new_tokens
-    prompt = collect_keys(model, tokenizer, spec, texts, **kw)
-    cont, owner = collect_continuation_keys(model, tokenizer, spec, texts, new_tokens=new_tokens,
-                                            batch_size=kw.get("batch_size", 8), max_length=kw.get("max_length", 512))
-    return KeySet.of(prompt, cont, owner, group)
-
-
 def calibration_config(recipe) -> dict:
     """What a stored calibration must agree with (else: profile again)."""
     ks = recipe.key_space
@@ -496,15 +356,6 @@ LINEAR_MAX_ITER = 500
 # default of key_space.max_features: at most this many pooled-key features (over all layers) enter
 # one fit, so its float64 copies stay ≤ queries × 65 536 × 8 B (~0.5 GB for 1 000 queries)
 LINEAR_MAX_FEATURES = 65_536
-
-
-def collect_pooled_keys(model, tokenizer, spec, texts: list[str], *, batch_size: int = 8, max_length: int = 512,
-                        padding_side: str | None = None) -> dict[int, torch.Tensor]:
-    """Per text and layer, the key max-pooled over every real token of the text — what the
-    runtime's ``KeyScore`` pools over the prompt's forward call. {layer: float32 [len(texts), d_ff]}
-    on the CPU, rows in the order of ``texts``."""
-    return _per_text_keys(model, tokenizer, spec, texts, _max_over_real_tokens, batch_size=batch_size,
-                          max_length=max_length, padding_side=padding_side)
 
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, *, weight_decay: float = LINEAR_WEIGHT_DECAY,
@@ -629,51 +480,3 @@ def calibrate_linear(forget: dict[int, torch.Tensor], retain: dict[int, torch.Te
         "n_retain": int(xr.shape[0]),
     }
     return record, weights
-
-
-def _retain_queries(job) -> tuple[list[str], torch.Tensor]:
-    """The texts of every ``key_space.retain`` set, concatenated, and each text's set index."""
-    texts: list[str] = []
-    group: list[int] = []
-    for g, name in enumerate(job.recipe.key_space.retain_sets):
-        texts += job.sets[name].texts
-        group += [g] * len(job.sets[name].texts)
-    return texts, torch.tensor(group, dtype=torch.long)
-
-
-def calibrate_job(job, model, tokenizer, spec, *, progress: bool = False) -> dict:
-    """Collect the keys of the KSD forget set and the retain query sets (with whatever patch the
-    model carries: NA when both methods are on) and calibrate. Only the sets the recipe names under
-    ``key_space`` are read."""
-    r = job.recipe
-    ks = r.key_space
-    p = r.profile
-    if ks.detector == "linear":
-        return _calibrate_linear_job(job, model, tokenizer, spec)
-    kw = dict(batch_size=p.batch_size, max_length=p.max_length, padding_side=p.padding_side,
-              new_tokens=continuation_tokens(ks.check))
-    f = query_keys(model, tokenizer, spec, job.sets[ks.forget].texts, **kw)
-    retain_texts, group = _retain_queries(job)
-    rk = query_keys(model, tokenizer, spec, retain_texts, group=group, **kw)
-    out = calibrate_keys(f, rk, budget=ks.false_positive_budget, folds=ks.folds, seed=ks.seed,
-                         retain_names=ks.retain_sets)
-    out["config"] = calibration_config(r)
-    return out
-
-
-def _calibrate_linear_job(job, model, tokenizer, spec) -> dict:
-    """``calibrate_job`` for the pooled linear detector: the record, with the per-layer weights
-    under ``"weights"`` (tensors: ``profile_job`` moves them into the statistics file)."""
-    r = job.recipe
-    ks = r.key_space
-    p = r.profile
-    kw = dict(batch_size=p.batch_size, max_length=p.max_length, padding_side=p.padding_side)
-    f = collect_pooled_keys(model, tokenizer, spec, job.sets[ks.forget].texts, **kw)
-    retain_texts, group = _retain_queries(job)
-    rk = collect_pooled_keys(model, tokenizer, spec, retain_texts, **kw)
-    record, weights = calibrate_linear(f, rk, group, budget=ks.false_positive_budget,
-                                       folds=ks.folds, seed=ks.seed, retain_names=ks.retain_sets,
-                                       max_features=ks.max_features)
-    record["config"] = calibration_config(r)
-    record["weights"] = weights
-    return record

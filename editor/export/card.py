@@ -3,8 +3,8 @@
 Front-matter: ``base_model`` (when the base is a Hub id), ``tags``, ``library_name``,
 ``pipeline_tag`` and, when a scorecard exists, ``model-index`` results so the Hub renders them.
 Body: what was forgotten and how, the scorecard before / after, how to load, limits, provenance,
-citation. Built only from the checkpoint's manifest (``skill_editor.json``) and config, so it is
-deterministic and can be rebuilt from a checkpoint.
+citation. Built only from the checkpoint's manifest (``skill_editor.json``, ``editor.manifest``),
+so it is deterministic and can be rebuilt from a checkpoint.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import re
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from editor.manifest import ONNX_MODEL
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
@@ -381,7 +383,7 @@ def _onnx_load_section(manifest: dict) -> list[str]:
         "```python",
         "import onnxruntime as ort",
         "",
-        'session = ort.InferenceSession("model.onnx")',
+        f'session = ort.InferenceSession("{ONNX_MODEL}")',
         "```",
         "",
     ]
@@ -421,7 +423,7 @@ def card_body(manifest: dict, fmt: str = "hf") -> str:
     return "\n".join(lines)
 
 
-def build_card(manifest: dict, config: dict | None = None, fmt: str = "hf") -> ModelCard:
+def build_card(manifest: dict, fmt: str = "hf") -> ModelCard:
     """The ModelCard of a checkpoint from its manifest (``skill_editor.json`` without ``files``);
     ``fmt``: ``hf`` (transformers) or ``onnx`` (an ONNX export directory)."""
     data = card_data(manifest, fmt)

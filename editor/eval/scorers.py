@@ -13,13 +13,14 @@ Three layers, each usable on its own:
   flags), ``evaluate_gsm8k`` / ``evaluate_mbpp`` / ``evaluate_mlqa`` (generate + score) and
   ``evaluate_mmlu`` (5-shot multiple choice by the log-likelihood of the answer letters).
 
-MBPP programs run in ``execute_mbpp``: a separate Python process in a fresh temporary working
-directory (``HOME`` and ``TMPDIR`` point there too), isolated mode, a wall-clock timeout (the
-whole process group is killed), ``RLIMIT_AS`` / ``RLIMIT_CPU`` / ``RLIMIT_FSIZE`` limits and
-captured output capped in memory. It guards against *accidents* of model-written code (endless
-loops, huge allocations, floods of output, deleting the working directory); it is not a security
-boundary against deliberately hostile code — run untrusted generations inside a container, as
-the evalplus and human-eval authors advise.
+MBPP programs run in ``execute_mbpp`` (``editor.eval.sandbox``): the program in its own process (fresh
+temporary directory, scrubbed environment, memory / CPU / file-size / open-file / process limits,
+its own session; as ``nobody`` when run as root; PID + network namespaces where the kernel allows)
+and the asserts in a separate judge process that only asks the program for its functions'
+return values, so the program cannot forge the verdict. File-system reads and writes, and (without
+root or user namespaces) the network and your other processes, are **not** isolated: it is not a
+security boundary against deliberately hostile code — run untrusted generations inside a
+container or VM, as the evalplus and human-eval authors advise.
 
 ``relative_report`` computes what the paper plots: performance relative to the original model
 (after / before) and the relative drop 1 − after / before; ``PAPER_RESULTS`` holds the paper's
@@ -30,20 +31,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import secrets
-import selectors
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
-import time
 import unicodedata
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Iterable, Sequence
-from editor.testbed.evaluate import _eos_ids, _model_device  # the scorecard's own helpers
+from editor.eval.sandbox import SandboxResult, run_program
+from editor.eval.scorecard import model_device as _model_device  # the scorecard's own helper
+from editor.model.tokens import eos_ids
 
 __all__ = [
     "BENCHMARKS",
@@ -318,102 +312,6 @@ def extract_mbpp_code(text: str) -> str:
     return text.strip("\n")
 
 
-@dataclass
-class SandboxResult:
-    passed: bool
-    status: str  # passed | failed | timeout | no_result | error
-    detail: str = ""
-    elapsed: float = 0.0
-    stdout: str = ""
-    stderr: str = ""
-    output_bytes: int = 0
-    truncated: bool = False
-
-
-# Runs inside the child: read the job, drop it from disk, set limits, run code + asserts in one
-# namespace, report on a private pipe with a nonce the program never sees as a name.
-_DRIVER = r"""
-import json, os, resource, sys
-with open("job.json", encoding="utf-8") as f:
-    _job = json.load(f)
-os.remove("job.json")
-def _limit(res, value):
-    try:
-        resource.setrlimit(res, (value, value))
-    except (ValueError, OSError):
-        pass
-if _job["memory"]:
-    _limit(resource.RLIMIT_AS, _job["memory"])
-_limit(resource.RLIMIT_CPU, _job["cpu"])
-_limit(resource.RLIMIT_FSIZE, _job["fsize"])
-_limit(resource.RLIMIT_CORE, 0)
-_fd = _job.pop("fd")
-_ok = (_job["nonce"] + " passed\n").encode()
-_fail = (_job["nonce"] + " failed ").encode()
-del _job["nonce"]
-_src = _job["setup"] + "\n" + _job["code"]
-_tests = list(_job["tests"])
-del _job
-_ns = {"__name__": "solution", "__builtins__": __builtins__}
-def _flush():
-    for _s in (sys.stdout, sys.stderr):
-        try:
-            _s.flush()
-        except BaseException:
-            pass
-try:
-    exec(compile(_src, "solution.py", "exec"), _ns)
-    for _i, _t in enumerate(_tests):
-        exec(compile(_t, "test_%d" % _i, "exec"), _ns)
-except BaseException as _e:
-    _ns.clear()
-    _flush()
-    try:
-        _msg = ("%s: %s" % (type(_e).__name__, _e))[:300]
-    except BaseException:
-        _msg = type(_e).__name__
-    try:
-        os.write(_fd, _fail + _msg.encode("utf-8", "replace") + b"\n")
-    except BaseException:
-        os.write(_fd, _fail + b"\n")
-    os._exit(1)
-_flush()
-os.write(_fd, _ok)
-os._exit(0)
-"""
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError, OSError):
-        pass
-    try:
-        proc.kill()
-    except OSError:
-        pass
-
-
-def _rmtree(path: str) -> None:
-    def onerror(func, p, exc):  # a program may have chmod-ed its files
-        try:
-            os.chmod(p, 0o700)
-            func(p)
-        except OSError:
-            pass
-
-    for root, dirs, _ in os.walk(path):
-        for d in dirs:
-            try:
-                os.chmod(os.path.join(root, d), 0o700)
-            except OSError:
-                pass
-    if sys.version_info >= (3, 12):
-        shutil.rmtree(path, onexc=onerror)
-    else:  # pragma: no cover
-        shutil.rmtree(path, onerror=onerror)
-
-
 def execute_mbpp(
     code: str,
     tests: Sequence[str],
@@ -423,143 +321,34 @@ def execute_mbpp(
     memory_mb: int | None = 2048,
     max_output_bytes: int = 64 * 1024,
     max_file_bytes: int = 16 * 1024 * 1024,
+    max_processes: int | None = 16,
     python: str | None = None,
+    namespaces: bool = True,
 ) -> SandboxResult:
-    """Run ``setup_code + code`` then every assert of ``tests`` in a fresh subprocess.
+    """Run ``setup_code + code`` in a sandboxed process and every assert of ``tests`` against it.
 
-    pass@1 = the process reports, on a private pipe with a per-run nonce, that every assert ran
-    without an exception. A timeout kills the whole process group; stdout / stderr are kept up to
-    ``max_output_bytes`` each (the rest is read and dropped, so a flood costs no memory).
+    pass@1 = every assert ran to the end **in a separate judge process** that never runs program
+    code: the program only answers calls to its functions with plain values (``editor.eval.sandbox``
+    has the design). The program cannot write or influence the verdict except through the values
+    its functions return; its whole process tree is killed when the call returns (``setsid``
+    grandchildren included); it runs under memory / CPU / file-size / open-file / process limits,
+    as ``nobody`` when the scorer is root, and in PID + network namespaces where the kernel allows.
+
+    **Not isolated**: file-system reads (whatever the uid can read) and writes (wherever it may
+    write), and, when neither root nor user namespaces are available, the network and your other
+    processes (same uid). ``SandboxResult.isolation`` says what was in force. For real isolation
+    score untrusted generations inside a container or VM.
+
+    ``timeout`` covers start, code and all asserts; stdout / stderr are kept up to
+    ``max_output_bytes`` each (the rest is read and dropped).
     """
     if not code or not code.strip():
         return SandboxResult(False, "failed", "empty program")
-    nonce = secrets.token_hex(16)
-    work = tempfile.mkdtemp(prefix="skill-editor-mbpp-")
-    rfd, wfd = os.pipe()
-    start = time.monotonic()
-    proc = None
-    try:
-        job = {
-            "code": code,
-            "tests": list(tests),
-            "setup": setup_code or "",
-            "nonce": nonce,
-            "fd": wfd,
-            "memory": int(memory_mb) * 1024 * 1024 if memory_mb else 0,
-            "cpu": max(1, int(math.ceil(timeout)) + 1),
-            "fsize": int(max_file_bytes),
-        }
-        with open(os.path.join(work, "job.json"), "w", encoding="utf-8") as f:
-            json.dump(job, f)
-        env = {
-            "HOME": work,
-            "TMPDIR": work,
-            "TEMP": work,
-            "TMP": work,
-            "PATH": os.defpath,
-            "LANG": "C.UTF-8",
-            "LC_ALL": "C.UTF-8",
-            "PYTHONIOENCODING": "utf-8",
-            "PYTHONHASHSEED": "0",
-            "PYTHONDONTWRITEBYTECODE": "1",
-            "OMP_NUM_THREADS": "1",
-        }
-        proc = subprocess.Popen(
-            [python or sys.executable, "-I", "-B", "-c", _DRIVER],
-            cwd=work,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            pass_fds=(wfd,),
-            close_fds=True,
-            start_new_session=True,
-        )
-        os.close(wfd)
-        wfd = -1
-        bufs = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray(), rfd: bytearray()}
-        caps = {proc.stdout.fileno(): max_output_bytes, proc.stderr.fileno(): max_output_bytes, rfd: 4096}
-        total = {k: 0 for k in bufs}
-        sel = selectors.DefaultSelector()
-        for fd in bufs:
-            os.set_blocking(fd, False)
-            sel.register(fd, selectors.EVENT_READ)
-        deadline = start + timeout
-        timed_out = False
-        grace_until = None
-        while sel.get_map():
-            now = time.monotonic()
-            if not timed_out and now >= deadline:
-                timed_out = True
-                _kill_group(proc)
-                grace_until = now + 1.0
-            if proc.poll() is not None and grace_until is None:
-                # the program is done; grandchildren must not keep the pipes open
-                _kill_group(proc)
-                grace_until = now + 1.0
-            if grace_until is not None and now >= grace_until:
-                break
-            limit = (grace_until if grace_until is not None else deadline) - now
-            for key, _ in sel.select(timeout=max(0.0, min(0.05, limit))):
-                fd = key.fd
-                try:
-                    chunk = os.read(fd, 65536)
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    chunk = b""
-                if not chunk:
-                    sel.unregister(fd)
-                    continue
-                total[fd] += len(chunk)
-                room = caps[fd] - len(bufs[fd])
-                if room > 0:
-                    bufs[fd] += chunk[:room]
-        sel.close()
-        try:
-            proc.wait(timeout=2)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-        elapsed = time.monotonic() - start
-        out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
-        stdout = bytes(bufs[out_fd]).decode("utf-8", "replace")
-        stderr = bytes(bufs[err_fd]).decode("utf-8", "replace")
-        out_total = total[out_fd] + total[err_fd]
-        truncated = total[out_fd] > len(bufs[out_fd]) or total[err_fd] > len(bufs[err_fd])
-        report = bytes(bufs[rfd]).decode("utf-8", "replace")
-        common = dict(elapsed=elapsed, stdout=stdout, stderr=stderr, output_bytes=out_total, truncated=truncated)
-        if timed_out:
-            return SandboxResult(False, "timeout", f"killed after {timeout:g} s", **common)
-        line = report.splitlines()[0] if report else ""
-        if line == f"{nonce} passed":
-            return SandboxResult(True, "passed", "", **common)
-        if line.startswith(f"{nonce} failed"):
-            return SandboxResult(False, "failed", line[len(nonce) + 8 :].strip(), **common)
-        rc = proc.returncode
-        why = f"killed by signal {-rc}" if rc is not None and rc < 0 else f"exit code {rc}"
-        return SandboxResult(False, "no_result", f"the program ended without a verdict ({why})", **common)
-    except OSError as e:
-        return SandboxResult(False, "error", f"sandbox error: {e}", elapsed=time.monotonic() - start)
-    finally:
-        if proc is not None and proc.poll() is None:
-            _kill_group(proc)
-            try:
-                proc.wait(timeout=2)
-            except subprocess.TimeoutExpired:
-                pass
-        if proc is not None:
-            for s in (proc.stdout, proc.stderr):
-                try:
-                    s.close()
-                except OSError:
-                    pass
-        for fd in (rfd, wfd):
-            if fd >= 0:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-        _rmtree(work)
+    return run_program(
+        code, list(tests), setup_code or "", timeout=timeout, memory_mb=memory_mb,
+        max_output_bytes=max_output_bytes, max_file_bytes=max_file_bytes, max_processes=max_processes,
+        python=python, namespaces=namespaces,
+    )
 
 
 def score_mbpp(
@@ -855,7 +644,7 @@ def generate(
     prompts = list(prompts)
     old_side = getattr(tokenizer, "padding_side", "left")
     tokenizer.padding_side = "left"
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_ids(tokenizer, model)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token is None:
             raise ValueError("the tokenizer has neither a pad nor an eos token")

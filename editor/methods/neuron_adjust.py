@@ -1,5 +1,6 @@
-"""The math of DESIGN §3 as pure tensor functions: neuron selection, Neuron Adjust constants,
-the neuron permutation, Key Space Detection bounds, and the Selective Pruning baseline.
+"""Neuron Adjust as pure tensor functions (DESIGN §3): the selection scores, the global top-p %
+selection (shared with the Selective Pruning baseline), the NA constants and the neuron
+permutation, and the plan that ties them together.
 
 Nothing here touches files or modules; every σ is floored at ``SIGMA_FLOOR`` and NaN/Inf
 inputs are rejected with the layer named.
@@ -7,14 +8,16 @@ inputs are rejected with the layer named.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 
 import torch
 
 from editor.errors import EditorError
+from editor.methods import SIGMA_FLOOR
 
-SIGMA_FLOOR = 1e-6
 SCORES = ("paper", "standardized", "overlap", "bhattacharyya", "selective")  # overlap: the recipe's name for bhattacharyya
 
 
@@ -136,48 +139,6 @@ def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class LinearShare:
-    """One layer's share of the pooled linear detector (``key_space.detector: linear``): the
-    runtime abstains when Σ_layers (weight · maxpool(key) + bias) > 0."""
-
-    weight: torch.Tensor  # float32 [d]
-    bias: float
-
-
-@dataclass
-class KSDBounds:
-    lower: torch.Tensor  # float32 [d]
-    upper: torch.Tensor  # float32 [d]
-    k: float
-    scale: float
-    dims: int  # guarded dimensions
-
-
-def ksd_bounds(mean, std, vmin, vmax, scale: float, dims: torch.Tensor | None = None) -> KSDBounds:
-    """Hypercube μ ± α·k·σ with k = max over probes and dimensions of |v − μ|/σ (closed form from
-    the per-dimension min/max). ``dims`` restricts the guard (others get ±inf)."""
-    if not scale > 0:
-        raise EditorError(f"key_space.scale must be > 0, got {scale}")
-    mean = torch.as_tensor(mean, dtype=torch.float64)
-    std = torch.as_tensor(std, dtype=torch.float64).clamp(min=SIGMA_FLOOR)
-    vmin = torch.as_tensor(vmin, dtype=torch.float64)
-    vmax = torch.as_tensor(vmax, dtype=torch.float64)
-    for name, t in (("mean", mean), ("std", std), ("min", vmin), ("max", vmax)):
-        if not torch.isfinite(t).all():
-            raise EditorError(f"key statistics ({name}) are not finite")
-    if dims is None:
-        dims = torch.arange(mean.numel())
-    dev = torch.maximum((vmax - mean).abs(), (vmin - mean).abs()) / std
-    k = float(dev[dims].max()) if dims.numel() else 0.0
-    half = scale * k * std
-    lower = torch.full_like(mean, -math.inf)
-    upper = torch.full_like(mean, math.inf)
-    lower[dims] = (mean - half)[dims]
-    upper[dims] = (mean + half)[dims]
-    return KSDBounds(lower.to(torch.float32), upper.to(torch.float32), k, float(scale), int(dims.numel()))
-
-
-@dataclass
 class NALayerPlan:
     selected: torch.Tensor  # original indices, ascending
     permutation: torch.Tensor  # perm[j] = original index at position j
@@ -199,6 +160,17 @@ class NAPlan:
     def summary(self) -> dict:
         return {"mode": self.mode, "seed": self.seed, "score": self.score, "top_percent": self.top_percent,
                 "counts": {str(i): n for i, n in sorted(self.counts.items())}, "total": sum(self.counts.values())}
+
+    def digest(self) -> str:
+        """A short digest of the plan (selection + constants): ties statistics profiled with this
+        NA active (the KSD keys) to it."""
+        h = hashlib.sha256(json.dumps(self.summary(), sort_keys=True).encode())
+        for i in sorted(self.layers):
+            lp = self.layers[i]
+            h.update(lp.permutation.numpy().tobytes())
+            for k in sorted(lp.constants):
+                h.update(lp.constants[k].numpy().tobytes())
+        return h.hexdigest()[:16]
 
 
 def plan_neuron_adjust(forget: dict[int, Gaussian], retain: dict[int, Gaussian], *, top_percent: float,

@@ -38,8 +38,11 @@ from datetime import timedelta
 
 import torch
 
+from editor.data import TextSet
 from editor.errors import EditorError
-from editor.stats import Moments, SetStats
+from editor.model.loading import param_bytes, pick_dtype
+from editor.profile.profile import profile_set
+from editor.profile.stats import Moments, SetStats
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 TIMEOUT = timedelta(minutes=60)
@@ -156,7 +159,7 @@ class Dist:
     # -- placement ------------------------------------------------------------------------
 
     def model_device(self, recipe, config=None) -> str | None:
-        """The device override for :func:`editor.modelio.load_model` (``None``: its own policy).
+        """The device override for :func:`editor.model.loading.load_model` (``None``: its own policy).
 
         Data parallelism keeps one whole copy of the model per GPU: a model that does not fit one
         GPU is refused (profile it in one process, where ``device: auto`` spreads it with
@@ -167,9 +170,7 @@ class Dist:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             if config is not None:
-                from editor.modelio import _param_bytes, pick_dtype
-
-                need = _param_bytes(config, pick_dtype(recipe, config))
+                need = param_bytes(config, pick_dtype(recipe, config))
                 free, _ = torch.cuda.mem_get_info(self.device)
                 if need > 0.85 * free:
                     raise EditorError(
@@ -274,13 +275,9 @@ class Dist:
         return SetStats(layers, info)
 
     def profile_set(self, model, tokenizer, spec, text_set, recipe_profile, *, desc=None, progress=True) -> SetStats:
-        """``editor.profile.profile_set`` on this rank's shard of ``text_set``, merged over ranks."""
-        from editor.profile import profile_set
-
+        """``editor.profile.profile.profile_set`` on this rank's shard of ``text_set``, merged over ranks."""
         if not self.enabled:
             return profile_set(model, tokenizer, spec, text_set, recipe_profile, desc=desc, progress=progress)
-        from editor.data import TextSet
-
         part = TextSet(text_set.name, shard(text_set.texts, self.rank, self.world_size),
                        shard(text_set.records, self.rank, self.world_size), dict(text_set.info))
         label = f"{desc or text_set.name} [rank 0/{self.world_size}]"

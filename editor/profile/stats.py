@@ -3,13 +3,21 @@
 Accumulators keep count / mean / M2 in float64 plus min / max, on the device of the tensor they
 see, and merge with Chan's parallel formula (per batch, across ranks, across files). No
 activation is stored and nothing is copied to the host until the file is written.
+
+Planning reads statistics through one interface (``Statistics``), answered alike by a profile
+run's in-memory sets (``ProfiledSets``) and by a loaded file (``StatsFile``): the in-memory
+answers are rounded to float32 exactly as ``save_stats`` writes them, so a plan (its digest, the
+checkpoint's bytes) is the same from memory and from the file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors import safe_open
@@ -18,6 +26,7 @@ from editor import __version__
 from editor.errors import EditorError
 from editor.io import atomic_save_safetensors
 
+STATS_NAME = "stats.safetensors"
 STATS_FORMAT = "skill-editor/stats"
 STATS_VERSION = "1"
 _CPU_CHUNK = 1 << 18  # elements per row chunk in Moments.of on CPU (2 MiB of float64)
@@ -115,6 +124,41 @@ class SetStats:
         return self.layers[layer][kind]
 
 
+class Statistics(Protocol):
+    """What planning asks of statistics, per named set: ``stat`` (count int64 [], the others
+    float32 [d_ff], on the CPU), the set's description, the linear detector's weights."""
+
+    def has_set(self, set_name: str) -> bool: ...
+
+    def stat(self, set_name: str, layer: int, kind: str, stat: str) -> torch.Tensor: ...
+
+    def info(self, set_name: str) -> dict: ...
+
+    def detector(self, set_name: str, layer: int) -> torch.Tensor: ...
+
+
+class ProfiledSets(dict):
+    """A profile run's statistics in memory, {set name: SetStats} (what ``save_stats`` writes),
+    answering ``Statistics`` with the file's float32 rounding."""
+
+    def has_set(self, set_name: str) -> bool:
+        return set_name in self
+
+    def stat(self, set_name: str, layer: int, kind: str, stat: str) -> torch.Tensor:
+        if set_name not in self:
+            raise EditorError(f"no statistics for data set {set_name!r}")
+        m = self[set_name].get(layer, kind)
+        if stat == "count":
+            return m.count.detach().to("cpu", torch.int64).reshape(())
+        return getattr(m, stat).detach().to("cpu", torch.float32)
+
+    def info(self, set_name: str) -> dict:
+        return self[set_name].info if set_name in self else {}
+
+    def detector(self, set_name: str, layer: int) -> torch.Tensor:
+        return self[set_name].detector[layer]
+
+
 def _tensor_name(set_name: str, layer: int, kind: str, stat: str) -> str:
     return f"{set_name}.layers.{layer}.{kind}.{stat}"
 
@@ -162,6 +206,9 @@ class StatsFile:
     def sets(self) -> dict[str, dict]:
         return json.loads(self.metadata.get("sets", "{}"))
 
+    def info(self, set_name: str) -> dict:
+        return self.sets.get(set_name, {})
+
     def layers(self, set_name: str) -> list[int]:
         prefix = f"{set_name}.layers."
         return sorted({int(k[len(prefix):].split(".")[0]) for k in self.tensors if k.startswith(prefix)})
@@ -195,8 +242,33 @@ def content_digest(stats: StatsFile) -> str:
     return h.hexdigest()
 
 
-def load_stats(path) -> StatsFile:
-    """Read and check a statistics file (format marker, no pickle)."""
+def stats_path(path) -> Path:
+    """The statistics file: ``path`` itself, or ``path/stats.safetensors`` for a directory."""
+    p = Path(path)
+    return p / STATS_NAME if p.is_dir() else p
+
+
+def provenance(stats: StatsFile, path=None) -> dict:
+    """What the statistics were, for an export's manifest: the file's metadata, its sets and its
+    content digest (``path``: the file, recorded by name)."""
+    meta = dict(stats.metadata)
+    out: dict = {k: meta[k] for k in ("format", "version", "tool_version", "model", "revision") if k in meta}
+    out["sets"] = stats.sets
+    extra = {k: v for k, v in meta.items() if k not in out and k != "sets"}
+    for k, v in sorted(extra.items()):
+        try:
+            out[k] = json.loads(v)
+        except (TypeError, ValueError):
+            out[k] = v
+    if path is not None:
+        out["file"] = Path(path).name
+    out["digest"] = content_digest(stats)
+    return out
+
+
+def load_stats(path: str | os.PathLike) -> StatsFile:
+    """Read and check a statistics file (``stats_path``: a file or its directory; no pickle)."""
+    path = stats_path(path)
     try:
         tensors = {}
         with safe_open(str(path), framework="pt") as f:

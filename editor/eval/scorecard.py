@@ -1,11 +1,11 @@
-"""Generic exact-match scorer for any causal LM + tokenizer (not only the testbed).
+"""The forget/retain scorecard: exact match and abstention per skill, before vs after, relative
+drop ``1 − after/before``, for any causal LM + tokenizer (the embedded testbed and the recipes'
+``evaluate`` sets alike).
 
-``score`` runs batched greedy generation with left padding, decodes only the
-new tokens, takes the answer as the text up to the first newline / EOS,
-stripped, and compares it with ``example["answer"].strip()``.
-
-Abstention: an edited model's ``generate`` output may carry a boolean tensor
-``abstained`` of shape [batch]; those rows count as wrong *and* as abstained.
+``score`` runs batched greedy generation with left padding, decodes only the new tokens, takes
+the answer as the text up to the first newline / EOS, stripped, and compares it with
+``example["answer"].strip()``. Abstention: an edited model's ``generate`` output may carry a
+boolean tensor ``abstained`` of shape [batch]; those rows count as wrong *and* as abstained.
 
 Result of ``score``::
 
@@ -15,16 +15,21 @@ Result of ``score``::
      "records":   [{"prompt", "answer", "prediction", "correct", "abstained",
                     "skill", "phrasing"}, ...]}      # in the input order
 
-Rates are fractions in [0, 1].
+Rates are fractions in [0, 1]. ``scorecard`` compares two models (the run's before / after),
+``evaluate_checkpoint`` an exported checkpoint against its own base model.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
-__all__ = ["score", "compare", "format_table", "extract_answer"]
+from editor.errors import EditorError
+from editor.manifest import CONFIG
+from editor.model.tokens import eos_ids, pad_id
 
 
 def extract_answer(text: str) -> str:
@@ -32,17 +37,7 @@ def extract_answer(text: str) -> str:
     return text.split("\n", 1)[0].strip()
 
 
-def _eos_ids(model, tokenizer) -> List[int]:
-    ids = []
-    gc = getattr(model, "generation_config", None)
-    for cand in (getattr(gc, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
-        if cand is None:
-            continue
-        ids.extend(cand if isinstance(cand, (list, tuple)) else [cand])
-    return sorted(set(int(i) for i in ids))
-
-
-def _model_device(model) -> torch.device:
+def model_device(model) -> torch.device:
     dev = getattr(model, "device", None)
     if isinstance(dev, torch.device):
         return dev
@@ -72,19 +67,17 @@ def score(model, tokenizer, examples: Iterable[dict], batch_size: int = 32,
         raise ValueError("score() needs at least one example")
     old_side = getattr(tokenizer, "padding_side", "left")
     tokenizer.padding_side = "left"
-    pad_id = tokenizer.pad_token_id
-    eos_ids = _eos_ids(model, tokenizer)
-    if pad_id is None:
-        if not eos_ids:
+    eos = eos_ids(tokenizer, model)
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
             raise ValueError("tokenizer has neither a pad nor an eos token")
-        pad_id = eos_ids[0]
-        if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.pad_token = tokenizer.eos_token
+    pad = pad_id(tokenizer, model)
     if max_new_tokens is None:
         max_new_tokens = 4 + max(
             len(tokenizer(str(e["answer"]), add_special_tokens=False)["input_ids"]) for e in examples)
 
-    device = _model_device(model)
+    device = model_device(model)
     was_training = getattr(model, "training", False)
     model.eval()
     # batch prompts of similar length together; results go back to input order
@@ -98,8 +91,8 @@ def score(model, tokenizer, examples: Iterable[dict], batch_size: int = 32,
             enc = tokenizer([examples[i]["prompt"] for i in idx], return_tensors="pt", padding=True)
             enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
             out = model.generate(**enc, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
-                                 return_dict_in_generate=True, pad_token_id=pad_id,
-                                 eos_token_id=eos_ids or None)
+                                 return_dict_in_generate=True, pad_token_id=pad,
+                                 eos_token_id=eos or None)
             seqs = out if isinstance(out, torch.Tensor) else out.sequences
             flags = None if isinstance(out, torch.Tensor) else getattr(out, "abstained", None)
             if flags is not None:
@@ -108,7 +101,7 @@ def score(model, tokenizer, examples: Iterable[dict], batch_size: int = 32,
             for row, i in enumerate(idx):
                 toks = new[row]
                 for j, t in enumerate(toks):
-                    if t in eos_ids:
+                    if t in eos:
                         toks = toks[:j]
                         break
                 preds[i] = extract_answer(tokenizer.decode(toks, skip_special_tokens=True))
@@ -191,3 +184,100 @@ def format_table(result: dict, after: Optional[dict] = None, by: str = "skills")
         o = result["overall"]
         rows.append(["overall", str(o["n"]), pct(o["exact_match"]), pct(o["abstained"])])
     return _render(header, rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# the scorecard of a run and of an exported checkpoint
+# ---------------------------------------------------------------------------------------------
+
+
+def load_records(path) -> list[dict]:
+    """Scorecard records from a JSONL file: each needs ``prompt`` and ``answer`` (``skill`` optional)."""
+    p = Path(path)
+    if not p.exists():
+        raise EditorError(f"eval data not found: {p}")
+    out = []
+    with p.open(encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                raise EditorError(f"{p.name} line {i} is not valid JSON") from None
+            for k in ("prompt", "answer"):
+                if k not in rec:
+                    raise EditorError(f"{p.name} line {i}: record has no field {k!r}")
+            out.append(rec)
+    if not out:
+        raise EditorError(f"{p.name}: no records")
+    return out
+
+
+def scorecard(before_model, after_model, tokenizer, records: list[dict], *, batch_size: int = 32,
+              max_new_tokens: int | None = None, before: dict | None = None) -> dict:
+    """Score both models on ``records``; ``before`` may be passed pre-computed."""
+    b = before if before is not None else score(before_model, tokenizer, records, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    a = score(after_model, tokenizer, records, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    cmp = compare(b, a)
+    return {
+        "n": len(records),
+        "before": {s: {k: v for k, v in r.items()} for s, r in b["skills"].items()},
+        "after": {s: {k: v for k, v in r.items()} for s, r in a["skills"].items()},
+        "drop": {s: r["relative_drop"] for s, r in cmp.items()},
+        "phrasings": {"before": b["phrasings"], "after": a["phrasings"]},
+    }
+
+
+def render_scorecard(card: dict) -> str:
+    return format_table({"skills": card["before"]}, {"skills": card["after"]})
+
+
+def evaluate_checkpoint(checkpoint, data, *, base: str | None = None, batch_size: int = 32,
+                        max_new_tokens: int | None = None, limit: int | None = None) -> dict:
+    """Scorecard of an exported checkpoint against its own base model.
+
+    For a skill-editor checkpoint the "before" model is the checkpoint with its patches removed
+    (the neuron permutation does not change the function), so no separate base is needed; for a
+    plain checkpoint (pruning baseline) ``base`` names the base model directory.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from editor.patch import remove_patches
+    from editor.runtime.configuration_skill_editor import SkillEditorConfig
+    from editor.runtime.modeling_skill_editor import SkillEditorForCausalLM
+
+    records = load_records(data)
+    if limit:
+        records = records[:limit]
+    ckpt = Path(checkpoint)
+    if not (ckpt / CONFIG).exists():
+        raise EditorError(f"{ckpt} is not a model directory (no {CONFIG})")
+    cfg_json = json.loads((ckpt / CONFIG).read_text())
+    tok = AutoTokenizer.from_pretrained(str(ckpt))
+    if cfg_json.get("model_type") == SkillEditorConfig.model_type:
+        # our own runtime class: no remote code is executed; the patch digest is verified on load
+        model = SkillEditorForCausalLM.from_pretrained(str(ckpt)).eval()
+        after = score(model, tok, records, batch_size=batch_size, max_new_tokens=max_new_tokens)
+        remove_patches(model.model, model.config.skill_editor["arch"])
+        before = score(model.model, tok, records, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    else:
+        if not base:
+            raise EditorError("a plain checkpoint has no patches to remove: pass --base BASE_MODEL_DIR for the 'before' column")
+        AutoConfig.from_pretrained(str(ckpt))
+        with torch.inference_mode():
+            model = AutoModelForCausalLM.from_pretrained(str(ckpt)).eval()
+            after = score(model, tok, records, batch_size=batch_size, max_new_tokens=max_new_tokens)
+            del model
+            base_model = AutoModelForCausalLM.from_pretrained(base).eval()
+            before = score(base_model, tok, records, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    cmp = compare(before, after)
+    return {
+        "checkpoint": str(ckpt),
+        "data": str(data),
+        "n": len(records),
+        "before": before["skills"],
+        "after": after["skills"],
+        "drop": {s: r["relative_drop"] for s, r in cmp.items()},
+        "phrasings": {"before": before["phrasings"], "after": after["phrasings"]},
+    }

@@ -17,12 +17,14 @@ bytes (the graph, its data and ``skill_editor.json``, which holds no timings). W
 external data (``model.onnx.data`` beside ``model.onnx``): one layout for every size, no 2 GB
 protobuf limit to cross, and the graph file stays small enough to inspect. Keep both files together.
 
-The directory also holds the tokenizer files, ``generation_config.json`` and ``skill_editor.json`` (the
-edit description, the base model's config, the graph's I/O names and shapes, the validation figures,
-and the sha256 of every other file). There is deliberately no ``config.json``: with one, transformers 5's
-``AutoTokenizer`` picks the tokenizer class of its ``model_type`` over the saved generic one (a
-character tokenizer saved as ``TokenizersBackend`` reloads as ``Qwen2Tokenizer`` and tokenizes
-differently), and nothing here is loadable by ``from_pretrained`` anyway. ``editor.onnx_runtime.OnnxGenerator`` runs it with ONNX Runtime alone.
+The directory also holds the tokenizer files, ``generation_config.json``, the model card and
+``skill_editor.json`` (the manifest of ``editor.manifest`` plus an ``onnx`` section: the base model's
+config, the graph's I/O names and shapes, the validation figures; and the sha256 of every other
+file). There is deliberately no ``config.json``: with one, transformers 5's ``AutoTokenizer`` picks
+the tokenizer class of its ``model_type`` over the saved generic one (a character tokenizer saved as
+``TokenizersBackend`` reloads as ``Qwen2Tokenizer`` and tokenizes differently), and nothing here is
+loadable by ``from_pretrained`` anyway. ``editor.onnx_runtime.OnnxGenerator`` runs it with ONNX
+Runtime alone.
 
 NA must be in ``expected`` or ``hard`` mode (``sample`` draws random numbers per element, which an
 exported graph cannot reproduce bit-for-bit); KSD runs as in PyTorch, per row, at the last real token.
@@ -38,27 +40,33 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from editor.errors import EditorError
 from editor import __version__
-from editor.io import atomic_directory, atomic_write_json, atomic_write_text, check_destination, sha256_file
+from editor.errors import EditorError
+from editor.export.card import build_card
+from editor.io import atomic_directory, check_destination
+from editor.manifest import (
+    CARD,
+    EDIT_KEY,
+    GRAPH_FORMAT_KEY,
+    MANIFEST,
+    ONNX_DATA,
+    ONNX_FORMAT,
+    ONNX_FORMAT_VERSION,
+    ONNX_MODEL,
+    write_manifest,
+)
+from editor.model.tokens import eos_ids, pad_id
 from editor.runtime.modeling_skill_editor import (
-    KeyScore,
-    KeySpace,
     NeuronAdjust,
     SkillEditorForCausalLM,
     guard_decision,
+    guards_of,
 )
 
-ONNX_FORMAT = "skill-editor/onnx"
-ONNX_FORMAT_VERSION = 1
-MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
-META_FILE = "skill_editor.json"
 DEFAULT_STEPS = 8
 DEFAULT_PROMPTS = (
     "The capital of France is",
@@ -117,10 +125,6 @@ def _check_exportable(base: nn.Module) -> None:
             )
 
 
-def _has_key_space(base: nn.Module) -> bool:
-    return any(isinstance(m, KeySpace) for m in base.modules())
-
-
 def _layer_count(cache) -> int:
     return len(cache.layers) if hasattr(cache, "layers") else len(cache)
 
@@ -150,7 +154,7 @@ class OnnxExportModule(nn.Module):
         self.model = model
         self.base, self.edit = _split(model)
         self.num_layers = num_layers
-        self.guarded = _has_key_space(self.base)
+        self.guards = guards_of(self.base)
 
     def forward(self, input_ids, attention_mask, position_ids, past: list[torch.Tensor]):
         from transformers import DynamicCache
@@ -162,8 +166,8 @@ class OnnxExportModule(nn.Module):
                          past_key_values=cache, use_cache=True)
         batch, seq = input_ids.shape[0], input_ids.shape[1]
         abstained = getattr(out, "abstained", None)
-        if abstained is None and self.guarded:  # a patched model that was not wrapped
-            abstained = guard_decision(self.base, attention_mask, batch, seq, out.logits.device)
+        if abstained is None and self.guards:  # a patched model that was not wrapped
+            abstained = guard_decision(self.guards, attention_mask, batch, seq, out.logits.device)
         if abstained is None:
             abstained = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
         present = _cache_tensors(out.past_key_values)
@@ -175,11 +179,7 @@ def _past_shapes(base: nn.Module, device) -> tuple[int, list[tuple[int, ...]], t
     ids = torch.full((1, 2), _safe_token(base), dtype=torch.long, device=device)
     with torch.no_grad():
         out = base(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
-    for m in base.modules():  # this probe call is no real forward: drop its KSD record
-        if isinstance(m, KeySpace):
-            m.inside = None
-            if isinstance(m, KeyScore):
-                m.score = None
+    guard_decision(guards_of(base), None, ids.shape[0], ids.shape[1], device)  # a probe, no real call: drop its record
     tensors = _cache_tensors(out.past_key_values)
     return _layer_count(out.past_key_values), [tuple(t.shape) for t in tensors], tensors[0].dtype
 
@@ -254,33 +254,15 @@ def _name_dims(onnx_model, num_layers: int) -> None:
         value.shape = Shape(new)
 
 
-def _write_extra(tmp: Path, extra_files: dict | None) -> dict:
-    meta: dict = {}
-    for name, content in (extra_files or {}).items():
-        if Path(name).name != name or name.startswith("."):
-            raise EditorError(f"extra file name must be a plain file name, got {name!r}")
-        if name == META_FILE:
-            meta = json.loads(content) if isinstance(content, (str, bytes)) else dict(content)
-            continue
-        path = tmp / name
-        if isinstance(content, bytes):
-            path.write_bytes(content)
-        elif isinstance(content, str):
-            atomic_write_text(path, content)
-        else:
-            atomic_write_json(path, content)
-    return meta
-
-
 def export_onnx(model: nn.Module, tokenizer, out_dir, *, opset: int | None = None, validate: bool = True,
-                extra_files: dict | None = None, overwrite: bool = False, prompts: list[str] | None = None,
+                manifest: dict | None = None, overwrite: bool = False, prompts: list[str] | None = None,
                 steps: int = DEFAULT_STEPS, atol: float | None = None, quiet: bool = True, echo=None) -> OnnxExportResult:
     """Export ``model`` (a wrapped patched model — ``editor.patch.wrap`` — or a plain base model) to
     ``out_dir`` as ONNX and, with ``validate``, check it with ONNX Runtime against PyTorch.
 
-    ``extra_files``: ``{file name: str | bytes | JSON-able}`` written beside the model; a
-    ``skill_editor.json`` entry is the base of the one written here (the ``onnx`` section, the
-    ``edit`` and the file digests are added). ``prompts``: validation prompts (default: a few
+    ``manifest``: ``skill_editor.json`` without its file digests (``editor.manifest.build_manifest``):
+    the base of the one written here (the ``onnx`` section and the digests are added) and of the
+    model card; without it, a minimal one and no card. ``prompts``: validation prompts (default: a few
     generic ones; pass forget and retain prompts to exercise the abstention). ``atol``: logits
     tolerance (default 1e-4 for float32, 5e-2 for 16-bit models).
 
@@ -331,56 +313,51 @@ def export_onnx(model: nn.Module, tokenizer, out_dir, *, opset: int | None = Non
     onnx_model = program.model
     _name_dims(onnx_model, n_layers)
     if edit is not None:
-        onnx_model.metadata_props["skill_editor"] = json.dumps(edit, sort_keys=True)
-    onnx_model.metadata_props["skill_editor.format"] = ONNX_FORMAT
+        onnx_model.metadata_props[EDIT_KEY] = json.dumps(edit, sort_keys=True)
+    onnx_model.metadata_props[GRAPH_FORMAT_KEY] = ONNX_FORMAT
     opset_used = int(onnx_model.opset_imports.get("", 0))
 
     meta_io = {
         "inputs": in_names, "outputs": out_names, "num_layers": n_layers,
         "past_shape": [[None, s[1], None, *s[3:]] for s in shapes],
         "dtype": str(kv_dtype).replace("torch.", ""), "opset": opset_used,
-        "external_data": DATA_FILE,
+        "external_data": ONNX_DATA,
     }
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         with _quiet(quiet):
-            program.save(str(tmp / MODEL_FILE), external_data=True)
-        if not (tmp / DATA_FILE).exists():  # pragma: no cover - onnxscript naming changed
-            raise EditorError(f"ONNX export did not write {DATA_FILE}")
+            program.save(str(tmp / ONNX_MODEL), external_data=True)
+        if not (tmp / ONNX_DATA).exists():  # pragma: no cover - onnxscript naming changed
+            raise EditorError(f"ONNX export did not write {ONNX_DATA}")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         gen_cfg = getattr(base, "generation_config", None)
         if gen_cfg is not None:
             gen_cfg.save_pretrained(str(tmp))
-        meta = _write_extra(tmp, extra_files)
+        if manifest is not None:
+            (tmp / CARD).write_text(str(build_card(manifest, fmt="onnx")), encoding="utf-8")
 
         validation = None
         if validate:
             validation = validate_onnx(model, tokenizer, tmp, prompts=prompts, steps=steps, atol=atol)
 
-        sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file() and p.name != META_FILE}
-        meta.setdefault("format", ONNX_FORMAT)
-        meta.setdefault("tool", "skill-editor")
-        meta.setdefault("tool_version", __version__)
-        meta.setdefault("kind", "onnx")
-        # no timings in the file: the same model gives the same bytes
-        meta["onnx"] = {**meta_io, "format": ONNX_FORMAT, "version": ONNX_FORMAT_VERSION, "validation": validation}
+        meta = dict(manifest or {"format": ONNX_FORMAT, "tool": "skill-editor", "tool_version": __version__, "kind": "onnx"})
         if edit is not None:
             meta.setdefault("edit", edit)
-        meta["onnx"]["base_config"] = base.config.to_dict()
         ks = (edit or {}).get("key_space") or {}
-        meta["onnx"]["refusal"] = ks.get("refusal")
-        meta["onnx"]["pad_token_id"] = _pad_id(tokenizer, base)
-        meta["onnx"]["eos_token_id"] = _eos_ids(tokenizer, base)
-        meta["files"] = {n: sha256_file(tmp / n) for n in sizes}  # this directory's files, every one
-        atomic_write_json(tmp / META_FILE, meta)
+        # no timings in the file: the same model gives the same bytes
+        meta["onnx"] = {**meta_io, "format": ONNX_FORMAT, "version": ONNX_FORMAT_VERSION, "validation": validation,
+                        "base_config": base.config.to_dict(), "refusal": ks.get("refusal"),
+                        "pad_token_id": pad_id(tokenizer, base), "eos_token_id": eos_ids(tokenizer, base)}
+        write_manifest(tmp, meta)  # the sha256 of this directory's files, every one
         for p in tmp.iterdir():
             if p.is_file():
                 os.chmod(p, 0o644)
 
     out = Path(out_dir)
+    sizes = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file() and p.name != MANIFEST}
     result = OnnxExportResult({
-        "out": str(out), "model": str(out / MODEL_FILE), "export_seconds": round(export_seconds, 3),
-        "files": sizes, "onnx_bytes": sizes.get(MODEL_FILE, 0) + sizes.get(DATA_FILE, 0),
+        "out": str(out), "model": str(out / ONNX_MODEL), "export_seconds": round(export_seconds, 3),
+        "files": sizes, "onnx_bytes": sizes.get(ONNX_MODEL, 0) + sizes.get(ONNX_DATA, 0),
         "opset": opset_used, "validation": validation,
     })
     if echo is not None:
@@ -400,25 +377,6 @@ def summary_line(result: dict) -> str:
     return line
 
 
-def _pad_id(tokenizer, base) -> int:
-    for src in (tokenizer, getattr(base, "generation_config", None), base.config):
-        v = getattr(src, "pad_token_id", None) if src is not None else None
-        if isinstance(v, (list, tuple)):
-            v = v[0] if v else None
-        if v is not None:
-            return int(v)
-    eos = _eos_ids(tokenizer, base)
-    return eos[0] if eos else 0
-
-
-def _eos_ids(tokenizer, base) -> list[int]:
-    for src in (getattr(base, "generation_config", None), tokenizer, base.config):
-        v = getattr(src, "eos_token_id", None) if src is not None else None
-        if v is not None:
-            return [int(x) for x in (v if isinstance(v, (list, tuple)) else [v])]
-    return []
-
-
 # ------------------------------------------------------------------------------------------------
 # validation
 # ------------------------------------------------------------------------------------------------
@@ -428,7 +386,7 @@ def _batches(tokenizer, base, prompts: list[str] | None) -> list[tuple[torch.Ten
     """Left-padded (input_ids, attention_mask) batches: all prompts together, one alone, and random ids of
     several lengths (1 token included)."""
     vocab = int(base.get_input_embeddings().weight.shape[0])
-    pad = _pad_id(tokenizer, base)
+    pad = pad_id(tokenizer, base)
     texts = list(prompts) if prompts else list(DEFAULT_PROMPTS)
     batches = []
     if tokenizer is not None:
@@ -474,11 +432,12 @@ def validate_onnx(model: nn.Module, tokenizer, out_dir, *, prompts: list[str] | 
     import numpy as np
 
     base, _ = _split(model)
+    guards = guards_of(base)
     try:
-        sess = _session(Path(out_dir) / MODEL_FILE)
+        sess = _session(Path(out_dir) / ONNX_MODEL)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise EditorError(f"ONNX validation failed: ONNX Runtime cannot load {MODEL_FILE}: {first}") from e
+        raise EditorError(f"ONNX validation failed: ONNX Runtime cannot load {ONNX_MODEL}: {first}") from e
     was_training = model.training
     model.eval()
     names = [o.name for o in sess.get_outputs()]
@@ -497,8 +456,8 @@ def validate_onnx(model: nn.Module, tokenizer, out_dir, *, prompts: list[str] | 
         out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
                     past_key_values=cache, use_cache=True)
         ab = getattr(out, "abstained", None)
-        if ab is None and _has_key_space(base):
-            ab = guard_decision(base, mask.to(device), ids.shape[0], ids.shape[1], device)
+        if ab is None and guards:
+            ab = guard_decision(guards, mask.to(device), ids.shape[0], ids.shape[1], device)
         if ab is None:
             ab = torch.zeros(ids.shape[0], dtype=torch.bool)
         return out.logits.float().cpu(), out.past_key_values, ab.cpu()

@@ -1,0 +1,59 @@
+"""Ordinary prompts: what real users send a small instruction-tuned model (stories, questions,
+instructions, chat, prose, facts, other human languages, other programming languages, …),
+written by the project. 1 139 prompts in 19 categories, each record ``{text, category, lang,
+part}``.
+
+Two uses, never mixed:
+
+- ``part: calibration`` — the default **background negatives** of the key_space calibration
+  (``key_space.background: default``): a guard must hold its false-positive budget on the rest of
+  the world, not only on the retain sets a user happened to name.
+- ``part: evaluation`` — the default **false-refusal** set of every scorecard (``evaluate.ordinary:
+  default``): no calibration ever reads it. It also holds every prompt of two categories
+  (``HELD_OUT_CATEGORIES``) that no calibration part contains, so the rate includes kinds of text
+  the guard never saw.
+- ``part: development`` — where the project chose its guard design (bench/), kept apart from both.
+
+``split()`` reproduces the ``part`` field from the prompts (seeded, stratified by category);
+``tests`` check that the shipped file agrees with it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+PROMPTS = Path(__file__).parent / "prompts.jsonl"
+SEED = 20261128
+HELD_OUT_CATEGORIES = ("roleplay_dialogue", "wordplay_trivia")
+PARTS = (("calibration", 0.45), ("development", 0.15), ("evaluation", 0.40))
+
+
+def split(records: list[dict]) -> list[str]:
+    """The part of each record: whole held-out categories → evaluation; every other category
+    shuffled (seeded by its name) and cut 45 / 15 / 40 %."""
+    parts = [""] * len(records)
+    by_cat: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        by_cat.setdefault(r["category"], []).append(i)
+    for cat, idx in sorted(by_cat.items()):
+        if cat in HELD_OUT_CATEGORIES:
+            for i in idx:
+                parts[i] = "evaluation"
+            continue
+        idx = list(idx)
+        random.Random(f"{SEED}/{cat}").shuffle(idx)
+        start = 0
+        for j, (name, share) in enumerate(PARTS):
+            n = len(idx) - start if j == len(PARTS) - 1 else round(share * len(idx))
+            for i in idx[start : start + n]:
+                parts[i] = name
+            start += n
+    return parts
+
+
+def load(part: str | None = None) -> list[dict]:
+    """The shipped records (of one ``part``)."""
+    rows = [json.loads(line) for line in PROMPTS.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r for r in rows if part is None or r["part"] == part]

@@ -1,0 +1,97 @@
+"""The package's layout (docs/DEVELOPING.md): modules import only earlier stages of the pipeline
+and the leaves — no upward import, hence no import loop —, the shipped runtime imports nothing
+from ``editor``, and the ONNX generator runs without torch."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "editor"
+
+# every module of the package, in pipeline order: a module may import only modules listed before it
+# ("pkg.*": every module of that package, at one rank)
+ORDER = [
+    "editor", "editor.errors", "editor.hooks", "editor.io",
+    "editor.runtime", "editor.runtime.configuration_skill_editor", "editor.runtime.modeling_skill_editor",
+    "editor.manifest",
+    "editor.recipe", "editor.ordinary", "editor.data",
+    "editor.model", "editor.model.tokens", "editor.model.arch", "editor.model.loading",
+    "editor.profile", "editor.profile.stats", "editor.profile.collect", "editor.profile.profile",
+    "editor.profile.distributed",
+    "editor.methods", "editor.methods.neuron_adjust", "editor.methods.key_space", "editor.methods.calibrate",
+    "editor.plan", "editor.patch",
+    "editor.export", "editor.export.card", "editor.export.hf", "editor.export.onnx",
+    "editor.checkpoint", "editor.onnx_runtime", "editor.hub",
+    "editor.eval", "editor.eval.scorecard", "editor.eval.sandbox", "editor.eval.scorers", "editor.eval.lmeval",
+    "editor.dryrun", "editor.pipeline",
+    "editor.serve.*",  # reserved for the serving plugins: any module of the package, imports among them free
+    "editor.cli", "editor.__main__",
+    # the embedded default model and its training recipe: nothing in the product imports it
+    "editor.testbed.tokenizer", "editor.testbed.corpus", "editor.testbed", "editor.testbed.train",
+    # the real-model battery (SmolLM2) and its builder: data for recipes, tests and bench/
+    "editor.battery", "editor.battery.items", "editor.battery.build",
+]
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for p in sorted(PACKAGE.rglob("*.py")):
+        parts = p.relative_to(PACKAGE.parent).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+    return out
+
+
+def _imports(name: str, path: Path) -> set[str]:
+    """Every ``editor`` module ``name`` imports, at any depth of the file (lazy imports too)."""
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            found.add(base)
+            found |= {f"{base}.{a.name}" for a in node.names}
+    return {m for m in found if m == "editor" or m.startswith("editor.")}
+
+
+def _rank(module: str) -> int | None:
+    for i, entry in enumerate(ORDER):
+        if module == entry or (entry.endswith(".*") and (module + ".").startswith(entry[:-1])):
+            return i
+    return None
+
+
+def test_every_module_is_placed():
+    assert [m for m in _modules() if _rank(m) is None] == []
+    assert all(entry.endswith(".*") or entry in _modules() for entry in ORDER)
+
+
+def test_no_upward_import():
+    modules = _modules()
+    bad = []
+    for name, path in modules.items():
+        for imp in sorted(_imports(name, path) & set(modules)):
+            if imp != name and _rank(imp) >= _rank(name) and not (_rank(imp) == _rank(name) and ORDER[_rank(name)].endswith(".*")):
+                bad.append(f"{name} imports {imp}")
+    assert not bad, bad
+
+
+def test_runtime_imports_nothing_from_the_package():
+    modules = _modules()
+    for name in ("editor.runtime.configuration_skill_editor", "editor.runtime.modeling_skill_editor"):
+        path = modules[name]
+        assert _imports(name, path) & set(modules) <= {"editor.runtime", "editor.runtime.configuration_skill_editor"}, name
+        text = path.read_text(encoding="utf-8")
+        assert "DESIGN" not in text and "docs/" not in text  # the checkpoint ships neither
+
+
+def test_onnx_generator_needs_no_torch():
+    code = "import sys; sys.modules['torch'] = None; from editor.onnx_runtime import OnnxGenerator; print('ok')"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
