@@ -520,6 +520,8 @@ def restore(ckpt, out, *, overwrite: bool = False, max_shard_size="5GB", verify_
         plan.update(unpermute_plan(spec, layer, perm, {k: v.shape for k, v in shapes.items()}))
     for k in ("_name_or_path", "transformers_version"):
         text.pop(k, None)
+    if edit.get("base_architectures") and not text.get("architectures"):
+        text["architectures"] = list(edit["base_architectures"])  # kept out of text_config (patch.checkpoint_config)
     base_config = AutoConfig.for_model(model_type, **text)
     skip = {CONFIG, MANIFEST, CARD, INDEX, *RUNTIME_FILES}
     with atomic_directory(out, overwrite=overwrite) as tmp:

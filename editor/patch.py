@@ -164,7 +164,15 @@ def apply_plans(recipe, model_type: str, num_layers: int, model: nn.Module, toke
 
 
 def checkpoint_config(base_config, edit: dict) -> SkillEditorConfig:
-    cfg = SkillEditorConfig(text_config=base_config.to_dict(), skill_editor=edit)
+    # The base config's `architectures` (e.g. LlamaForCausalLM) moves out of text_config into
+    # skill_editor.base_architectures: converters and engines that take text_config's class name
+    # (llama.cpp's convert_hf_to_gguf, multimodal-style loaders) would otherwise run the permuted
+    # base weights as a plain model, silently without the edit (docs/SERVING.md).
+    text = base_config.to_dict()
+    base_archs = text.pop("architectures", None)
+    if base_archs:
+        edit = {**edit, "base_architectures": list(base_archs)}
+    cfg = SkillEditorConfig(text_config=text, skill_editor=edit)
     cfg.auto_map = dict(AUTO_MAP)
     cfg.architectures = ["SkillEditorForCausalLM"]
     cfg.dtype = getattr(base_config, "dtype", None)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -461,6 +462,15 @@ class IntegrityError(RuntimeError):
     pass
 
 
+# Engines that decode outside ``generate`` would run NA but drop the abstention: they are refused
+# (fail closed), never served a partial edit. vLLM runs the whole edit with the project's plugin.
+ENGINE_REFUSAL = (
+    "skill-editor checkpoint: {engine} runs the model outside transformers' generate, which would skip "
+    "the edit's abstention; serve it with vLLM and the skill-editor plugin (pip install 'skill-editor[vllm]' "
+    "into vLLM's environment) or with transformers (trust_remote_code=True)"
+)
+
+
 class SkillEditorPreTrainedModel(PreTrainedModel):
     config_class = SkillEditorConfig
     base_model_prefix = "model"
@@ -492,12 +502,20 @@ class SkillEditorForCausalLM(SkillEditorPreTrainedModel, GenerationMixin):
         ks = edit.get("key_space") or {}
         if ks.get("detector", "box") == "linear" and ks.get("check") != "prompt":
             raise IntegrityError("skill-editor checkpoint: the linear key_space detector needs key_space.check 'prompt'")
+        if ks and "text_generation_server" in sys.modules:  # TGI's AutoModel fallback: its own decode loop
+            raise IntegrityError(ENGINE_REFUSAL.format(engine="text-generation-inference"))
         base_cfg = config.text_config
         base_cfg._attn_implementation = requested_attn
         self.model = AutoModelForCausalLM.from_config(base_cfg, dtype=getattr(config, "dtype", None))
         install_patches(self.model, edit["arch"], edit)
         self._abstention: Abstention | None = None  # set while ``generate`` runs
         self.post_init()
+
+    @classmethod
+    def is_backend_compatible(cls):
+        """Asked (only) by serving engines' Transformers backends — vLLM's — before they run the
+        model with their own attention and sampling loop, which skips ``generate``: refuse."""
+        raise IntegrityError(ENGINE_REFUSAL.format(engine="this engine's Transformers backend"))
 
     # -- plumbing delegated to the base model
     def get_input_embeddings(self):
