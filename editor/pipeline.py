@@ -52,6 +52,10 @@ class Job:
     def n_layers(self) -> int:
         return config_layers(self.config)
 
+    def plans(self, stats) -> Plans:
+        """Every plan of the recipe from ``stats`` (a calibrated guard: fitted on this job's background)."""
+        return plan_all(self.recipe, self.n_layers, stats, self.background.info if self.background else None)
+
 
 def prepare(recipe: Recipe | str | Path) -> Job:
     """Recipe, config.json and every data set, validated — no weights loaded."""
@@ -189,7 +193,7 @@ class Edited:
 def edit_model(job: Job, stats: StatsFile | ProfiledSets, *, model=None, tokenizer=None) -> Edited:
     """Plan from ``stats`` and patch the model (loaded unless given) in place."""
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(job.recipe)
-    plans = plan_all(job.recipe, job.n_layers, stats, job.background.info if job.background else None)  # plan before loading weights: bad stats fail fast
+    plans = job.plans(stats)  # plan before loading weights: bad stats fail fast
     if model is None:
         model = load_model(job.recipe, job.config)
     edit = apply_plans(job.recipe, job.model_type, job.n_layers, model, tokenizer, plans)

@@ -270,7 +270,6 @@ def _guard_eval(monkeypatch, root: Path, seen: list[str], opened: list[str]):
 def test_end_to_end_profile_export_matches_in_process(tiny_job, monkeypatch):
     from editor.cli import main
     from editor.pipeline import export_recipe, prepare, profile_job, profile_recipe
-    from editor.plan import plan_all
     from editor.profile.stats import load_stats
 
     root = tiny_job
@@ -281,7 +280,13 @@ def test_end_to_end_profile_export_matches_in_process(tiny_job, monkeypatch):
     monkeypatch.undo()
 
     # the calibration saw the probe sets' texts only (forget, retain), never the scorecard's
-    assert sorted(set(seen)) == sorted(set(FORGET + RETAIN))
+    # ... and the default background negatives (the shipped ordinary prompts' calibration part), never
+    # their held-out evaluation part (the scorecard's false-refusal set) nor the development part
+    from editor import ordinary
+
+    background = [r["text"] for r in ordinary.load("calibration")]
+    assert sorted(set(seen)) == sorted(set(FORGET + RETAIN + background))
+    assert not {r["text"] for r in ordinary.load() if r["part"] != "calibration"} & set(seen)
     assert opened and eval_path not in opened  # the spy saw files (config, tokenizer), never the eval file
     assert not {r["prompt"] for r in EVAL} & set(seen)
 
@@ -302,7 +307,7 @@ def test_end_to_end_profile_export_matches_in_process(tiny_job, monkeypatch):
     tok = load_tokenizer(job.recipe)
     model = load_model(job.recipe, job.config)
     mem = profile_job(job, model, tok, progress=False)  # leaves NA applied
-    p_mem, p_file = plan_all(job.recipe, job.n_layers, mem), plan_all(job.recipe, job.n_layers, sf)
+    p_mem, p_file = job.plans(mem), job.plans(sf)
     assert p_mem.key_space_info == p_file.key_space_info
     for layer, b in p_file.key_space.items():
         assert torch.equal(b.lower, p_mem.key_space[layer].lower) and torch.equal(b.upper, p_mem.key_space[layer].upper)
@@ -358,7 +363,6 @@ def test_paper_ksd_stays_the_default(tiny_job, tmp_path):
     from editor import pipeline
     from editor.model.loading import load_model, load_tokenizer
     from editor.pipeline import prepare, profile_job
-    from editor.plan import plan_all
 
     root = tiny_job
     text = (root / "recipe.yaml").read_text()
@@ -376,7 +380,7 @@ def test_paper_ksd_stays_the_default(tiny_job, tmp_path):
     finally:
         pipeline.calibrate_job = orig
     assert not called and "calibration" not in stats["forget"].info
-    plans = plan_all(job.recipe, job.n_layers, stats)
+    plans = job.plans(stats)
     assert plans.key_space_info["method"] == "paper" and list(plans.key_space) == [1]
     b = plans.key_space[1]
     assert b.dims == 48 and torch.isfinite(b.lower).all() and b.scale == 1.5

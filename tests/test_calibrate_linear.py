@@ -203,7 +203,6 @@ def linear_job(make_project):
 def test_linear_end_to_end_never_sees_eval_and_export_reproduces(linear_job, monkeypatch):
     from editor import pipeline
     from editor.pipeline import export_recipe, prepare, profile_job, profile_recipe
-    from editor.plan import plan_all
     from editor.profile.stats import load_stats
 
     root = linear_job
@@ -230,7 +229,13 @@ def test_linear_end_to_end_never_sees_eval_and_export_reproduces(linear_job, mon
     stats_path = profile_recipe(root / "recipe.yaml", root / "stats", progress=False)
     ckpt = export_recipe(root / "recipe.yaml", root / "stats", root / "ckpt")
     monkeypatch.undo()
-    assert sorted(set(seen)) == sorted(set(FORGET + RETAIN))
+    # ... and the default background negatives (the shipped ordinary prompts' calibration part), never
+    # their held-out evaluation part (the scorecard's false-refusal set) nor the development part
+    from editor import ordinary
+
+    background = [r["text"] for r in ordinary.load("calibration")]
+    assert sorted(set(seen)) == sorted(set(FORGET + RETAIN + background))
+    assert not {r["text"] for r in ordinary.load() if r["part"] != "calibration"} & set(seen)
     assert not {r["prompt"] for r in EVAL} & set(seen)
 
     sf = load_stats(stats_path)
@@ -251,7 +256,7 @@ def test_linear_end_to_end_never_sees_eval_and_export_reproduces(linear_job, mon
     tok = load_tokenizer(job.recipe)
     model = load_model(job.recipe, job.config)
     mem = profile_job(job, model, tok, progress=False)  # leaves NA applied
-    p_mem, p_file = plan_all(job.recipe, job.n_layers, mem), plan_all(job.recipe, job.n_layers, sf)
+    p_mem, p_file = job.plans(mem), job.plans(sf)
     assert p_mem.key_space_info == p_file.key_space_info
     for layer, share in p_file.key_space.items():
         assert torch.equal(share.weight, p_mem.key_space[layer].weight) and share.bias == p_mem.key_space[layer].bias

@@ -151,16 +151,26 @@ def score(model, tokenizer, examples: Iterable[dict], batch_size: int = 32,
 
     ``examples``: dicts with ``prompt`` and ``answer`` (optional ``answers``: every accepted
     answer; ``match``: the rule of ``matches``; ``skill``, ``phrasing``). ``max_new_tokens``
-    defaults to the longest answer's token count + 4."""
+    defaults, per skill, to its longest accepted answer's token count + 4."""
     examples = list(examples)
     if not examples:
         raise ValueError("score() needs at least one example")
-    if max_new_tokens is None:
-        max_new_tokens = 4 + max(
-            len(tokenizer(str(a), add_special_tokens=False)["input_ids"])
-            for e in examples for a in (e.get("answers") or [e["answer"]]))
-    preds, abst = generate_answers(model, tokenizer, [e["prompt"] for e in examples], batch_size=batch_size,
-                                   max_new_tokens=max_new_tokens)
+    if max_new_tokens is not None:
+        budgets = [max_new_tokens] * len(examples)
+    else:  # per skill: its longest accepted answer + 4 (short-answer skills need not wait for code)
+        need: Dict[str, int] = {}
+        for e in examples:
+            n = max(len(tokenizer(str(a), add_special_tokens=False)["input_ids"]) for a in (e.get("answers") or [e["answer"]]))
+            need[e.get("skill", "all")] = max(need.get(e.get("skill", "all"), 0), n + 4)
+        budgets = [need[e.get("skill", "all")] for e in examples]
+    preds: List[str] = [""] * len(examples)
+    abst: List[bool] = [False] * len(examples)
+    for budget in sorted(set(budgets)):
+        idx = [i for i, b in enumerate(budgets) if b == budget]
+        p, a = generate_answers(model, tokenizer, [examples[i]["prompt"] for i in idx], batch_size=batch_size,
+                                max_new_tokens=budget)
+        for j, i in enumerate(idx):
+            preds[i], abst[i] = p[j], a[j]
 
     records = []
     for i, e in enumerate(examples):
