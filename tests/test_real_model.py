@@ -24,7 +24,7 @@ import torch
 
 from editor.recipe import parse_recipe
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("smollm2")]
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 BATTERY = ROOT / "editor" / "battery" / "data"
@@ -90,15 +90,24 @@ def test_gguf_config_and_tokenizer_load_without_weights(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def real_run(tmp_path_factory):
-    """One reduced run of the whole job on SmolLM2 (shared by the tests below)."""
+def real_run(tmp_path_factory, worker_id):
+    """One reduced run of the whole job on SmolLM2, shared by the tests below — and by the xdist
+    workers, whichever runs them (a file lock in the session's directory: the run takes minutes)."""
+    from filelock import FileLock
+
     from editor.pipeline import run_recipe
 
-    tmp = tmp_path_factory.mktemp("smollm2")
-    recipe = tmp / "recipe.yaml"
-    recipe.write_text(json.dumps(_recipe(tmp)))  # JSON is YAML
-    summary = run_recipe(recipe, tmp / "ckpt", progress=False, echo=lambda *a, **k: None)
-    return tmp, summary
+    base = tmp_path_factory.getbasetemp()
+    tmp = (base.parent if worker_id != "master" else base) / "smollm2-run"
+    with FileLock(str(tmp) + ".lock"):
+        done = tmp / "summary.json"
+        if not done.exists():
+            tmp.mkdir(parents=True, exist_ok=True)
+            recipe = tmp / "recipe.yaml"
+            recipe.write_text(json.dumps(_recipe(tmp)))  # JSON is YAML
+            summary = run_recipe(recipe, tmp / "ckpt", progress=False, echo=lambda *a, **k: None)
+            done.write_text(json.dumps(summary, default=str))
+    return tmp, json.loads(done.read_text())
 
 
 def test_real_run_refuses_the_forgotten_skill_and_keeps_the_rest(real_run):
