@@ -32,6 +32,12 @@ GRAPH_FORMAT_KEY = "skill_editor.format"  # an ONNX graph's metadata: ONNX_FORMA
 CARD = "README.md"
 INDEX = "model.safetensors.index.json"
 RUNTIME_FILES = ("configuration_skill_editor.py", "modeling_skill_editor.py")
+RUNTIME_DIR = Path(__file__).resolve().parent / "runtime"  # the tool's own copy of the shipped files
+# config.json's auto_map of a patched checkpoint: the shipped runtime's two classes
+AUTO_MAP = {
+    "AutoConfig": "configuration_skill_editor.SkillEditorConfig",
+    "AutoModelForCausalLM": "modeling_skill_editor.SkillEditorForCausalLM",
+}
 ONNX_MODEL = "model.onnx"
 ONNX_DATA = "model.onnx.data"
 ONNX_FORMAT = "skill-editor/onnx"
@@ -119,6 +125,13 @@ class Edit:
         return cls(arch=edit.get("arch"), num_layers=num_layers, methods=[m for m in ("neuron_adjust", "key_space") if edit.get(m)],
                    neuron_adjust=dict(na) if na else None, key_space={"detector": "box", **ks} if ks else None,
                    patch_digest=edit.get("patch_digest"))
+
+
+def is_patched_config(config: dict | None) -> bool:
+    """Whether a checkpoint's config.json describes a patched model (its ``skill_editor`` edit),
+    whatever its top-level ``model_type`` (the base architecture's since format 2 of config.json)."""
+    edit = (config or {}).get(EDIT_KEY)
+    return isinstance(edit, dict) and bool(edit)
 
 
 def edit_of(manifest: dict | None, config: dict | None) -> dict:
