@@ -14,11 +14,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "editor"
 # every module of the package, in pipeline order: a module may import only modules listed before it
 # ("pkg.*": every module of that package, at one rank)
 ORDER = [
-    "editor", "editor.errors", "editor.hooks", "editor.io",
+    "editor", "editor.errors", "editor.hooks", "editor.io", "editor.threads",
     "editor.runtime", "editor.runtime.configuration_skill_editor", "editor.runtime.modeling_skill_editor",
     "editor.manifest",
     "editor.recipe", "editor.ordinary", "editor.data",
-    "editor.model", "editor.model.tokens", "editor.model.arch", "editor.model.loading",
+    "editor.model", "editor.model.tokens", "editor.model.arch", "editor.model.identity", "editor.model.loading",
     "editor.profile", "editor.profile.stats", "editor.profile.collect", "editor.profile.profile",
     "editor.profile.distributed",
     "editor.methods", "editor.methods.neuron_adjust", "editor.methods.key_space", "editor.methods.calibrate",
