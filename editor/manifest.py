@@ -153,7 +153,7 @@ def build_manifest(recipe, *, model_type: str, dtype: str, edit: Edit, statistic
         "tool": "skill-editor",
         "tool_version": __version__,
         "kind": "patched" if edit.patched else "plain",
-        "base_model": {"model": recipe.model, "revision": recipe.revision, "model_type": model_type,
+        "base_model": {"model": recipe.recorded_model, "revision": recipe.revision, "model_type": model_type,
                        "local": recipe.resolve(recipe.model).exists() or recipe.model.startswith("editor:"),
                        "dtype": dtype},
         "recipe": recipe.to_metadata(),

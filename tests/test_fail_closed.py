@@ -79,12 +79,17 @@ def no_allocation(monkeypatch):
 
 @pytest.fixture
 def no_prompt(monkeypatch):
-    """Fail the test if anything asks on stdin (transformers' "run the custom code? [y/N]")."""
+    """Fail the test if anything asked on stdin (transformers' "run the custom code? [y/N]"): the
+    prompts are recorded, since transformers turns an exception of ``input`` into its own error."""
+    asked = []
 
-    def refuse(prompt=""):
-        raise AssertionError(f"prompted: {prompt[:80]!r}")
+    def record(prompt=""):
+        asked.append(prompt)
+        raise EOFError
 
-    monkeypatch.setattr(builtins, "input", refuse)
+    monkeypatch.setattr(builtins, "input", record)
+    yield asked
+    assert not asked, f"prompted: {asked[0][:120]!r}"
 
 
 def _dynamic_modules() -> set[str]:

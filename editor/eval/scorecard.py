@@ -28,7 +28,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import torch
 
 from editor.errors import EditorError
-from editor.manifest import CONFIG
+from editor.manifest import CONFIG, is_patched_config
 from editor.model.tokens import eos_ids, pad_id
 
 
@@ -56,12 +56,12 @@ def _rates(rows: Sequence[dict]) -> dict:
 
 @torch.no_grad()
 def score(model, tokenizer, examples: Iterable[dict], batch_size: int = 32,
-          max_new_tokens: Optional[int] = None) -> dict:
+          max_new_tokens: Optional[int] = None, *, progress: bool = False, desc: str = "scoring") -> dict:
     """Exact-match accuracy and abstention rate per skill and per phrasing.
 
     ``examples``: dicts with ``prompt`` and ``answer`` (optional ``skill``,
     ``phrasing``).  ``max_new_tokens`` defaults to the longest answer's token
-    count + 4."""
+    count + 4. ``progress``: a progress bar over the prompts (stderr)."""
     examples = list(examples)
     if not examples:
         raise ValueError("score() needs at least one example")
@@ -85,6 +85,11 @@ def score(model, tokenizer, examples: Iterable[dict], batch_size: int = 32,
     order = sorted(range(len(examples)), key=lambda i: (lengths[i], i))
     preds: Dict[int, str] = {}
     abst: Dict[int, bool] = {}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(order), desc=desc, unit="prompt", leave=False)
     try:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
@@ -106,7 +111,11 @@ def score(model, tokenizer, examples: Iterable[dict], batch_size: int = 32,
                         break
                 preds[i] = extract_answer(tokenizer.decode(toks, skip_special_tokens=True))
                 abst[i] = bool(flags[row]) if flags is not None else False
+            if bar is not None:
+                bar.update(len(idx))
     finally:
+        if bar is not None:
+            bar.close()
         tokenizer.padding_side = old_side
         if was_training:
             model.train()
@@ -215,10 +224,11 @@ def load_records(path) -> list[dict]:
 
 
 def scorecard(before_model, after_model, tokenizer, records: list[dict], *, batch_size: int = 32,
-              max_new_tokens: int | None = None, before: dict | None = None) -> dict:
+              max_new_tokens: int | None = None, before: dict | None = None, progress: bool = False) -> dict:
     """Score both models on ``records``; ``before`` may be passed pre-computed."""
-    b = before if before is not None else score(before_model, tokenizer, records, batch_size=batch_size, max_new_tokens=max_new_tokens)
-    a = score(after_model, tokenizer, records, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    kw = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
+    b = before if before is not None else score(before_model, tokenizer, records, desc="scoring base", **kw)
+    a = score(after_model, tokenizer, records, desc="scoring edited", **kw)
     cmp = compare(b, a)
     return {
         "n": len(records),
@@ -233,18 +243,31 @@ def render_scorecard(card: dict) -> str:
     return format_table({"skills": card["before"]}, {"skills": card["after"]})
 
 
+def _load_error(what: str, e: Exception) -> EditorError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return EditorError(f"cannot load {what}: {first}")
+
+
 def evaluate_checkpoint(checkpoint, data, *, base: str | None = None, batch_size: int = 32,
-                        max_new_tokens: int | None = None, limit: int | None = None) -> dict:
+                        max_new_tokens: int | None = None, limit: int | None = None,
+                        trust_remote_code: bool = False, progress: bool = False) -> dict:
     """Scorecard of an exported checkpoint against its own base model.
 
     For a skill-editor checkpoint the "before" model is the checkpoint with its patches removed
     (the neuron permutation does not change the function), so no separate base is needed; for a
     plain checkpoint (pruning baseline) ``base`` names the base model directory.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    No code shipped with a checkpoint runs unless ``trust_remote_code``: a patched checkpoint whose
+    shipped runtime is byte-identical to this tool's is scored with the tool's own runtime class
+    (the same code, never imported from the checkpoint); one whose shipped code differs is refused —
+    with ``trust_remote_code`` its own code is run (``AutoModelForCausalLM``) and the "before" model
+    is ``restore``'s exact base. Tokenizers and plain models load with ``trust_remote_code`` off
+    (never a ``[y/N]`` prompt) unless it is given.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from editor.checkpoint import restore, shipped_code_differs
     from editor.patch import remove_patches
-    from editor.runtime.configuration_skill_editor import SkillEditorConfig
     from editor.runtime.modeling_skill_editor import SkillEditorForCausalLM
 
     records = load_records(data)
@@ -253,24 +276,60 @@ def evaluate_checkpoint(checkpoint, data, *, base: str | None = None, batch_size
     ckpt = Path(checkpoint)
     if not (ckpt / CONFIG).exists():
         raise EditorError(f"{ckpt} is not a model directory (no {CONFIG})")
-    cfg_json = json.loads((ckpt / CONFIG).read_text())
-    tok = AutoTokenizer.from_pretrained(str(ckpt))
-    if cfg_json.get("model_type") == SkillEditorConfig.model_type:
-        # our own runtime class: no remote code is executed; the patch digest is verified on load
-        model = SkillEditorForCausalLM.from_pretrained(str(ckpt)).eval()
-        after = score(model, tok, records, batch_size=batch_size, max_new_tokens=max_new_tokens)
-        remove_patches(model.model, model.config.skill_editor["arch"])
-        before = score(model.model, tok, records, batch_size=batch_size, max_new_tokens=max_new_tokens)
-    else:
-        if not base:
-            raise EditorError("a plain checkpoint has no patches to remove: pass --base BASE_MODEL_DIR for the 'before' column")
-        AutoConfig.from_pretrained(str(ckpt))
-        with torch.inference_mode():
-            model = AutoModelForCausalLM.from_pretrained(str(ckpt)).eval()
-            after = score(model, tok, records, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    try:
+        cfg_json = json.loads((ckpt / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise EditorError(f"cannot read {ckpt / CONFIG}: {e}") from None
+    if not isinstance(cfg_json, dict):
+        raise EditorError(f"{ckpt / CONFIG} is not a JSON object")
+    why = shipped_code_differs(ckpt, cfg_json)
+    if why and not trust_remote_code:
+        raise EditorError(f"{ckpt}: {why}; scoring it would run (or stand in for) code this tool does not ship — "
+                          f"read it, then pass --trust-remote-code to run the checkpoint's own code")
+    remote = bool(trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(ckpt), trust_remote_code=remote)
+    except (OSError, ValueError) as e:
+        raise _load_error(f"the tokenizer of {ckpt}", e) from None
+    kw = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
+    with torch.inference_mode():
+        if is_patched_config(cfg_json) and not why:
+            # the tool's own runtime class: byte-identical to the shipped code, which is never imported
+            try:
+                model = SkillEditorForCausalLM.from_pretrained(str(ckpt)).eval()
+            except (OSError, ValueError, RuntimeError) as e:
+                raise _load_error(str(ckpt), e) from None
+            after = score(model, tok, records, desc="scoring edited", **kw)
+            remove_patches(model.model, model.config.skill_editor["arch"])
+            before = score(model.model, tok, records, desc="scoring base", **kw)
+        elif is_patched_config(cfg_json):
+            # the user asked for the checkpoint's own (different) code; "before" is the exact base
+            import tempfile
+
+            try:
+                model = AutoModelForCausalLM.from_pretrained(str(ckpt), trust_remote_code=True).eval()
+            except (OSError, ValueError, RuntimeError, ImportError) as e:
+                raise _load_error(str(ckpt), e) from None
+            after = score(model, tok, records, desc="scoring edited", **kw)
             del model
-            base_model = AutoModelForCausalLM.from_pretrained(base).eval()
-            before = score(base_model, tok, records, batch_size=batch_size, max_new_tokens=max_new_tokens)
+            with tempfile.TemporaryDirectory(prefix=".skill-editor-eval-") as tmp:
+                restored = restore(ckpt, Path(tmp) / "base", verify_first=False)
+                base_model = AutoModelForCausalLM.from_pretrained(str(restored), trust_remote_code=False).eval()
+                before = score(base_model, tok, records, desc="scoring base", **kw)
+        else:
+            if not base:
+                raise EditorError("a plain checkpoint has no patches to remove: pass --base BASE_MODEL_DIR for the 'before' column")
+            try:
+                model = AutoModelForCausalLM.from_pretrained(str(ckpt), trust_remote_code=remote).eval()
+            except (OSError, ValueError, RuntimeError, ImportError) as e:
+                raise _load_error(str(ckpt), e) from None
+            after = score(model, tok, records, desc="scoring edited", **kw)
+            del model
+            try:
+                base_model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=remote).eval()
+            except (OSError, ValueError, RuntimeError, ImportError) as e:
+                raise _load_error(f"the base model {base}", e) from None
+            before = score(base_model, tok, records, desc="scoring base", **kw)
     cmp = compare(before, after)
     return {
         "checkpoint": str(ckpt),
