@@ -64,8 +64,9 @@ class Job:
         return {n: self.sets[n].info["fingerprint"] for n in self.recipe.profiled_sets()}
 
 
-def prepare(recipe: Recipe | str | Path, path: Path | None = None) -> Job:
+def prepare(recipe: Recipe | str | Path) -> Job:
     """Recipe, config.json and every data set, validated — no weights loaded."""
+    path = None
     if not isinstance(recipe, Recipe):
         path = Path(recipe)
         recipe = load_recipe(path)
@@ -75,6 +76,17 @@ def prepare(recipe: Recipe | str | Path, path: Path | None = None) -> Job:
     if recipe.evaluate:
         check_scorecard_records(recipe.evaluate.data, sets[recipe.evaluate.data].records)
     return Job(recipe, config, sets, path)
+
+
+def _load(recipe) -> Recipe:
+    return recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+
+
+def _prepared(recipe: Recipe, recipe_path) -> Job:
+    """``prepare`` of a recipe already loaded from ``recipe_path`` (its destinations checked first)."""
+    job = prepare(recipe)
+    job.recipe_path = Path(recipe_path) if not isinstance(recipe_path, Recipe) else None
+    return job
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,13 +157,13 @@ def profile_recipe(recipe_path, out, *, overwrite: bool = False, progress: bool 
     target = Path(out) / STATS_NAME
 
     def check() -> Job:
-        recipe = load_recipe(recipe_path)
+        recipe = _load(recipe_path)
         if Path(out).exists() and not Path(out).is_dir():
             raise EditorError(f"--out {out} is not a directory")
         check_parent(target, "statistics")
         if target.exists() and not overwrite:
             raise EditorError(f"{target} exists (use --overwrite to replace it)")
-        return prepare(recipe, Path(recipe_path))
+        return _prepared(recipe, recipe_path)
 
     with session() as dist:
         job = dist.agree(check)
@@ -226,12 +238,12 @@ def export_recipe(recipe_path, stats, out=None, *, fmt: str = "hf", overwrite: b
     The destination is checked before anything is read and locked while it is written."""
     if fmt not in ("hf", "onnx"):
         raise EditorError(f"--format must be hf or onnx, got {fmt!r}")
-    recipe = load_recipe(recipe_path)
+    recipe = _load(recipe_path)
     if fmt == "onnx" and recipe.neuron_adjust and recipe.neuron_adjust.mode == "sample":
         raise EditorError("ONNX needs a deterministic Neuron Adjust; set neuron_adjust.mode to 'expected' or 'hard'")
     out = Path(out) if out else recipe.out_dir()
     check_destination(out, overwrite)
-    job = prepare(recipe, Path(recipe_path))
+    job = _prepared(recipe, recipe_path)
     stats_file = load_stats(stats)
     check_identity(stats_file, job.identity(), job.set_fingerprints())
     with hold_destination(out):
@@ -260,7 +272,7 @@ def run_recipe(recipe_path, out=None, *, overwrite: bool = False, progress: bool
     → export in every format of the recipe. Returns a summary dict. Every destination (the
     checkpoint, the ONNX export, the statistics) is checked before any other work and locked
     until the end."""
-    r = load_recipe(recipe_path)
+    r = _load(recipe_path)
     out = Path(out) if out else r.out_dir()
     check_destination(out, overwrite)
     formats = list(dict.fromkeys(r.export.formats or ["hf"]))
@@ -273,7 +285,7 @@ def run_recipe(recipe_path, out=None, *, overwrite: bool = False, progress: bool
     check_parent(stats_file, "statistics")
     if stats_file.exists() and not overwrite:
         raise EditorError(f"{stats_file} exists (use --overwrite to replace it)")
-    job = prepare(r, Path(recipe_path))
+    job = _prepared(r, recipe_path)
     with ExitStack() as held:
         for dest in dict.fromkeys([out, onnx_out] if "onnx" in formats else [out]):
             held.enter_context(hold_destination(dest))
