@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -214,7 +215,11 @@ def hold_destination(out) -> Iterator[Path]:
 
 
 def _leftovers(out: Path, suffix: str) -> list[Path]:
-    return sorted(p for p in out.parent.glob(f".{glob.escape(out.name)}.*{suffix}") if p.is_dir() and not p.is_symlink())
+    """``out``'s own temporary directories (``mkdtemp``'s 8 random characters exactly: not those of
+    another destination whose name starts with this one's, e.g. ``ck.v2`` beside ``ck``)."""
+    own = re.compile(rf"\.{re.escape(out.name)}\.[a-z0-9_]{{8}}{re.escape(suffix)}")
+    return sorted(p for p in out.parent.glob(f".{glob.escape(out.name)}.*{suffix}")
+                  if own.fullmatch(p.name) and p.is_dir() and not p.is_symlink())
 
 
 def recover(out) -> list[str]:

@@ -166,3 +166,15 @@ def test_eval_out_whose_parent_is_a_file(project, tmp_path):
     write_jsonl(tmp_path / "ev.jsonl", [{"prompt": "a", "answer": "b"}])
     one_line(invoke("eval", project.parent / "model", "--data", tmp_path / "ev.jsonl", "--out", blocker / "card.json"),
              "f is not a directory")
+
+
+def test_recover_touches_only_its_own_destinations_leftovers(tmp_path):
+    import tempfile
+
+    from editor.io import recover
+
+    mine = Path(tempfile.mkdtemp(prefix=".ck.", suffix=".partial", dir=tmp_path))
+    other = Path(tempfile.mkdtemp(prefix=".ck.v2.", suffix=".partial", dir=tmp_path))  # another export's, maybe live
+    (tmp_path / "ck").mkdir()
+    done = recover(tmp_path / "ck")
+    assert not mine.exists() and other.exists() and len(done) == 1
