@@ -25,9 +25,9 @@ import torch
 
 from editor.errors import EditorError
 from editor.io import atomic_directory, check_destination, sha256_file
-from editor.manifest import CARD, CONFIG, EDIT_KEY, GRAPH_FORMAT_KEY, INDEX, MANIFEST, ONNX_DATA, ONNX_FORMAT, ONNX_MODEL, RUNTIME_FILES, edit_of
+from editor.manifest import (AUTO_MAP, CARD, CONFIG, EDIT_KEY, GRAPH_FORMAT_KEY, INDEX, MANIFEST, ONNX_DATA, ONNX_FORMAT,
+                             ONNX_MODEL, RUNTIME_DIR, RUNTIME_FILES, edit_of, is_patched_config)
 from editor.methods.neuron_adjust import inverse_permutation
-from editor.runtime.configuration_skill_editor import SkillEditorConfig
 from editor.runtime.modeling_skill_editor import FORMAT, GUARDS, PATCHES, NeuronAdjust, arch_spec, patch_digest
 
 # files a Hub snapshot or a git clone adds that are not part of the checkpoint
@@ -54,7 +54,7 @@ class Report:
     def patched(self) -> bool:
         if self.format == "onnx":
             return bool(((self.manifest or {}).get("edit") or {}).get("patch_digest"))
-        return self.config.get("model_type") == SkillEditorConfig.model_type
+        return is_patched_config(self.config)
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -117,6 +117,35 @@ def expected_patch_tensors(edit: dict) -> set[str]:
     for layer in ks.get("layers") or []:
         names |= _patch_names(spec, layer, spec.down, KS_PATCH, GUARDS[ks.get("detector", "box")].TENSORS)
     return names
+
+
+def shipped_code_differs(ckpt, config: dict | None = None) -> str | None:
+    """Why loading ``ckpt`` with ``trust_remote_code`` would run other code than this tool's own
+    runtime — a shipped runtime file that is missing or not byte-identical to ``editor/runtime/``,
+    or an ``auto_map`` (config.json, tokenizer_config.json) naming other code — or None when it
+    would run exactly the tool's runtime. Reads the files; imports nothing from the checkpoint."""
+    ckpt = Path(ckpt)
+    config = config if config is not None else _read_json(ckpt / CONFIG, "config")
+    auto_map = config.get("auto_map")
+    if auto_map is not None and auto_map != AUTO_MAP:
+        return f"its config.json auto_map names other code ({json.dumps(auto_map, sort_keys=True)})"
+    tok_cfg = ckpt / "tokenizer_config.json"
+    if tok_cfg.is_file():
+        try:
+            tok_map = json.loads(tok_cfg.read_text(encoding="utf-8")).get("auto_map")
+        except (OSError, ValueError, AttributeError):
+            tok_map = None
+        if tok_map:
+            return "its tokenizer_config.json names custom tokenizer code (auto_map)"
+    if not is_patched_config(config):
+        return None if auto_map is None else "a plain checkpoint with an auto_map"
+    for name in RUNTIME_FILES:
+        p = ckpt / name
+        if not p.is_file():
+            return f"{name} is missing"
+        if p.read_bytes() != (RUNTIME_DIR / name).read_bytes():
+            return f"its {name} differs from this tool's runtime (skill-editor's editor/runtime/{name})"
+    return None
 
 
 def _strip(name: str) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 import sys
 
 import click
@@ -33,12 +34,27 @@ def single_process(name: str) -> None:
         raise EditorError(f"`{name}` runs in one process; under torchrun only `profile` is distributed (then `export --stats`)")
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that ``finally`` blocks run (temporary directories
+    are removed, locks released) before the process exits; not an ``Exception``, so no
+    ``except Exception`` swallows it."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def friendly(fn):
-    """Turn EditorError (and a few library errors) into one line + exit 2."""
+    """Turn EditorError (and a few library errors) into one line + exit 2; SIGTERM and Ctrl-C
+    unwind the command (its cleanup runs) and exit 143 / 130."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         _quiet_libraries()
+        try:
+            previous = signal.signal(signal.SIGTERM, _terminate)
+        except ValueError:  # not the main thread: leave signals alone
+            previous = None
         try:
             return fn(*args, **kwargs)
         except EditorError as e:
@@ -47,6 +63,39 @@ def friendly(fn):
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
             sys.exit(130)
+        except Terminated:
+            click.echo("error: terminated", err=True)
+            sys.exit(143)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+    return wrapper
+
+
+def long_command(fn):
+    """``--quiet`` and ``--threads N`` of the long commands (run, profile, export, eval). Goes under
+    ``@friendly``: the thread count (``editor.threads``: by default the usable cores the machine's
+    load leaves free) is set before the command's work, and without ``--quiet`` the libraries'
+    progress bars (weights loaded and written) show next to the tool's own."""
+
+    @click.option("--quiet", is_flag=True, help="no progress bars")
+    @click.option("--threads", type=click.IntRange(min=1), default=None,
+                  help="CPU threads for torch (default: the usable cores the machine's load leaves free, or "
+                       "OMP_NUM_THREADS; results can differ in the last bits between counts: pin it to rerun byte-identically)")
+    @functools.wraps(fn)
+    def wrapper(*args, threads: int | None = None, **kwargs):
+        from editor.threads import set_threads
+
+        set_threads(threads)
+        if not kwargs.get("quiet"):
+            try:
+                from transformers.utils import logging as hf_logging
+
+                hf_logging.enable_progress_bar()
+            except Exception:  # noqa: BLE001
+                pass
+        return fn(*args, **kwargs)
 
     return wrapper
 
@@ -62,8 +111,8 @@ def main() -> None:
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="directory for stats.safetensors")
 @click.option("--overwrite", is_flag=True, help="replace an existing stats.safetensors")
-@click.option("--quiet", is_flag=True, help="no progress bars")
 @friendly
+@long_command
 def profile_cmd(recipe: str, out: str, overwrite: bool, quiet: bool) -> None:
     """Profile every named data set of RECIPE; writes OUT/stats.safetensors."""
     from editor.pipeline import profile_recipe
@@ -76,9 +125,9 @@ def profile_cmd(recipe: str, out: str, overwrite: bool, quiet: bool) -> None:
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--out", "out", type=click.Path(file_okay=False), default=None, help="checkpoint directory (default: the recipe's export.out)")
 @click.option("--overwrite", is_flag=True, help="replace a non-empty destination")
-@click.option("--quiet", is_flag=True, help="no progress bars")
 @click.option("--dry-run", is_flag=True, help="validate against config.json and the data, print the plan; load no weights, write nothing")
 @friendly
+@long_command
 def run_cmd(recipe: str, out: str | None, overwrite: bool, quiet: bool, dry_run: bool) -> None:
     """The whole job on RECIPE: profile, edit, export, scorecard."""
     from editor.pipeline import run_recipe
@@ -107,15 +156,24 @@ def run_cmd(recipe: str, out: str | None, overwrite: bool, quiet: bool, dry_run:
               help="ordinary prompts whose refusals the scorecard reports: 'default' (the shipped held-out part), "
                    "'none', or a JSONL file of records with 'text' (and optionally 'category')")
 @click.option("--ordinary-new-tokens", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--trust-remote-code", is_flag=True,
+              help="run code shipped with CHECKPOINT (or --base) when it differs from this tool's own runtime "
+                   "(default: refuse; a checkpoint whose runtime is byte-identical is scored with the tool's own)")
 @friendly
-def eval_cmd(checkpoint, data, base, out, batch_size, max_new_tokens, limit, ordinary, ordinary_new_tokens) -> None:
+@long_command
+def eval_cmd(checkpoint, data, base, out, batch_size, max_new_tokens, limit, ordinary, ordinary_new_tokens,
+             trust_remote_code, quiet) -> None:
     """Forget/retain scorecard of CHECKPOINT, before vs after: exact match, abstention, relative drop;
-    and the share of ordinary prompts it refuses."""
+    and the share of ordinary prompts it refuses. Runs no code shipped with the checkpoint unless
+    --trust-remote-code."""
     from editor.eval.scorecard import evaluate_checkpoint, render_scorecard
-    from editor.io import atomic_write_json
+    from editor.io import atomic_write_json, check_file_destination
 
+    if out:
+        check_file_destination(out)
     card = evaluate_checkpoint(checkpoint, data, base=base, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit,
-                               ordinary=ordinary, ordinary_new_tokens=ordinary_new_tokens)
+                               ordinary=ordinary, ordinary_new_tokens=ordinary_new_tokens,
+                               trust_remote_code=trust_remote_code, progress=not quiet)
     click.echo(render_scorecard(card))
     if out:
         atomic_write_json(out, card)
@@ -130,7 +188,8 @@ def eval_cmd(checkpoint, data, base, out, batch_size, max_new_tokens, limit, ord
 @click.option("--max-shard-size", default="5GB", show_default=True, help="largest safetensors shard (hf)")
 @click.option("--overwrite", is_flag=True, help="replace a non-empty destination")
 @friendly
-def export_cmd(recipe: str, stats: str, out: str | None, fmt: str, max_shard_size: str, overwrite: bool) -> None:
+@long_command
+def export_cmd(recipe: str, stats: str, out: str | None, fmt: str, max_shard_size: str, overwrite: bool, quiet: bool) -> None:
     """Plan the edit of RECIPE from profiled statistics, patch the model and export a checkpoint."""
     single_process("export")
     from editor.pipeline import export_recipe
@@ -172,12 +231,16 @@ def restore_cmd(checkpoint: str, out: str, overwrite: bool) -> None:
 @main.command("push")
 @click.argument("checkpoint", type=click.Path(file_okay=False, exists=True))
 @click.option("--repo-id", required=True, help="namespace/name on the Hub")
-@click.option("--public", is_flag=True, help="make a new repository public (default: private)")
+@click.option("--public", is_flag=True, help="make a new repository public (default: private; an existing one keeps its visibility)")
 @click.option("--revision", default=None, help="branch to push to (created if missing)")
-@click.option("--dry-run", is_flag=True, help="verify and show the files and the model card; upload nothing")
+@click.option("--dry-run", is_flag=True, help="verify and show the files, the model card and what the push would do; upload nothing")
 @friendly
 def push_cmd(checkpoint: str, repo_id: str, public: bool, revision: str | None, dry_run: bool) -> None:
-    """Verify CHECKPOINT and upload it to the Hugging Face Hub (token: HF_TOKEN or `hf auth login`)."""
+    """Verify CHECKPOINT and upload it to the Hugging Face Hub (token: HF_TOKEN or `hf auth login`).
+
+    The repository (its revision) is made to mirror CHECKPOINT: files in it that are not in
+    CHECKPOINT — stale shards of an earlier push, files added by hand — are DELETED in the same
+    commit (.gitattributes is kept) and listed in the output. The visibility printed is the Hub's."""
     from editor.hub import push
 
     push(checkpoint, repo_id, private=not public, revision=revision, dry_run=dry_run, echo=click.echo)

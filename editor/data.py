@@ -10,7 +10,7 @@ from pathlib import Path
 from string import Formatter
 
 from editor.errors import EditorError
-from editor.recipe import DataSetSpec, Recipe
+from editor.recipe import DataSetSpec, Recipe, recorded_path, template_fields
 
 # names of the sets the tool brings itself ('@' cannot appear in a recipe's set names)
 BACKGROUND = "@background"
@@ -30,7 +30,8 @@ class TextSet:
 
 
 def _template_fields(template: str) -> list[str]:
-    return [f.split(".")[0].split("[")[0] for _, f, _, _ in Formatter().parse(template) if f]
+    """The record fields a (validated) template reads."""
+    return list(dict.fromkeys(name for name, _ in template_fields(template)))
 
 
 def load_records(spec: DataSetSpec, base_dir: Path, set_name: str) -> tuple[list[dict], str]:
@@ -42,10 +43,10 @@ def load_records(spec: DataSetSpec, base_dir: Path, set_name: str) -> tuple[list
         if not local.exists():
             raise EditorError(f"data.{set_name}: file not found: {local}")
         records = _read_local(local, set_name)
-        # provenance as the recipe wrote it (relative paths stay relative to the recipe file), so
-        # the statistics and the exports are byte-identical wherever the project is checked out;
-        # the content itself is identified by the set's fingerprint
-        source = Path(spec.path).expanduser().as_posix()
+        # provenance as the recipe wrote it, relative to the recipe file (an absolute or ~ path made
+        # relative: ``recorded_path``), so the statistics and the exports are byte-identical wherever
+        # the project is checked out and name no user's home; the content is the set's fingerprint
+        source = recorded_path(spec.path, base_dir)
     else:
         records = _read_hub(spec, set_name)
         source = f"hf://datasets/{spec.path}" + (f"/{spec.name}" if spec.name else "")
@@ -124,19 +125,48 @@ def _read_hub(spec: DataSetSpec, set_name: str) -> list[dict]:
 
 
 def render(records: list[dict], template: str, set_name: str) -> list[str]:
-    fields = _template_fields(template)
+    """Fill ``template`` (``editor.recipe.template_fields``: plain fields, list elements) from each
+    record. A field must hold text or a number (a list element too): None, lists and mappings are
+    refused rather than written into the text as their Python repr."""
+    parts = [(lit, None if field is None else template_fields("{" + field + "}")[0])
+             for lit, field, _, _ in Formatter().parse(template)]
     out = []
     for i, r in enumerate(records):
-        for f in fields:
-            if f not in r:
-                raise EditorError(
-                    f"data.{set_name}.text: record {i} has no field {f!r} (fields: {', '.join(map(str, r))})"
-                )
-        try:
-            out.append(template.format_map(r))
-        except (KeyError, IndexError, ValueError, AttributeError) as e:
-            raise EditorError(f"data.{set_name}.text: cannot fill template for record {i}: {e}") from None
+        text = []
+        for lit, field in parts:
+            text.append(lit)
+            if field is None:
+                continue
+            name, index = field
+            if name not in r:
+                raise EditorError(f"data.{set_name}.text: record {i} has no field {name!r} (fields: {', '.join(map(str, r))})")
+            value = r[name]
+            where = name
+            if index is not None:
+                if not isinstance(value, (list, tuple)):
+                    raise EditorError(f"data.{set_name}.text: record {i}: {{{name}[{index}]}} needs a list, "
+                                      f"field {name!r} is {type(value).__name__}")
+                if index >= len(value):
+                    raise EditorError(f"data.{set_name}.text: record {i}: field {name!r} has {len(value)} element(s), "
+                                      f"no [{index}]")
+                value, where = value[index], f"{name}[{index}]"
+            if value is None or isinstance(value, (dict, list, tuple)):
+                kind = "empty (null)" if value is None else f"a {type(value).__name__}"
+                raise EditorError(f"data.{set_name}.text: record {i}: {where} is {kind}, not text")
+            text.append(str(value))
+        out.append("".join(text))
     return out
+
+
+def check_scorecard_records(name: str, records: list[dict], field: str = "evaluate.data") -> None:
+    """The scorecard set's records carry ``prompt`` (text) and ``answer`` (text or a number)."""
+    for i, r in enumerate(records):
+        for key, kinds in (("prompt", (str,)), ("answer", (str, int, float))):
+            if key not in r:
+                raise EditorError(f"{field}: set {name!r}: record {i} has no field {key!r} "
+                                  f"(a scorecard record needs prompt and answer; fields: {', '.join(map(str, r))})")
+            if not isinstance(r[key], kinds) or isinstance(r[key], bool):
+                raise EditorError(f"{field}: set {name!r}: record {i}: {key} is {type(r[key]).__name__}, not text")
 
 
 def fingerprint(texts: list[str]) -> str:

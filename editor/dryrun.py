@@ -229,7 +229,7 @@ def _texts_after_limit(rows: int | None, spec: DataSetSpec) -> int | None:
 
 def check_set(recipe: Recipe, name: str) -> dict:
     """What can be known about one named set offline; raises EditorError on a definite error."""
-    from editor.data import load_records, render
+    from editor.data import check_scorecard_records, load_records, render
 
     spec = recipe.data[name]
     local = _is_local(spec, recipe.base_dir)
@@ -243,6 +243,8 @@ def check_set(recipe: Recipe, name: str) -> dict:
             info["checked"] = "header checked (fields ok)"
         else:
             records, _ = load_records(spec, recipe.base_dir, name)
+            if recipe.evaluate and recipe.evaluate.data == name:
+                check_scorecard_records(name, records)
             texts = render(records, spec.text, name)
             if not texts:
                 raise EditorError(f"data.{name}: the set is empty")

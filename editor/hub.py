@@ -56,21 +56,44 @@ def plan_push(checkpoint, repo_id: str, *, private: bool = True, revision: str |
     return PushPlan(ckpt, repo_id, private, revision, files, card)
 
 
+MIRROR_NOTE = ("the repository is made to mirror the checkpoint: files in it (on that revision) that are not "
+               "listed here are deleted in the same commit (.gitattributes is kept)")
+
+
 def describe_plan(plan: PushPlan) -> str:
     vis = "private" if plan.private else "public"
     lines = [f"would push {plan.checkpoint} to {plan.repo_id} ({vis}"
-             + (f", revision {plan.revision}" if plan.revision else "") + ")", "files:"]
+             + (f", revision {plan.revision}" if plan.revision else "") + ")",
+             f"visibility: a new repository is created {vis}; an existing one keeps its own visibility",
+             f"deletions: {MIRROR_NOTE}", "files:"]
     lines += [f"  {rel}  {size:,} bytes" for rel, size in plan.files]
     lines += [f"total: {len(plan.files)} files, {sum(s for _, s in plan.files):,} bytes", "", "model card (README.md):", plan.card]
     return "\n".join(lines)
 
 
+def _first_line(e: BaseException, token: str | None) -> str:
+    text = str(e).strip()
+    return _redact(text.splitlines()[0] if text else type(e).__name__, token)
+
+
+def _unreachable(e: BaseException) -> bool:
+    """A transport failure (no network, refused connection, DNS, timeout, offline mode) rather than an
+    answer of the Hub."""
+    names = {c.__name__ for c in type(e).__mro__}
+    return bool(names & {"ConnectionError", "TransportError", "TimeoutException", "OfflineModeIsEnabled", "NetworkError",
+                         "ConnectError", "ProxyError", "TimeoutError"})
+
+
 def push(checkpoint, repo_id: str, *, private: bool = True, revision: str | None = None, dry_run: bool = False,
          token: str | None = None, endpoint: str | None = None, echo=print, commit_message: str = COMMIT_MESSAGE) -> dict:
-    """Create the repo (private unless ``private=False``) and upload the checkpoint folder.
+    """Create the repo (private unless ``private=False``; an existing repo keeps its visibility)
+    and upload the checkpoint folder.
 
-    The remote folder is made to mirror the checkpoint (stale files from an earlier push are
-    deleted in the same commit). ``dry_run``: print the files and the card, upload nothing.
+    The remote folder is made to mirror the checkpoint: remote files that are not in it (stale
+    shards of an earlier push …) are deleted in the same commit, and listed in the output.
+    ``dry_run``: print the files, the card and what the push would do; upload nothing. The
+    visibility printed is the Hub's answer, not the flag's. Every failure — the Hub's answer or no
+    connection at all — is one line (``EditorError``), the token redacted.
     """
     plan = plan_push(checkpoint, repo_id, private=private, revision=revision)
     if dry_run:
@@ -85,23 +108,36 @@ def push(checkpoint, repo_id: str, *, private: bool = True, revision: str | None
         raise EditorError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (or use --dry-run)")
     endpoint = endpoint or os.environ.get("HF_ENDPOINT") or None
     api = HfApi(endpoint=endpoint, token=token)
+    local = {f for f, _ in plan.files}
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        visible = getattr(api.repo_info(repo_id, repo_type="model"), "private", None)
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+        remote = set(api.list_repo_files(repo_id, revision=revision, repo_type="model"))
         info = api.upload_folder(
             folder_path=str(plan.checkpoint), repo_id=repo_id, repo_type="model", revision=revision,
             commit_message=commit_message, delete_patterns="*", ignore_patterns=[".*", "**/.*"],
         )
     except HfHubHTTPError as e:
         status = getattr(getattr(e, "response", None), "status_code", None)
-        first = _redact(str(e).splitlines()[0] if str(e) else type(e).__name__, token)
+        first = _first_line(e, token)
         if status in (401, 403):
             raise EditorError(f"the Hub refused the push ({status}): check that the token can write to {repo_id}: {first}") from None
         raise EditorError(f"push to {repo_id} failed: {first}") from None
-    except (OSError, ValueError) as e:
-        raise EditorError(f"push to {repo_id} failed: {_redact(str(e).splitlines()[0] if str(e) else type(e).__name__, token)}") from None
+    except Exception as e:  # noqa: BLE001 - no network, a refused connection, offline mode, a bad endpoint …
+        where = endpoint or "https://huggingface.co"
+        if _unreachable(e):
+            raise EditorError(f"push to {repo_id} failed: cannot reach the Hub at {where} "
+                              f"({type(e).__name__}: {_first_line(e, token)})") from None
+        raise EditorError(f"push to {repo_id} failed: {type(e).__name__}: {_first_line(e, token)}") from None
     commit_url = getattr(info, "commit_url", None) or str(info)
-    echo(f"pushed {len(plan.files)} files to {url} ({'private' if private else 'public'}): {commit_url}")
+    deleted = sorted(remote - local - {".gitattributes"})
+    vis = "visibility unknown" if visible is None else ("private" if visible else "public")
+    echo(f"pushed {len(plan.files)} files to {url} ({vis}): {commit_url}")
+    if visible is not None and bool(visible) != private:
+        echo(f"note: {repo_id} already existed and stays {vis} (--public / private apply to a new repository only)")
+    if deleted:
+        echo(f"deleted {len(deleted)} file(s) of the repository that are not in the checkpoint: {', '.join(deleted)}")
     return {"dry_run": False, "repo_id": repo_id, "url": str(url), "commit_url": commit_url,
-            "files": [f for f, _ in plan.files]}
+            "files": [f for f, _ in plan.files], "private": visible, "deleted": deleted}

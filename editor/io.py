@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+import glob
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -12,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from editor.errors import EditorError
+
+log = logging.getLogger(__name__)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -71,39 +77,251 @@ def atomic_save_safetensors(tensors, path, metadata: dict[str, str]) -> None:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
+def _nearest_existing(path: Path) -> Path:
+    p = path
+    while not os.path.lexists(p) and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_parent(path, what: str = "output") -> Path:
+    """The directory that will hold ``path`` exists and is writable, or can be created: its nearest
+    existing ancestor is a directory this process can write. Nothing is created here."""
+    path = Path(path).absolute()
+    anc = _nearest_existing(path.parent)
+    if not anc.is_dir():
+        raise EditorError(f"cannot write {what} {path}: {anc} is not a directory")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise EditorError(f"cannot write {what} {path}: {anc} is not writable")
+    return path
+
+
 def check_destination(out, overwrite: bool) -> Path:
-    """Refuse a non-empty destination unless ``overwrite``; nothing is touched here."""
+    """Refuse a destination directory that cannot be written: a file, a place whose parent is a file
+    or not writable, or a non-empty directory without ``overwrite``. Nothing is touched here."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
+    if os.path.lexists(out) and not out.is_dir():
         raise EditorError(f"destination {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise EditorError(f"destination {out} is not empty (use --overwrite to replace it)")
+    check_parent(out, "destination")
+    if out.is_dir():
+        if not os.access(out, os.R_OK | os.W_OK | os.X_OK):
+            raise EditorError(f"destination {out} is not writable")
+        if any(out.iterdir()) and not overwrite:
+            raise EditorError(f"destination {out} is not empty (use --overwrite to replace it)")
     return out
+
+
+def check_file_destination(path, overwrite: bool = True) -> Path:
+    """Refuse an output file that cannot be written (a directory there, a parent that is a file or
+    not writable; an existing file without ``overwrite``). Nothing is touched here."""
+    path = Path(path)
+    if path.is_dir():
+        raise EditorError(f"output {path} is a directory")
+    if os.path.lexists(path) and not overwrite:
+        raise EditorError(f"{path} exists (use --overwrite to replace it)")
+    check_parent(path, "file")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# one writer per destination, crash-safe replacement
+# ---------------------------------------------------------------------------------------------
+
+_HELD: dict[Path, list] = {}  # destination -> [lock file descriptor, depth] held by this process
+
+
+def lock_path(out) -> Path:
+    """The lock file of a destination: ``.<name>.lock`` beside it."""
+    out = Path(out).absolute()
+    return out.parent / f".{out.name}.lock"
+
+
+def _hook(point: str) -> None:
+    """Named points of a replacement (``writing``, ``swap``, ``swapped``, ``between``), where the
+    crash tests stop a real export process; nothing happens here otherwise."""
+
+
+@contextmanager
+def hold_destination(out) -> Iterator[Path]:
+    """Hold the one-writer lock of ``out`` (re-entrant within the process) while the body runs, and
+    first clean up what a killed writer left beside it (``recover``).
+
+    The lock is ``flock`` on ``.<name>.lock`` beside the destination, taken without waiting:
+    another process holding it means another export to the same place is running, and this one is
+    refused. The kernel releases the lock when its holder dies, however it dies, so a crash leaves
+    no stale lock. On NFS, Linux maps ``flock`` to the server's byte-range locks (NFSv4, or NFSv3
+    with the lock manager): writers on different hosts exclude each other there, but not on a
+    mount with ``nolock`` / ``local_lock``, where the lock is only seen by one host. The parent
+    directories created for the lock are removed again if the body fails and leaves them empty."""
+    import fcntl
+
+    out = Path(out).absolute()
+    if out in _HELD:
+        _HELD[out][1] += 1
+        try:
+            yield out
+        finally:
+            _HELD[out][1] -= 1
+        return
+    created = []
+    p = out.parent
+    while not p.exists():
+        created.append(p)
+        p = p.parent
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EditorError(f"cannot create {out.parent}: {e.strerror}") from None
+    path = lock_path(out)
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise EditorError(f"cannot create the lock file {path}: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise EditorError(f"another process is writing {out} (it holds {path}); wait for it to finish") from None
+        except OSError as e:
+            os.close(fd)
+            raise EditorError(f"cannot lock {path}: {e.strerror}") from None
+        try:  # the file may have been unlinked by the previous holder between our open and flock
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    _HELD[out] = [fd, 1]
+    ok = False
+    try:
+        recover(out)
+        yield out
+        ok = True
+    finally:
+        del _HELD[out]
+        try:
+            os.unlink(path)  # while still holding it: a newcomer then creates (and locks) a new file
+        except OSError:
+            pass
+        os.close(fd)
+        if not ok:
+            for d in created:  # deepest first
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
+
+
+def _leftovers(out: Path, suffix: str) -> list[Path]:
+    """``out``'s own temporary directories (``mkdtemp``'s 8 random characters exactly: not those of
+    another destination whose name starts with this one's, e.g. ``ck.v2`` beside ``ck``)."""
+    own = re.compile(rf"\.{re.escape(out.name)}\.[a-z0-9_]{{8}}{re.escape(suffix)}")
+    return sorted(p for p in out.parent.glob(f".{glob.escape(out.name)}.*{suffix}")
+                  if own.fullmatch(p.name) and p.is_dir() and not p.is_symlink())
+
+
+def recover(out) -> list[str]:
+    """What a killed writer of ``out`` left beside it, put right (call with the lock held): with no
+    ``out``, the previous checkpoint moved aside for a replacement (``.<name>.*.old/``) is moved
+    back; the temporary directories of unfinished writes (``.<name>.*.partial/``) and old
+    checkpoints already replaced are removed. Each action is logged (a warning) and returned."""
+    out = Path(out).absolute()
+    done = []
+    olds = _leftovers(out, ".old")
+    if not os.path.lexists(out):
+        for trash in reversed(olds):
+            if (trash / "old").is_dir():
+                os.replace(trash / "old", out)
+                done.append(f"restored {out} from {trash} (an interrupted --overwrite had moved it aside)")
+                break
+    for p in _leftovers(out, ".partial") + _leftovers(out, ".old"):
+        if p.exists():
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(f"removed {p}, left by an interrupted write of {out}")
+    if done:
+        _fsync_dir(out.parent)
+    for line in done:
+        log.warning(line)
+    return done
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the system or
+    the file system (NFS, for one) cannot, so the caller falls back to two renames."""
+    global _renameat2
+    if _renameat2 is None:
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            fn = libc.renameat2
+            fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+            fn.restype = ctypes.c_int
+            _renameat2 = fn
+        except (OSError, AttributeError):
+            _renameat2 = False
+    if _renameat2 is False:
+        return False
+    import ctypes
+
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    if _renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+_renameat2 = None
 
 
 @contextmanager
 def atomic_directory(out, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory beside ``out``; on success it replaces ``out`` by rename.
+    """Yield a temporary directory beside ``out``; on success it replaces ``out``.
 
-    On any exception the temporary directory is removed and ``out`` is left as it was.
+    The destination's lock is held throughout (``hold_destination``: a concurrent writer is
+    refused; what a killed writer left is cleaned first). At no moment is there no complete
+    directory at ``out``: a new one is renamed into place; an existing one (``overwrite``) is
+    swapped with the new one in one step (``renameat2(RENAME_EXCHANGE)``) and deleted afterwards.
+    Where the file system cannot swap (NFS), the old directory is first renamed aside to
+    ``.<name>.*.old/``: a kill between the two renames leaves it there, and the next writer (or
+    ``recover``) moves it back. On any exception the temporary directory is removed and ``out`` is
+    left as it was; a SIGKILL leaves the temporary directory, which the next writer removes.
     """
     out = check_destination(out, overwrite).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a checkpoint is an ordinary readable directory
-    try:
-        yield tmp
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, trash / "old")
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-        _fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with hold_destination(out):
+        out = check_destination(out, overwrite).absolute()  # the state recover() left
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a checkpoint is an ordinary readable directory
+        try:
+            yield tmp
+            _hook("writing")
+            if not out.exists():
+                _hook("swap")
+                os.replace(tmp, out)
+            else:
+                _hook("swap")
+                if _exchange(tmp, out):  # tmp now holds the old directory
+                    _fsync_dir(out.parent)
+                    _hook("swapped")
+                else:
+                    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+                    os.replace(out, trash / "old")
+                    try:
+                        _hook("between")
+                        os.replace(tmp, out)
+                    except BaseException:  # e.g. SIGTERM here: put the old directory back
+                        if not os.path.lexists(out):
+                            os.replace(trash / "old", out)
+                        shutil.rmtree(trash, ignore_errors=True)
+                        raise
+                    tmp = trash
+            _fsync_dir(out.parent)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def sha256_file(path, chunk: int = 1 << 20) -> str:

@@ -32,6 +32,12 @@ GRAPH_FORMAT_KEY = "skill_editor.format"  # an ONNX graph's metadata: ONNX_FORMA
 CARD = "README.md"
 INDEX = "model.safetensors.index.json"
 RUNTIME_FILES = ("configuration_skill_editor.py", "modeling_skill_editor.py")
+RUNTIME_DIR = Path(__file__).resolve().parent / "runtime"  # the tool's own copy of the shipped files
+# config.json's auto_map of a patched checkpoint: the shipped runtime's two classes
+AUTO_MAP = {
+    "AutoConfig": "configuration_skill_editor.SkillEditorConfig",
+    "AutoModelForCausalLM": "modeling_skill_editor.SkillEditorForCausalLM",
+}
 ONNX_MODEL = "model.onnx"
 ONNX_DATA = "model.onnx.data"
 ONNX_FORMAT = "skill-editor/onnx"
@@ -121,6 +127,13 @@ class Edit:
                    patch_digest=edit.get("patch_digest"))
 
 
+def is_patched_config(config: dict | None) -> bool:
+    """Whether a checkpoint's config.json describes a patched model (its ``skill_editor`` edit),
+    whatever its top-level ``model_type`` (the base architecture's since format 2 of config.json)."""
+    edit = (config or {}).get(EDIT_KEY)
+    return isinstance(edit, dict) and bool(edit)
+
+
 def edit_of(manifest: dict | None, config: dict | None) -> dict:
     """The ``edit`` section of a checkpoint: its manifest's, or — without one — what its
     config.json's ``skill_editor`` says (then without the data set names)."""
@@ -140,7 +153,7 @@ def build_manifest(recipe, *, model_type: str, dtype: str, edit: Edit, statistic
         "tool": "skill-editor",
         "tool_version": __version__,
         "kind": "patched" if edit.patched else "plain",
-        "base_model": {"model": recipe.model, "revision": recipe.revision, "model_type": model_type,
+        "base_model": {"model": recipe.recorded_model, "revision": recipe.revision, "model_type": model_type,
                        "local": recipe.resolve(recipe.model).exists() or recipe.model.startswith("editor:"),
                        "dtype": dtype},
         "recipe": recipe.to_metadata(),

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from editor.manifest import Edit
+from editor.manifest import AUTO_MAP, Edit
 from editor.methods.key_space import KSDBounds, LinearShare
 from editor.methods.neuron_adjust import NAPlan
 from editor.model.arch import ArchSpec, decoder_layers, permute_neurons
@@ -27,10 +27,6 @@ from editor.runtime.modeling_skill_editor import (
     patch_tensors,
 )
 
-AUTO_MAP = {
-    "AutoConfig": "configuration_skill_editor.SkillEditorConfig",
-    "AutoModelForCausalLM": "modeling_skill_editor.SkillEditorForCausalLM",
-}
 
 
 def _installed_na(model: nn.Module, spec: ArchSpec, plan: NAPlan) -> bool:

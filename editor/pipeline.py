@@ -8,27 +8,30 @@ is validated in ``prepare`` before any weight is loaded.
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from editor.data import TextSet, background_set, load_all, ordinary_eval_set
+from editor.data import TextSet, background_set, check_scorecard_records, load_all, ordinary_eval_set
 from editor.errors import EditorError
 from editor.eval.scorecard import render_scorecard, score, scorecard
 from editor.export.hf import DEFAULT_SHARD, export_hf
-from editor.io import check_destination
+from editor.io import check_destination, check_parent, hold_destination
 from editor.manifest import Edit, build_manifest
 from editor.methods.calibrate import KeySet, calibrate_keys, calibrate_linear, calibration_config, continuation_tokens
 from editor.model.arch import ArchSpec, config_layers, spec_for
-from editor.model.loading import (check_against_config, load_config, load_model, load_tokenizer, model_identity,
-                                  offloaded_modules)
+from editor.model.identity import model_identity, weights_fingerprint
+from editor.model.loading import (check_against_config, load_config, load_model, load_tokenizer, model_file_identity,
+                                  offloaded_modules, pick_dtype)
 from editor.patch import apply_neuron_adjust, apply_plans, wrap
 from editor.plan import NA_SUFFIX, Plans, ksd_set_name, plan_all, plan_na
 from editor.profile import collect
 from editor.profile.distributed import Dist, session
 from editor.profile.profile import profile_set
-from editor.profile.stats import STATS_NAME, ProfiledSets, StatsFile, load_stats, provenance, save_stats, stats_path
+from editor.profile.stats import (STATS_NAME, ProfiledSets, StatsFile, check_identity, load_stats, provenance, save_stats,
+                                  stats_path)
 from editor.recipe import Recipe, load_recipe
 
 
@@ -42,7 +45,7 @@ class Job:
     recipe_path: Path | None = None
     background: TextSet | None = None  # the calibration's background negatives (key_space.background)
     ordinary: TextSet | None = None  # the scorecard's ordinary prompts (evaluate.ordinary)
-    identity: dict | None = None  # the base model as the statistics and the checkpoint record it
+    model_file: dict | None = None  # the model file as recorded (model_file_identity: a GGUF file's name and sha256)
 
     @property
     def model_type(self) -> str:
@@ -56,6 +59,19 @@ class Job:
         """Every plan of the recipe from ``stats`` (a calibrated guard: fitted on this job's background)."""
         return plan_all(self.recipe, self.n_layers, stats, self.background.info if self.background else None)
 
+    def identity(self, model=None) -> dict:
+        """What identifies the profiled model (``editor.model.identity``, and a GGUF file's name and
+        sha256); with ``model`` (the base, before any edit) its weights' fingerprint too."""
+        ident = model_identity(self.recipe, self.config, pick_dtype(self.recipe, self.config))
+        ident.update({k: v for k, v in (self.model_file or {}).items() if k in ("gguf_file", "gguf_sha256")})
+        if model is not None:
+            ident["weights"] = weights_fingerprint(model)
+        return ident
+
+    def set_fingerprints(self) -> dict[str, str]:
+        """{set: fingerprint} of the sets the statistics must hold (the profiled ones)."""
+        return {n: self.sets[n].info["fingerprint"] for n in self.recipe.profiled_sets()}
+
 
 def prepare(recipe: Recipe | str | Path) -> Job:
     """Recipe, config.json and every data set, validated — no weights loaded."""
@@ -66,8 +82,21 @@ def prepare(recipe: Recipe | str | Path) -> Job:
     config = load_config(recipe)
     check_against_config(recipe, config)
     sets = load_all(recipe)
+    if recipe.evaluate:
+        check_scorecard_records(recipe.evaluate.data, sets[recipe.evaluate.data].records)
     return Job(recipe, config, sets, path, background_set(recipe, sets), ordinary_eval_set(recipe, sets),
-               model_identity(recipe))
+               model_file_identity(recipe))
+
+
+def _load(recipe) -> Recipe:
+    return recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+
+
+def _prepared(recipe: Recipe, recipe_path) -> Job:
+    """``prepare`` of a recipe already loaded from ``recipe_path`` (its destinations checked first)."""
+    job = prepare(recipe)
+    job.recipe_path = Path(recipe_path) if not isinstance(recipe_path, Recipe) else None
+    return job
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,12 +163,15 @@ def calibrate_job(job: Job, model, tokenizer, spec: ArchSpec) -> tuple[dict, dic
     return record, weights
 
 
-def write_stats(job: Job, path, stats: ProfiledSets) -> None:
-    """``stats.safetensors`` with the base model's identity: the recipe's ``model`` and revision,
-    and for a GGUF model the file's name and sha256 (``model_file``)."""
-    ident = job.identity or {}
-    extra = {"model_file": {k: ident[k] for k in ("gguf_file", "gguf_sha256") if k in ident}} if "gguf_file" in ident else None
-    save_stats(path, stats, model=job.recipe.model, revision=job.recipe.revision, extra=extra)
+def write_stats(job: Job, path, stats: ProfiledSets, identity: dict) -> None:
+    """``stats.safetensors`` with the base model's ``identity`` (``Job.identity``: checked by
+    ``export --stats``), the recipe's ``model`` as recorded and its revision, and for a GGUF model
+    the file's name and sha256 (``model_file``, carried into the checkpoint's provenance)."""
+    ident = job.model_file or {}
+    extra = {"identity": identity}
+    if "gguf_file" in ident:
+        extra["model_file"] = {k: ident[k] for k in ("gguf_file", "gguf_sha256") if k in ident}
+    save_stats(path, stats, model=job.recipe.recorded_model, revision=job.recipe.revision, extra=extra)
 
 
 def profile_recipe(recipe_path, out, *, overwrite: bool = False, progress: bool = True) -> Path:
@@ -149,20 +181,22 @@ def profile_recipe(recipe_path, out, *, overwrite: bool = False, progress: bool 
     target = Path(out) / STATS_NAME
 
     def check() -> Job:
-        job = prepare(recipe_path)
-        if target.exists() and not overwrite:
-            raise EditorError(f"{target} exists (use --overwrite to replace it)")
+        recipe = _load(recipe_path)
         if Path(out).exists() and not Path(out).is_dir():
             raise EditorError(f"--out {out} is not a directory")
-        return job
+        check_parent(target, "statistics")
+        if target.exists() and not overwrite:
+            raise EditorError(f"{target} exists (use --overwrite to replace it)")
+        return _prepared(recipe, recipe_path)
 
     with session() as dist:
         job = dist.agree(check)
         tokenizer = dist.agree(load_tokenizer, job.recipe)
         model = dist.agree(lambda: load_model(job.recipe, job.config, device=dist.model_device(job.recipe, job.config)))
+        identity = job.identity(model)  # the base weights, before the NA-active pass edits them
         stats = profile_job(job, model, tokenizer, progress=progress and dist.is_main, dist=dist)
         if dist.is_main:
-            dist.agree(write_stats, job, target, stats)
+            dist.agree(write_stats, job, target, stats, identity)
         else:
             dist.agree(lambda: None)  # wait for rank 0's write (and fail with it)
     return target
@@ -222,21 +256,27 @@ def _export_onnx(job: Job, ed: Edited, manifest: dict, out, *, overwrite: bool) 
 def export_recipe(recipe_path, stats, out=None, *, fmt: str = "hf", overwrite: bool = False,
                   max_shard_size=DEFAULT_SHARD) -> Path:
     """``skill-editor export``: validate the recipe (no weights), read the statistics (a directory
-    or the file), load the model, plan, patch and export in ``fmt`` (hf | onnx)."""
+    or the file) and check they were profiled on this recipe's model and data, load the model
+    (its weights checked against the statistics' too), plan, patch and export in ``fmt`` (hf | onnx).
+    The destination is checked before anything is read and locked while it is written."""
     if fmt not in ("hf", "onnx"):
         raise EditorError(f"--format must be hf or onnx, got {fmt!r}")
-    job = prepare(recipe_path)
-    r = job.recipe
-    if fmt == "onnx" and r.neuron_adjust and r.neuron_adjust.mode == "sample":
+    recipe = _load(recipe_path)
+    if fmt == "onnx" and recipe.neuron_adjust and recipe.neuron_adjust.mode == "sample":
         raise EditorError("ONNX needs a deterministic Neuron Adjust; set neuron_adjust.mode to 'expected' or 'hard'")
-    out = Path(out) if out else r.out_dir()
+    out = Path(out) if out else recipe.out_dir()
     check_destination(out, overwrite)
+    job = _prepared(recipe, recipe_path)
     stats_file = load_stats(stats)
-    ed = edit_model(job, stats_file)
-    manifest = _manifest(job, ed, stats_file, stats_path(stats), None)
-    if fmt == "hf":
-        return export_hf(ed.model, ed.tokenizer, ed.edit, manifest, out, overwrite=overwrite, max_shard_size=max_shard_size)
-    return _export_onnx(job, ed, manifest, out, overwrite=overwrite)
+    check_identity(stats_file, job.identity(), job.set_fingerprints())
+    with hold_destination(out):
+        model = load_model(job.recipe, job.config)
+        check_identity(stats_file, job.identity(model))
+        ed = edit_model(job, stats_file, model=model)
+        manifest = _manifest(job, ed, stats_file, stats_path(stats), None)
+        if fmt == "hf":
+            return export_hf(ed.model, ed.tokenizer, ed.edit, manifest, out, overwrite=overwrite, max_shard_size=max_shard_size)
+        return _export_onnx(job, ed, manifest, out, overwrite=overwrite)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,9 +292,10 @@ def stats_dir_for(out: Path) -> Path:
 
 def run_recipe(recipe_path, out=None, *, overwrite: bool = False, progress: bool = True, echo=print) -> dict:
     """The whole job: validate → (scorecard before) → profile → plan → patch → (scorecard after)
-    → export in every format of the recipe. Returns a summary dict."""
-    job = prepare(recipe_path)
-    r = job.recipe
+    → export in every format of the recipe. Returns a summary dict. Every destination (the
+    checkpoint, the ONNX export, the statistics) is checked before any other work and locked
+    until the end."""
+    r = _load(recipe_path)
     out = Path(out) if out else r.out_dir()
     check_destination(out, overwrite)
     formats = list(dict.fromkeys(r.export.formats or ["hf"]))
@@ -262,18 +303,33 @@ def run_recipe(recipe_path, out=None, *, overwrite: bool = False, progress: bool
     if "onnx" in formats and formats != ["onnx"]:
         check_destination(onnx_out, overwrite)
     stats_file = stats_dir_for(out) / STATS_NAME
+    if stats_file.parent.exists() and not stats_file.parent.is_dir():
+        raise EditorError(f"{stats_file.parent} exists and is not a directory")
+    check_parent(stats_file, "statistics")
     if stats_file.exists() and not overwrite:
         raise EditorError(f"{stats_file} exists (use --overwrite to replace it)")
+    job = _prepared(r, recipe_path)
+    with ExitStack() as held:
+        for dest in dict.fromkeys([out, onnx_out] if "onnx" in formats else [out]):
+            held.enter_context(hold_destination(dest))
+        return _run(job, out, onnx_out, formats, stats_file, overwrite=overwrite, progress=progress, echo=echo)
+
+
+def _run(job: Job, out: Path, onnx_out: Path, formats: list[str], stats_file: Path, *, overwrite: bool, progress: bool,
+         echo) -> dict:
+    r = job.recipe
     tokenizer = load_tokenizer(r)
     model = load_model(r, job.config)
+    identity = job.identity(model)
 
     before = records = None
     if r.evaluate:
         records = job.sets[r.evaluate.data].records
         echo(f"scoring the base model on {len(records)} records of {r.evaluate.data!r}")
-        before = score(model, tokenizer, records, batch_size=r.evaluate.batch_size, max_new_tokens=r.evaluate.max_new_tokens)
+        before = score(model, tokenizer, records, batch_size=r.evaluate.batch_size, max_new_tokens=r.evaluate.max_new_tokens,
+                       progress=progress, desc="scoring base")
 
-    write_stats(job, stats_file, profile_job(job, model, tokenizer, progress=progress))
+    write_stats(job, stats_file, profile_job(job, model, tokenizer, progress=progress), identity)
     echo(f"wrote {stats_file}")
     stats = load_stats(stats_file)
     ed = edit_model(job, stats, model=model, tokenizer=tokenizer)
@@ -284,7 +340,7 @@ def run_recipe(recipe_path, out=None, *, overwrite: bool = False, progress: bool
         echo("scoring the edited model")
         card = scorecard(None, edited, tokenizer, records, batch_size=r.evaluate.batch_size,
                          max_new_tokens=r.evaluate.max_new_tokens, before=before, ordinary=job.ordinary,
-                         ordinary_new_tokens=r.evaluate.ordinary_new_tokens)
+                         ordinary_new_tokens=r.evaluate.ordinary_new_tokens, progress=progress)
     if hasattr(edited, "reset_neuron_adjust_rng"):
         edited.reset_neuron_adjust_rng()  # the export starts from the seed, whatever ran before
 

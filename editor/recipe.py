@@ -8,6 +8,8 @@ field path.
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -20,7 +22,41 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=False)
+    """Every recipe section: unknown keys are errors; numbers, booleans and strings are taken as
+    YAML gives them, never coerced (``top_percent: true`` is not 1.0, ``seed: "3"`` not 3; an int
+    is a valid float); floats must be finite (``scale: .inf`` is refused)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=False, strict=True, allow_inf_nan=False)
+
+
+# a template's field: a plain name, or one element of a list field (``{test_list[0]}``: MBPP's tests)
+_FIELD = re.compile(r"(?P<name>[^.\[\]]+)(?:\[(?P<index>\d+)\])?")
+
+
+def template_fields(template: str) -> list[tuple[str, int | None]]:
+    """The fields a ``text`` template reads, in order, as (name, list index or None). Only plain
+    field names (``{question}``) and an integer index into a list field (``{test_list[0]}``) are
+    templates: attribute access (``{prompt.upper}``), keys (``{a[x]}``), positional fields
+    (``{}``, ``{0}``), conversions (``{a!r}``) and format specs (``{a:>5}``) raise ValueError."""
+    from string import Formatter
+
+    try:
+        parts = list(Formatter().parse(template))
+    except ValueError as e:
+        raise ValueError(f"bad template: {e}") from None
+    out = []
+    for _, field, spec, conversion in parts:
+        if field is None:
+            continue
+        m = _FIELD.fullmatch(field)
+        if not m or m["name"].strip().isdigit() or not m["name"].strip():
+            raise ValueError(f"template field {{{field}}}: fields are plain names ({{question}}) or one list element "
+                             f"({{test_list[0]}}); no attribute access, keys or positional fields")
+        if conversion or spec:
+            raise ValueError(f"template field {{{field}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}: "
+                             f"no conversions or format specs, only {{{field}}}")
+        out.append((m["name"], int(m["index"]) if m["index"] is not None else None))
+    return out
 
 
 class DataSetSpec(_Strict):
@@ -30,19 +66,15 @@ class DataSetSpec(_Strict):
     name: str | None = Field(None, description="Hub dataset configuration name")
     split: str = "train"
     revision: str | None = None
-    text: str = Field("{text}", description="template over the record's fields, e.g. 'Q: {question}\\nA:'")
+    text: str = Field("{text}", description="template over the record's fields, e.g. 'Q: {question}\\nA:'; "
+                                            "plain field names, or a list field's element: {test_list[0]}")
     where: dict[str, str | list[str]] | None = Field(None, description="keep records whose field equals / is in the value(s)")
     limit: Annotated[int, Field(gt=0)] | None = None
 
     @field_validator("text")
     @classmethod
     def _template(cls, v: str) -> str:
-        from string import Formatter
-
-        try:
-            list(Formatter().parse(v))
-        except ValueError as e:
-            raise ValueError(f"bad template: {e}") from None
+        template_fields(v)
         return v
 
 
@@ -305,8 +337,38 @@ class Recipe(_Strict):
             used.add(self.key_space.forget)
         return [n for n in self.data if n in used]
 
+    def recorded(self, path: str) -> str:
+        """A path of this recipe as the files the tool writes record it (``recorded_path``)."""
+        return recorded_path(path, self.base_dir)
+
+    @property
+    def recorded_model(self) -> str:
+        """The model reference as checkpoints and statistics record it (``recorded``)."""
+        return self.recorded(self.model)
+
     def to_metadata(self) -> dict:
-        return self.model_dump(mode="json", exclude_none=True)
+        """The recipe as the files the tool writes record it: local paths as ``recorded`` gives them."""
+        out = self.model_dump(mode="json", exclude_none=True)
+        out["model"] = self.recorded_model
+        for name, spec in (out.get("data") or {}).items():
+            spec["path"] = self.recorded(spec["path"])
+        if "export" in out and "out" in out["export"]:
+            out["export"]["out"] = self.recorded(out["export"]["out"])
+        return out
+
+
+def recorded_path(path: str, base_dir: Path) -> str:
+    """A path of a recipe as the files the tool writes record it (statistics, checkpoint, card): as
+    the recipe wrote it when it is relative (to the recipe file) or a Hub id; an absolute or ``~``
+    path relative to the recipe file instead, so no user's home or machine layout ends up in a
+    shared checkpoint (or makes two checkouts' exports differ)."""
+    if not (Path(path).is_absolute() or path.startswith("~")):
+        return path
+    full = Path(path).expanduser()
+    try:
+        return Path(os.path.relpath(full, Path(base_dir).resolve())).as_posix()
+    except ValueError:  # another drive (Windows): no relative path exists
+        return full.name
 
 
 def _fmt_loc(loc) -> str:
@@ -338,6 +400,10 @@ def load_recipe(path) -> Recipe:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise EditorError(f"recipe not found: {path}") from None
+    except IsADirectoryError:
+        raise EditorError(f"recipe {path} is a directory") from None
+    except UnicodeDecodeError as e:
+        raise EditorError(f"recipe {path} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r})") from None
     except OSError as e:
         raise EditorError(f"cannot read recipe {path}: {e.strerror}") from None
     try:

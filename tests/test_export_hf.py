@@ -329,9 +329,17 @@ def test_checkpoint_layout_and_manifest(built):
     for f in ("configuration_skill_editor.py", "modeling_skill_editor.py"):
         assert (ckpt / f).read_bytes() == (runtime / f).read_bytes()
     cfg = json.loads((ckpt / "config.json").read_text())
-    assert cfg["model_type"] == "skill_editor"
+    # the base architecture's model_type at the top level (the tokenizer loads with no custom code),
+    # a weights "file name" that no class but the checkpoint's own accepts, the checkpoint's classes
+    from editor.runtime.configuration_skill_editor import LOAD_WITH_REMOTE_CODE
+
+    assert cfg["model_type"] == "llama" and cfg["transformers_weights"] == LOAD_WITH_REMOTE_CODE
+    assert cfg["architectures"] == ["SkillEditorForCausalLM"]
     assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_skill_editor.SkillEditorForCausalLM"
+    assert cfg["auto_map"]["AutoConfig"] == "configuration_skill_editor.SkillEditorConfig"
     assert cfg["text_config"]["model_type"] == "llama"
+    for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size", "rope_parameters"):
+        assert cfg[k] == cfg["text_config"][k], k  # AutoConfig without trust_remote_code gives the real base config
     m = json.loads((ckpt / "skill_editor.json").read_text())
     assert m["recipe"]["neuron_adjust"]["forget"] == "forget"
     assert m["tool_version"]

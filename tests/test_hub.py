@@ -143,6 +143,12 @@ def _handler(hub: FakeHub):
                 files = hub.repos[repo]["branches"][rev]
                 return self._send(200, [{"type": "file", "path": p, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
                                         for p, b in sorted(files.items())])
+            if parts[:2] == ["api", "models"] and len(parts) in (4, 6) and (len(parts) == 4 or parts[4] == "revision"):
+                repo = self._repo(parts[2:4])  # repo_info: what the Hub says about the repository
+                if repo not in hub.repos:
+                    return self._send(404, {"error": "Repository not found"})
+                return self._send(200, {"id": repo, "private": hub.repos[repo]["private"], "sha": "0" * 40,
+                                        "siblings": [{"rfilename": f} for f in hub.files(repo)]})
             return self._send(404, {"error": f"no route GET {path}"})
 
     return H
@@ -271,3 +277,47 @@ def test_push_dry_run_uploads_nothing(tmp_path, monkeypatch):
 def test_push_rejects_a_bad_repo_id(tmp_path):
     res = _push(make_checkpoint(tmp_path), "--repo-id", "a/b/c", "--dry-run")
     assert res.exit_code == 2 and "namespace/name" in res.output
+
+
+def test_push_says_what_it_deletes_and_the_hubs_visibility(fake_hub, tmp_path):
+    ckpt = make_checkpoint(tmp_path)
+    assert _push(ckpt, "--repo-id", "me/m", "--public").exit_code == 0
+    fake_hub.files("me/m")["old-shard.safetensors"] = b"stale"
+    fake_hub.files("me/m")[".gitattributes"] = b"*.safetensors filter=lfs"
+    res = _push(ckpt, "--repo-id", "me/m")  # no --public, but the repository exists and is public
+    assert res.exit_code == 0, res.output
+    assert "(public)" in res.output and "(private)" not in res.output
+    assert "already existed and stays public" in res.output
+    assert "deleted 1 file(s)" in res.output and "old-shard.safetensors" in res.output
+    assert "old-shard.safetensors" not in fake_hub.files("me/m") and ".gitattributes" in fake_hub.files("me/m")
+
+
+def test_push_help_and_dry_run_say_that_remote_files_are_deleted(tmp_path):
+    assert "DELETED" in CliRunner().invoke(main, ["push", "--help"]).output
+    res = _push(make_checkpoint(tmp_path), "--repo-id", "me/m", "--dry-run")
+    assert res.exit_code == 0 and "are deleted in the same commit" in res.output
+    assert "an existing one keeps its own visibility" in res.output
+
+
+def test_push_with_no_network_is_one_line(tmp_path, monkeypatch):
+    import socket
+
+    import huggingface_hub.constants as hc
+
+    with socket.socket() as s:  # a port nothing listens on: the connection is refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    res = _push(make_checkpoint(tmp_path), "--repo-id", "me/m")
+    assert res.exit_code == 2, res.output
+    line = res.output.strip()
+    assert "\n" not in line and line.startswith("error: push to me/m failed: cannot reach the Hub"), line
+    assert TOKEN not in line
+    # offline mode (HF_HUB_OFFLINE=1) too
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    (tmp_path / "again").mkdir()
+    res = _push(make_checkpoint(tmp_path / "again"), "--repo-id", "me/m")
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output

@@ -63,7 +63,7 @@ def _recipe(tmp: Path, **over) -> dict:
 
 
 def test_gguf_model_inputs_resolve_to_one_file(tmp_path):
-    from editor.model.loading import model_identity, model_source
+    from editor.model.loading import model_file_identity, model_source
 
     d = _package_dir()
     sha = hashlib.sha256((d / GGUF).read_bytes()).hexdigest()
@@ -73,8 +73,8 @@ def test_gguf_model_inputs_resolve_to_one_file(tmp_path):
         r = parse_recipe({**form, "data": {"a": {"path": "x.jsonl"}}}, base_dir=tmp_path)
         src = model_source(r)
         assert (Path(src.ref), src.gguf_file) == (d, GGUF), form
-        ident = model_identity(r)
-        assert ident["gguf_file"] == GGUF and ident["gguf_sha256"] == sha and ident["model"] == form["model"]
+        ident = model_file_identity(r)
+        assert ident["gguf_file"] == GGUF and ident["gguf_sha256"] == sha and ident["model"] == r.recorded_model
 
 
 def test_gguf_config_and_tokenizer_load_without_weights(tmp_path):

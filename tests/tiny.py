@@ -25,10 +25,17 @@ CONFIGS: dict[str, dict] = {
 
 ARCHS = sorted(CONFIGS)
 
+# the architecture table's other entries (tests that must cover every supported family)
+EXTRA_CONFIGS: dict[str, dict] = {
+    arch: dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, **kw)
+    for arch, kw in {"gemma3_text": dict(head_dim=8), "olmo": {}, "olmo2": {}, "granite": {}}.items()
+}
+ALL_ARCHS = sorted(CONFIGS | EXTRA_CONFIGS)
+
 
 def tiny_config(arch: str, **overrides):
     kw = dict(_COMMON)
-    kw.update(CONFIGS[arch])
+    kw.update(CONFIGS[arch] if arch in CONFIGS else EXTRA_CONFIGS[arch])
     kw.update(overrides)
     return AutoConfig.for_model(arch, **kw)
 

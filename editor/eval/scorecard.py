@@ -25,6 +25,7 @@ Rates are fractions in [0, 1]. ``scorecard`` compares two models (the run's befo
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import re
 import unicodedata
@@ -34,7 +35,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import torch
 
 from editor.errors import EditorError
-from editor.manifest import CONFIG
+from editor.manifest import CONFIG, is_patched_config
 from editor.model.tokens import eos_ids, pad_id
 
 
@@ -98,9 +99,10 @@ def _rates(rows: Sequence[dict]) -> dict:
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: Sequence[str], *, batch_size: int = 32,
-                     max_new_tokens: int = 8) -> tuple[list[str], list[bool]]:
+                     max_new_tokens: int = 8, bar=None) -> tuple[list[str], list[bool]]:
     """Greedy continuations of ``prompts`` (batched by length, left padding), cut at EOS and at
-    the first newline, and whether each row abstained; both in the order of ``prompts``."""
+    the first newline, and whether each row abstained; both in the order of ``prompts``. ``bar``:
+    a progress bar advanced by each batch's rows."""
     old_side = getattr(tokenizer, "padding_side", "left")
     tokenizer.padding_side = "left"
     eos = eos_ids(tokenizer, model)
@@ -138,6 +140,8 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], *, batch_size: in
                         break
                 preds[i] = extract_answer(tokenizer.decode(toks, skip_special_tokens=True))
                 abst[i] = bool(flags[row]) if flags is not None else False
+            if bar is not None:
+                bar.update(len(idx))
     finally:
         tokenizer.padding_side = old_side
         if was_training:
@@ -145,13 +149,29 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], *, batch_size: in
     return preds, abst
 
 
+@contextlib.contextmanager
+def _progress(on: bool, total: int, desc: str):
+    """A tqdm bar over ``total`` prompts on stderr (None when off); closed on the way out."""
+    if not on:
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="prompt", leave=False)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
 def score(model, tokenizer, examples: Iterable[dict], batch_size: int = 32,
-          max_new_tokens: Optional[int] = None) -> dict:
+          max_new_tokens: Optional[int] = None, *, progress: bool = False, desc: str = "scoring") -> dict:
     """Accuracy and abstention rate per skill and per phrasing.
 
     ``examples``: dicts with ``prompt`` and ``answer`` (optional ``answers``: every accepted
     answer; ``match``: the rule of ``matches``; ``skill``, ``phrasing``). ``max_new_tokens``
-    defaults, per skill, to its longest accepted answer's token count + 4."""
+    defaults, per skill, to its longest accepted answer's token count + 4. ``progress``: a
+    progress bar over the prompts (stderr)."""
     examples = list(examples)
     if not examples:
         raise ValueError("score() needs at least one example")
@@ -165,12 +185,13 @@ def score(model, tokenizer, examples: Iterable[dict], batch_size: int = 32,
         budgets = [need[e.get("skill", "all")] for e in examples]
     preds: List[str] = [""] * len(examples)
     abst: List[bool] = [False] * len(examples)
-    for budget in sorted(set(budgets)):
-        idx = [i for i, b in enumerate(budgets) if b == budget]
-        p, a = generate_answers(model, tokenizer, [examples[i]["prompt"] for i in idx], batch_size=batch_size,
-                                max_new_tokens=budget)
-        for j, i in enumerate(idx):
-            preds[i], abst[i] = p[j], a[j]
+    with _progress(progress, len(examples), desc) as bar:
+        for budget in sorted(set(budgets)):
+            idx = [i for i, b in enumerate(budgets) if b == budget]
+            p, a = generate_answers(model, tokenizer, [examples[i]["prompt"] for i in idx], batch_size=batch_size,
+                                    max_new_tokens=budget, bar=bar)
+            for j, i in enumerate(idx):
+                preds[i], abst[i] = p[j], a[j]
 
     records = []
     for i, e in enumerate(examples):
@@ -201,12 +222,14 @@ SEPARATE_CATEGORIES = ("code_other",)
 
 
 def refusals(model, tokenizer, texts: Sequence[str], categories: Sequence[str] | None = None, *,
-             batch_size: int = 32, max_new_tokens: int = 8) -> dict:
+             batch_size: int = 32, max_new_tokens: int = 8, progress: bool = False) -> dict:
     """How many ordinary prompts ``model`` refuses (its ``generate`` reports ``abstained``): the
     headline rate over every category but ``SEPARATE_CATEGORIES``, and the count per category."""
     if not texts:
         raise ValueError("refusals() needs at least one prompt")
-    _, abst = generate_answers(model, tokenizer, list(texts), batch_size=batch_size, max_new_tokens=max_new_tokens)
+    with _progress(progress, len(texts), "ordinary prompts") as bar:
+        _, abst = generate_answers(model, tokenizer, list(texts), batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                   bar=bar)
     cats = list(categories) if categories is not None else ["all"] * len(texts)
     per: Dict[str, Dict[str, int]] = {}
     for a, c in zip(abst, cats):
@@ -310,12 +333,13 @@ def ordinary_categories(records: Sequence[dict]) -> list[str]:
 
 def scorecard(before_model, after_model, tokenizer, records: list[dict], *, batch_size: int = 32,
               max_new_tokens: int | None = None, before: dict | None = None, ordinary=None,
-              ordinary_new_tokens: int = 8) -> dict:
+              ordinary_new_tokens: int = 8, progress: bool = False) -> dict:
     """Score both models on ``records``; ``before`` may be passed pre-computed. ``ordinary``: a text
     set (``texts``, ``records`` with ``category``, ``info``) of ordinary prompts that no
     calibration read: the card reports how many of them the edited model refuses."""
-    b = before if before is not None else score(before_model, tokenizer, records, batch_size=batch_size, max_new_tokens=max_new_tokens)
-    a = score(after_model, tokenizer, records, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    kw = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
+    b = before if before is not None else score(before_model, tokenizer, records, desc="scoring base", **kw)
+    a = score(after_model, tokenizer, records, desc="scoring edited", **kw)
     cmp = compare(b, a)
     card = {
         "n": len(records),
@@ -327,7 +351,8 @@ def scorecard(before_model, after_model, tokenizer, records: list[dict], *, batc
     if ordinary is not None:
         card["ordinary"] = {"set": ordinary.info.get("source") or ordinary.name,
                             **refusals(after_model, tokenizer, ordinary.texts, ordinary_categories(ordinary.records),
-                                       batch_size=batch_size, max_new_tokens=ordinary_new_tokens)}
+                                       batch_size=batch_size, max_new_tokens=ordinary_new_tokens,
+                                       progress=progress)}
     return card
 
 
@@ -375,53 +400,106 @@ def load_ordinary(spec: str):
     return TextSet(p.stem, texts, records, {"source": p.name, "texts": len(texts), "fingerprint": fingerprint(texts)})
 
 
+def _load_error(what: str, e: Exception) -> EditorError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return EditorError(f"cannot load {what}: {first}")
+
+
 def evaluate_checkpoint(checkpoint, data, *, base: str | None = None, batch_size: int = 32,
                         max_new_tokens: int | None = None, limit: int | None = None, ordinary: str = "default",
-                        ordinary_new_tokens: int = 8) -> dict:
+                        ordinary_new_tokens: int = 8, trust_remote_code: bool = False, progress: bool = False) -> dict:
     """Scorecard of an exported checkpoint against its own base model, and the share of ordinary
     prompts (``load_ordinary``) the checkpoint refuses.
 
     For a skill-editor checkpoint the "before" model is the checkpoint with its patches removed
     (the neuron permutation does not change the function), so no separate base is needed; for a
     plain checkpoint (pruning baseline) ``base`` names the base model directory.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    No code shipped with a checkpoint runs unless ``trust_remote_code``: a patched checkpoint whose
+    shipped runtime is byte-identical to this tool's is scored with the tool's own runtime class
+    (the same code, never imported from the checkpoint); one whose shipped code differs is refused —
+    with ``trust_remote_code`` its own code is run (``AutoModelForCausalLM``) and the "before" model
+    is ``restore``'s exact base. Tokenizers and plain models load with ``trust_remote_code`` off
+    (never a ``[y/N]`` prompt) unless it is given.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from editor.checkpoint import restore, shipped_code_differs
     from editor.patch import remove_patches
-    from editor.runtime.configuration_skill_editor import SkillEditorConfig
     from editor.runtime.modeling_skill_editor import SkillEditorForCausalLM
 
     records = load_records(data)
     if limit:
         records = records[:limit]
     ordinary_prompts = load_ordinary(ordinary)
+    refused = None
     ckpt = Path(checkpoint)
     if not (ckpt / CONFIG).exists():
         raise EditorError(f"{ckpt} is not a model directory (no {CONFIG})")
-    cfg_json = json.loads((ckpt / CONFIG).read_text())
-    tok = AutoTokenizer.from_pretrained(str(ckpt))
-    if cfg_json.get("model_type") == SkillEditorConfig.model_type:
-        # our own runtime class: no remote code is executed; the patch digest is verified on load
-        model = SkillEditorForCausalLM.from_pretrained(str(ckpt)).eval()
-        after = score(model, tok, records, batch_size=batch_size, max_new_tokens=max_new_tokens)
-        if ordinary_prompts is not None:
-            refused = refusals(model, tok, ordinary_prompts.texts, ordinary_categories(ordinary_prompts.records),
-                               batch_size=batch_size, max_new_tokens=ordinary_new_tokens)
-        remove_patches(model.model, model.config.skill_editor["arch"])
-        before = score(model.model, tok, records, batch_size=batch_size, max_new_tokens=max_new_tokens)
-    else:
-        if not base:
-            raise EditorError("a plain checkpoint has no patches to remove: pass --base BASE_MODEL_DIR for the 'before' column")
-        AutoConfig.from_pretrained(str(ckpt))
-        with torch.inference_mode():
-            model = AutoModelForCausalLM.from_pretrained(str(ckpt)).eval()
-            after = score(model, tok, records, batch_size=batch_size, max_new_tokens=max_new_tokens)
-            if ordinary_prompts is not None:
-                refused = refusals(model, tok, ordinary_prompts.texts, ordinary_categories(ordinary_prompts.records),
-                                   batch_size=batch_size, max_new_tokens=ordinary_new_tokens)
+    try:
+        cfg_json = json.loads((ckpt / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise EditorError(f"cannot read {ckpt / CONFIG}: {e}") from None
+    if not isinstance(cfg_json, dict):
+        raise EditorError(f"{ckpt / CONFIG} is not a JSON object")
+    why = shipped_code_differs(ckpt, cfg_json)
+    if why and not trust_remote_code:
+        raise EditorError(f"{ckpt}: {why}; scoring it would run (or stand in for) code this tool does not ship — "
+                          f"read it, then pass --trust-remote-code to run the checkpoint's own code")
+    remote = bool(trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(ckpt), trust_remote_code=remote)
+    except (OSError, ValueError) as e:
+        raise _load_error(f"the tokenizer of {ckpt}", e) from None
+    kw = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
+
+    def refused_by(model):
+        if ordinary_prompts is None:
+            return None
+        return refusals(model, tok, ordinary_prompts.texts, ordinary_categories(ordinary_prompts.records),
+                        batch_size=batch_size, max_new_tokens=ordinary_new_tokens, progress=progress)
+
+    with torch.inference_mode():
+        if is_patched_config(cfg_json) and not why:
+            # the tool's own runtime class: byte-identical to the shipped code, which is never imported
+            try:
+                model = SkillEditorForCausalLM.from_pretrained(str(ckpt)).eval()
+            except (OSError, ValueError, RuntimeError) as e:
+                raise _load_error(str(ckpt), e) from None
+            after = score(model, tok, records, desc="scoring edited", **kw)
+            refused = refused_by(model)
+            remove_patches(model.model, model.config.skill_editor["arch"])
+            before = score(model.model, tok, records, desc="scoring base", **kw)
+        elif is_patched_config(cfg_json):
+            # the user asked for the checkpoint's own (different) code; "before" is the exact base
+            import tempfile
+
+            try:
+                model = AutoModelForCausalLM.from_pretrained(str(ckpt), trust_remote_code=True).eval()
+            except (OSError, ValueError, RuntimeError, ImportError) as e:
+                raise _load_error(str(ckpt), e) from None
+            after = score(model, tok, records, desc="scoring edited", **kw)
+            refused = refused_by(model)
             del model
-            base_model = AutoModelForCausalLM.from_pretrained(base).eval()
-            before = score(base_model, tok, records, batch_size=batch_size, max_new_tokens=max_new_tokens)
+            with tempfile.TemporaryDirectory(prefix=".skill-editor-eval-") as tmp:
+                restored = restore(ckpt, Path(tmp) / "base", verify_first=False)
+                base_model = AutoModelForCausalLM.from_pretrained(str(restored), trust_remote_code=False).eval()
+                before = score(base_model, tok, records, desc="scoring base", **kw)
+        else:
+            if not base:
+                raise EditorError("a plain checkpoint has no patches to remove: pass --base BASE_MODEL_DIR for the 'before' column")
+            try:
+                model = AutoModelForCausalLM.from_pretrained(str(ckpt), trust_remote_code=remote).eval()
+            except (OSError, ValueError, RuntimeError, ImportError) as e:
+                raise _load_error(str(ckpt), e) from None
+            after = score(model, tok, records, desc="scoring edited", **kw)
+            refused = refused_by(model)
+            del model
+            try:
+                base_model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=remote).eval()
+            except (OSError, ValueError, RuntimeError, ImportError) as e:
+                raise _load_error(f"the base model {base}", e) from None
+            before = score(base_model, tok, records, desc="scoring base", **kw)
     cmp = compare(before, after)
     card = {
         "checkpoint": str(ckpt),
@@ -432,6 +510,6 @@ def evaluate_checkpoint(checkpoint, data, *, base: str | None = None, batch_size
         "drop": {s: r["relative_drop"] for s, r in cmp.items()},
         "phrasings": {"before": before["phrasings"], "after": after["phrasings"]},
     }
-    if ordinary_prompts is not None:
+    if refused is not None:
         card["ordinary"] = {"set": ordinary_prompts.info.get("source") or ordinary_prompts.name, **refused}
     return card

@@ -3,8 +3,10 @@
 
 Layout of a Neuron Adjust / Key Space Detection export::
 
-    config.json                      model_type "skill_editor", auto_map, base config as text_config,
-                                     the edit (``skill_editor``: ``Edit.config()``, patch_digest included)
+    config.json                      the base config (top level, its model_type) and again as text_config,
+                                     auto_map + architectures (the runtime's classes), transformers_weights
+                                     (a sentence: every other class refuses the checkpoint), the edit
+                                     (``skill_editor``: ``Edit.config()``, patch_digest included)
     configuration_skill_editor.py    editor/runtime/* copied verbatim (torch + transformers only)
     modeling_skill_editor.py
     model.safetensors                base weights (MLP neurons permuted) + the patch tensors
@@ -29,10 +31,9 @@ from pathlib import Path
 
 from editor.export.card import build_card
 from editor.io import atomic_directory, check_destination
-from editor.manifest import CARD, RUNTIME_FILES, Edit, write_manifest
+from editor.manifest import CARD, RUNTIME_DIR, RUNTIME_FILES, Edit, write_manifest
 from editor.patch import wrap
 
-RUNTIME_DIR = Path(__file__).resolve().parents[1] / "runtime"
 DEFAULT_SHARD = "5GB"
 
 

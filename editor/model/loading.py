@@ -87,12 +87,12 @@ def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
     return sha256_file(path)
 
 
-def model_identity(recipe: Recipe) -> dict:
+def model_file_identity(recipe: Recipe) -> dict:
     """What the statistics and the checkpoint record of the base model: the recipe's ``model`` as
     written (never a resolved path of this machine), its revision, and for a GGUF model the file's
     name and sha256."""
     src = model_source(recipe)
-    out = {"model": recipe.model, "revision": recipe.revision or ""}
+    out = {"model": recipe.recorded_model, "revision": recipe.revision or ""}
     if src.gguf_file:
         out["gguf_file"] = src.gguf_file
         if src.local_file is not None:

@@ -229,6 +229,58 @@ class StatsFile:
         return any(k.startswith(f"{set_name}.layers.") for k in self.tensors)
 
 
+# identity fields compared only when the weights' fingerprint cannot be (one side lacks it): the
+# same model may be named differently by two recipes (editor.model.identity)
+NAMES = ("model", "revision")
+
+
+def recorded_identity(stats: StatsFile) -> dict:
+    """The identity a statistics file records (``identity`` metadata); a file written before it
+    existed gives what its metadata says (model, revision)."""
+    try:
+        ident = json.loads(stats.metadata.get("identity", "{}"))
+    except ValueError:
+        ident = {}
+    ident = dict(ident) if isinstance(ident, dict) else {}
+    ident.setdefault("model", stats.metadata.get("model"))
+    ident.setdefault("revision", stats.metadata.get("revision") or None)
+    return ident
+
+
+def _short(v) -> str:
+    text = json.dumps(v) if not isinstance(v, str) else v
+    return text if len(text) <= 24 else text[:16] + "…"
+
+
+def check_identity(stats: StatsFile, expected: dict, sets: dict[str, str] | None = None) -> None:
+    """Refuse statistics of another model or other data, in one line: every field of ``expected``
+    (``editor.model.identity``) that the file records too must be equal (``model`` / ``revision``
+    only where the weights' fingerprints cannot be compared), and every set of ``sets`` ({name: fingerprint})
+    must be in the file with that fingerprint. Fields either side lacks are skipped, so fields can
+    be added to the identity later."""
+    recorded = recorded_identity(stats)
+    # the names are compared only where the weights cannot be: the file lacks their fingerprint, or
+    # the loaded model has none (offloaded); an ``expected`` without the field yet (no weights
+    # loaded so far) defers to the check after loading
+    weights = recorded.get("weights") is not None and expected.get("weights", "later") is not None
+    for key, want in expected.items():
+        got = recorded.get(key)
+        if want is None or got is None or (key in NAMES and weights):
+            continue
+        if got != want:
+            raise EditorError(f"--stats: the statistics were profiled with another {key} ({_short(got)}; this recipe: "
+                              f"{_short(want)}): profile again with this recipe")
+    have = stats.sets
+    for name, fp in (sets or {}).items():
+        if name not in have:
+            raise EditorError(f"--stats: the statistics have no data set {name!r} (they hold: {', '.join(sorted(have)) or 'none'}): "
+                              f"profile again with this recipe")
+        got = (have[name] or {}).get("fingerprint")
+        if got is not None and got != fp:
+            raise EditorError(f"--stats: data set {name!r} differs from the one profiled (fingerprint {got}, now {fp}): "
+                              f"profile again with this recipe")
+
+
 def content_digest(stats: StatsFile) -> str:
     """sha256 of what a statistics file holds — its metadata (keys sorted) and every tensor (name,
     dtype, shape, bytes; names sorted) — independent of the file's byte layout: safetensors writes

@@ -4,6 +4,22 @@ Shipped verbatim inside every exported checkpoint (``auto_map``), so it imports 
 ``transformers``. The base model's own configuration is kept whole as ``text_config`` (the name
 ``transformers`` looks up through ``get_text_config()``, so generation, caches and pipelines see
 the base model's sizes); the edit itself is described by the ``skill_editor`` dict.
+
+How ``config.json`` fails closed, by the file alone (no code of this checkpoint runs unless the
+user passes ``trust_remote_code=True``):
+
+* its top level is the base model's own configuration — ``model_type`` the base architecture's
+  (e.g. ``llama``), its sizes — plus the keys below; ``text_config`` holds the same base
+  configuration, which this class reads. ``transformers`` knows the base ``model_type``, so
+  ``AutoTokenizer.from_pretrained(checkpoint)`` resolves the config without offering to run this
+  file (no ``[y/N]`` prompt) and ``AutoConfig`` without ``trust_remote_code`` gives the base config;
+* ``transformers_weights`` (the weights file ``PreTrainedModel.from_pretrained`` must read) is a
+  sentence, not a file name: every concrete class — ``LlamaForCausalLM``, ``LlamaModel`` … of any
+  architecture — and ``AutoModelForCausalLM`` without ``trust_remote_code`` refuse the checkpoint
+  with it before a model is allocated;
+* ``auto_map`` names this class and ``SkillEditorForCausalLM`` (``architectures``): with
+  ``trust_remote_code=True`` the edited model loads. In memory ``model_type`` is ``skill_editor``
+  and ``transformers_weights`` unset, so the weights are read from ``model.safetensors`` as usual.
 """
 
 from __future__ import annotations
@@ -11,6 +27,12 @@ from __future__ import annotations
 from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
+
+# config.json's ``transformers_weights``: what every class but this checkpoint's own reads instead of a file name
+LOAD_WITH_REMOTE_CODE = ("this is a skill-editor checkpoint (an edited model): load it with "
+                         "AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)")
+# keys of config.json that belong to the file, not to this object (see the module docstring)
+_FILE_ONLY = ("model_type", "transformers_weights")
 
 
 class SkillEditorConfig(PretrainedConfig):
@@ -28,6 +50,9 @@ class SkillEditorConfig(PretrainedConfig):
     skill_editor: dict | None = None
 
     def __post_init__(self, **kwargs):
+        # config.json's fail-closed fields (see the module docstring) are not this object's own
+        for key in _FILE_ONLY:
+            kwargs.pop(key, None)
         if isinstance(self.text_config, dict):
             base = dict(self.text_config)
             model_type = base.pop("model_type", None)
@@ -43,3 +68,24 @@ class SkillEditorConfig(PretrainedConfig):
                 value = getattr(self.text_config, name, None)
                 if value is not None and getattr(self, name, None) is None:
                     setattr(self, name, value)
+
+    @classmethod
+    def get_config_dict(cls, *args, **kwargs):
+        """config.json names the base architecture's ``model_type``; this class reads it as its own."""
+        config_dict, kwargs = super().get_config_dict(*args, **kwargs)
+        if isinstance(config_dict.get("skill_editor"), dict) and isinstance(config_dict.get("text_config"), dict):
+            config_dict["model_type"] = cls.model_type
+        return config_dict, kwargs
+
+    def to_dict(self) -> dict[str, Any]:
+        """What config.json holds: the base configuration's fields and ``model_type`` at the top
+        level, this object's over them, and ``transformers_weights`` (the module docstring says why)."""
+        out = super().to_dict()
+        base = out.get("text_config")
+        if not (isinstance(base, dict) and base.get("model_type")):
+            return out
+        top = {k: v for k, v in base.items() if k != "transformers_version"}
+        top.update(out)
+        top["model_type"] = base["model_type"]
+        top["transformers_weights"] = LOAD_WITH_REMOTE_CODE
+        return top
