@@ -100,3 +100,19 @@ def test_onnx_export_module_uses_the_supported_name(alias_uses):
     assert out[0].shape == (ids.shape[0], 1, model.config.text_config.vocab_size)  # logits of the last position
     assert out[1].shape[2] == mask.shape[1]  # the present cache holds past + new positions
     assert alias_uses == []
+
+
+def test_model_card_states_the_tested_releases_and_the_logits_shape():
+    import transformers
+
+    from editor.export.card import build_card
+
+    manifest = {"kind": "patched", "tool_version": "0", "base_model": {"model": "m", "model_type": "llama"},
+                "edit": {"methods": ["key_space"], "key_space": {"forget": "f", "layers": [1], "refusal": "No."}}}
+    want = f"Tested with: transformers {transformers.__version__}, torch {torch.__version__.split('+')[0]}"
+    hf = str(build_card(manifest))
+    assert want in hf and "`cache` from 5.24" in hf and "5.40" in hf
+    onnx = str(build_card(manifest, fmt="onnx"))
+    assert want in onnx and "ONNX Runtime only" in onnx
+    assert "`[batch, 1, vocab]`: the last position only" in onnx
+    assert "`[batch, sequence, vocab]`" in str(build_card({**manifest, "onnx": {"logits": "all"}}, fmt="onnx"))

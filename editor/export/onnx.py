@@ -394,7 +394,7 @@ def export_onnx(model: nn.Module, tokenizer, out_dir, *, opset: int | None = Non
         if gen_cfg is not None:
             gen_cfg.save_pretrained(str(tmp))
         if manifest is not None:
-            (tmp / CARD).write_text(str(build_card(manifest, fmt="onnx")), encoding="utf-8")
+            (tmp / CARD).write_text(str(build_card({**manifest, "onnx": {"logits": logits}}, fmt="onnx")), encoding="utf-8")
 
         validation = None
         if validate:
