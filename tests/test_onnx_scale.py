@@ -3,7 +3,7 @@ logits and still catches real defects, validation that computes only what it com
 that returns the last position's logits by default (``export.onnx_logits``).
 
 The large-logit model is a tiny Gemma-3 (``gemma3_text``, sliding + full attention layers) built
-in-process, its final norm scaled so that its logits are in the hundreds: float32 rounding then
+in-process, its final norm scaled so that its logits reach ~2 000: float32 rounding then
 moves ONNX Runtime's logits by more than the old fixed 1e-4 although the graph is right — what
 happened with the real Gemma-3-270M (vocabulary 262 144)."""
 
@@ -38,7 +38,7 @@ LOGIT_SCALE = 400.0
 
 def large_logit_gemma3():
     """A tiny random gemma3_text (vocabulary 1024, a sliding and a full attention layer) whose logits
-    reach a few hundred, like a real model's (the final norm's gain raised)."""
+    reach ~2 000 (the final norm's gain raised), so that float32 rounding errors are large in absolute terms."""
     cfg = AutoConfig.for_model("gemma3_text", vocab_size=1024, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
                                layer_types=["sliding_attention", "full_attention"], bos_token_id=1, eos_token_id=2,

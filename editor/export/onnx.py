@@ -98,10 +98,13 @@ _EX_BATCH, _EX_SEQ, _EX_PAST = 3, 4, 6
 
 LOGITS = ("last", "all")
 # the validation's logits tolerance: |ONNX − PyTorch| ≤ atol + rtol × (the position's largest |logit|).
-# float32: rtol 2e-5 ≈ 170 ulps of the largest logit; measured ONNX Runtime vs PyTorch differences
-# are ≤ 3.2e-6 of it (docs/ONNX.md), a wrong NA constant or KSD bound moves them by > 1e-3 of it.
+# float32: rtol 1e-4 (≈ 840 ulps of the largest logit). Measured (docs/ONNX.md): ONNX Runtime differs
+# from PyTorch by ≤ 2.1e-6 of it on the tiny test models and ≤ 1.9e-5 on SmolLM2 (every position of
+# 8 prompts, 30 layers; 3.2e-6 at the last positions), while a 1 % error in one NA constant of one
+# of SmolLM2's 30 layers moves the logits by 3.8e-4 of it (tiny models: 2.2e-3), a formula-level one
+# (c + ln 2) by 1.6e-2. KSD bounds are checked exactly through ``abstained``.
 # 16-bit: their ulp is 2^-10 (float16) of the value, so 1e-2 of it (~10 ulps) plus the absolute floor.
-DEFAULT_TOLERANCE = {torch.float32: (1e-5, 2e-5), torch.float16: (5e-2, 1e-2)}  # dtype: (atol, rtol)
+DEFAULT_TOLERANCE = {torch.float32: (1e-5, 1e-4), torch.float16: (5e-2, 1e-2)}  # dtype: (atol, rtol)
 
 
 class OnnxExportResult(dict):
