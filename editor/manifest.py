@@ -41,7 +41,7 @@ AUTO_MAP = {
 ONNX_MODEL = "model.onnx"
 ONNX_DATA = "model.onnx.data"
 ONNX_FORMAT = "skill-editor/onnx"
-ONNX_FORMAT_VERSION = 1
+ONNX_FORMAT_VERSION = 2  # 2: logits of the last position by default (export.onnx_logits), tolerance-scaled validation
 
 
 @dataclass

@@ -72,6 +72,8 @@ class OnnxGenerator:
         self.refusal = onnx_meta.get("refusal") or ks.get("refusal") or ""
         # which calls decide (the runtime's rule): every call, or the first one (the prompt) only
         self.check = ks.get("check", "every_call")
+        # which positions the graph returns logits for ("all" in exports before graph format 2)
+        self.logits = onnx_meta.get("logits", "all")
         so = ort.SessionOptions()
         if threads:
             so.intra_op_num_threads = int(threads)
@@ -84,7 +86,11 @@ class OnnxGenerator:
     # one forward call ------------------------------------------------------------------------
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
              past: list[np.ndarray] | None) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
-        """(logits, present tensors, abstained) for one call; ``past=None`` starts a new cache."""
+        """(logits, present tensors, abstained) for one call; ``past=None`` starts a new cache. ``logits``
+        is [batch, 1, vocab] for a graph exported with ``logits="last"`` (the default since the graph
+        format 2: the last position's, which is every row's last real token under left padding) and
+        [batch, sequence, vocab] for ``logits="all"`` (and format-1 exports); ``logits[:, -1]`` is the
+        next-token distribution in both."""
         batch = input_ids.shape[0]
         if past is None:
             past = [np.zeros((batch, s[1], 0, *s[3:]), dtype=self.dtype) for s in self.past_shape]

@@ -250,7 +250,8 @@ def _export_onnx(job: Job, ed: Edited, manifest: dict, out, *, overwrite: bool) 
                                           *(r.neuron_adjust.retain_sets if r.neuron_adjust else [])) if n):
         prompts += [t for t in job.sets[name].texts[:2] if t.strip()]
     return Path(export_onnx(ed.wrapped, ed.tokenizer, out, opset=r.export.onnx_opset, overwrite=overwrite,
-                            manifest=manifest, prompts=prompts or None))
+                            manifest=manifest, prompts=prompts or None, logits=r.export.onnx_logits,
+                            rtol=r.export.onnx_tolerance))
 
 
 def export_recipe(recipe_path, stats, out=None, *, fmt: str = "hf", overwrite: bool = False,

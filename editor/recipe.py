@@ -180,6 +180,19 @@ class ExportSpec(_Strict):
     formats: list[Literal["hf", "onnx"]] = ["hf"]
     out: str = "outputs/skill-editor-checkpoint"
     onnx_opset: int | None = None
+    onnx_logits: Literal["last", "all"] = Field(
+        "last",
+        description="which positions' logits the ONNX graph returns: last (default; [batch, 1, vocab], what a "
+                    "generator needs, as transformers' logits_to_keep=1 — the full tensor costs sequence × vocab × 4 B "
+                    "per row) or all ([batch, sequence, vocab], to score whole sequences)")
+    onnx_tolerance: Annotated[float, Field(gt=0, lt=1)] | None = Field(
+        None,
+        description="relative tolerance of the ONNX validation: at every compared position |ONNX Runtime − PyTorch| "
+                    "≤ atol + onnx_tolerance × the position's largest |logit|. Default (None): 1e-4 for float32 "
+                    "(ONNX Runtime differs from PyTorch by ≤ 1.9e-5 of it on SmolLM2 and ≤ 2.1e-6 on tiny models, "
+                    "while a 1 % error in one Neuron Adjust constant of one of SmolLM2's 30 layers moves the logits "
+                    "by 3.8e-4 of it — docs/ONNX.md), 1e-2 for float16. Raise it only with a measured reason: "
+                    "too loose hides defects")
 
 
 class PushSpec(_Strict):

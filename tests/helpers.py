@@ -112,3 +112,50 @@ def pad(rows, side):
 
 def positions(mask):
     return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def patched_model(arch: str, mode: str = "expected", *, ksd: bool = True, forget=("What is 2+2?", "Compute 7*8."),
+                  refusal: str = "Sorry.", scale: float = 1.5, seed: int = 0, model=None, tokenizer=None):
+    """A tiny model (``tests.tiny``, or ``model`` / ``tokenizer``) with a synthetic NA plan (20 % of the
+    neurons) and a KSD box on the last layer fitted on the keys of ``forget`` (scale 1.5: with two
+    probes each sits on the k-boundary, the margin keeps them inside), wrapped as the checkpoint
+    class. Returns (wrapped model, tokenizer)."""
+    from editor.methods.key_space import ksd_bounds
+    from editor.methods.neuron_adjust import Gaussian, plan_neuron_adjust
+    from editor.model.arch import decoder_layers, spec_for
+    from editor.patch import apply_key_space, apply_neuron_adjust, describe, refusal_token_ids, wrap
+    from editor.plan import Plans
+    from tests.tiny import char_tokenizer, tiny_model
+
+    m = model if model is not None else tiny_model(arch, seed=seed)
+    tok = tokenizer if tokenizer is not None else char_tokenizer()
+    spec = spec_for(m.config)
+    n_layers = len(decoder_layers(m, spec))
+    width = decoder_layers(m, spec)[0].get_submodule(spec.down)
+    width = int(width.weight.shape[0] if spec.layout == "conv1d" else width.weight.shape[1])
+    g = torch.Generator().manual_seed(1)
+
+    def gauss():
+        return Gaussian.of(torch.randn(width, generator=g) * 0.3, torch.rand(width, generator=g) + 0.5)
+
+    plan = plan_neuron_adjust({i: gauss() for i in range(n_layers)}, {i: gauss() for i in range(n_layers)},
+                              top_percent=20, mode=mode, seed=0)
+    apply_neuron_adjust(m, spec, m.config.model_type, plan)
+    bounds = None
+    if ksd:
+        layer = n_layers - 1
+        down = decoder_layers(m, spec)[layer].get_submodule(spec.down)
+        keys = []
+        h = down.register_forward_pre_hook(lambda mod, args: keys.append(args[0].reshape(-1, args[0].shape[-1])[-1].detach()))
+        try:
+            with torch.no_grad():
+                for p in forget:
+                    m(**tok(p, return_tensors="pt"))
+        finally:
+            h.remove()
+        k = torch.stack(keys).double()
+        bounds = {layer: ksd_bounds(k.mean(0), k.std(0), k.min(0).values, k.max(0).values, scale=scale)}
+        apply_key_space(m, spec, m.config.model_type, bounds)
+    edit = describe(m.config.model_type, m, Plans(plan, bounds or {}), refusal=refusal if ksd else None,
+                    refusal_ids=refusal_token_ids(tok, refusal) if ksd else None)
+    return wrap(m, edit.config()), tok

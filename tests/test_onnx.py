@@ -22,9 +22,10 @@ from editor.manifest import MANIFEST, ONNX_DATA, ONNX_MODEL  # noqa: E402
 from editor.methods.key_space import ksd_bounds  # noqa: E402
 from editor.methods.neuron_adjust import Gaussian, plan_neuron_adjust  # noqa: E402
 from editor.onnx_runtime import OnnxGenerator  # noqa: E402
+from editor.runtime.modeling_skill_editor import CACHE_KEY  # noqa: E402
 from editor.patch import apply_key_space, apply_neuron_adjust, describe, refusal_token_ids, wrap  # noqa: E402
 from editor.plan import Plans  # noqa: E402
-from tests.tiny import char_tokenizer, tiny_model  # noqa: E402
+from tests.tiny import VOCAB, char_tokenizer, tiny_model  # noqa: E402
 
 FORGET = ["What is 2+2?", "Compute 7*8."]
 OTHER = ["Hello there, friend", "x", "Le chat est noir."]
@@ -76,15 +77,17 @@ def torch_greedy(model, tok, prompts, max_new=MAX_NEW) -> list[str]:
     return [tok.decode(o[width:], skip_special_tokens=True) for o in out]
 
 
-CASES = [("llama", "expected"), ("qwen2", "hard"), ("gpt2", "expected"), ("gpt2", "hard")]
+# (arch, NA mode, which logits the graph returns: the last position — the default — or all)
+CASES = [("llama", "expected", "last"), ("qwen2", "hard", "all"), ("gpt2", "expected", "all"), ("gpt2", "hard", "last")]
 
 
-@pytest.fixture(scope="module", params=CASES, ids=[f"{a}-{m}" for a, m in CASES])
+@pytest.fixture(scope="module", params=CASES, ids=[f"{a}-{m}-{k}" for a, m, k in CASES])
 def exported(request, tmp_path_factory):
-    arch, mode = request.param
+    arch, mode, logits = request.param
     model, tok = build(arch, mode)
     out = tmp_path_factory.mktemp(f"onnx-{arch}-{mode}") / "export"
-    result = export_onnx(model, tok, out, prompts=FORGET + OTHER)
+    result = export_onnx(model, tok, out, prompts=FORGET + OTHER, logits=logits)
+    assert result["validation"]["logits"] == logits
     return arch, mode, model, tok, out, result
 
 
@@ -124,6 +127,8 @@ def test_graph_io(exported):
     assert shapes["past_key_values.0.key"][0] == "batch" and shapes["past_key_values.0.key"][2] == "past_sequence"
     assert shapes["present.0.value"][2] == "total_sequence"
     assert shapes["abstained"] == ["batch"]
+    want_logits = ["batch", 1 if result["validation"]["logits"] == "last" else "sequence", VOCAB]
+    assert shapes["logits"] == want_logits
     assert sess.get_outputs()[-1].type == "tensor(bool)"
     assert json.loads(sess.get_modelmeta().custom_metadata_map["skill_editor"])["patch_digest"] == model.config.skill_editor["patch_digest"]
 
@@ -131,7 +136,8 @@ def test_graph_io(exported):
 @pytest.mark.slow
 def test_ort_logits_and_abstention_match(exported):
     """Independent of the built-in validation: a left-padded batch mixing forget and other prompts,
-    then two cached steps; logits at real positions within 1e-4, abstention per row identical."""
+    then two cached steps; logits within 1e-4 at every real position (an ``all`` graph) or at the
+    last one (a ``last`` graph, which returns only that position), abstention per row identical."""
     arch, mode, model, tok, out, result = exported
     gen = OnnxGenerator(out, threads=1)
     prompts = [FORGET[0], OTHER[0], FORGET[1], OTHER[1]]
@@ -141,21 +147,27 @@ def test_ort_logits_and_abstention_match(exported):
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
     logits, past, ab = gen.step(ids.numpy(), mask.numpy(), pos.numpy(), None)
-    real = mask.bool().numpy()
-    assert np.abs(logits - ref.logits.numpy())[real].max() <= 1e-4
+    if result["validation"]["logits"] == "last":
+        assert logits.shape == (len(prompts), 1, VOCAB)
+        assert np.abs(logits[:, 0] - ref.logits[:, -1].numpy()).max() <= 1e-4
+    else:
+        real = mask.bool().numpy()
+        assert logits.shape == tuple(ref.logits.shape)
+        assert np.abs(logits - ref.logits.numpy())[real].max() <= 1e-4
     assert ab.tolist() == ref.abstained.tolist() == [True, False, True, False]
-    cache = ref.past_key_values
+    cache = ref[CACHE_KEY]
     nxt = ref.logits[:, -1].argmax(-1)
     for _ in range(2):
         mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], 1)
         pos = pos[:, -1:] + 1
         with torch.no_grad():
-            ref = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+            ref = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True, **{CACHE_KEY: cache})
         logits, past, ab = gen.step(nxt[:, None].numpy(), mask.numpy(), pos.numpy(), past)
+        assert logits.shape == tuple(ref.logits.shape) == (len(prompts), 1, VOCAB)
         assert np.abs(logits - ref.logits.numpy()).max() <= 1e-4
         assert ab.tolist() == ref.abstained.tolist()
         assert past[0].shape[2] == mask.shape[1]
-        cache, nxt = ref.past_key_values, ref.logits[:, -1].argmax(-1)
+        cache, nxt = ref[CACHE_KEY], ref.logits[:, -1].argmax(-1)
 
 
 @pytest.mark.slow

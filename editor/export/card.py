@@ -368,7 +368,30 @@ def _limits_section(manifest: dict) -> list[str]:
     return lines
 
 
-def _provenance_section(manifest: dict) -> list[str]:
+def environment() -> dict[str, str]:
+    """The versions of the libraries the edit was built and checked with (this process's)."""
+    import torch
+    import transformers
+
+    return {"transformers": transformers.__version__, "torch": torch.__version__.split("+")[0]}
+
+
+def _tested_with(manifest: dict, fmt: str = "hf") -> str:
+    """Which transformers (and torch) the checkpoint was tested with, and what the rest of the range relies on."""
+    env = manifest.get("environment") or environment()
+    versions = f"transformers {env['transformers']}, torch {env['torch']}"
+    if fmt == "onnx":
+        return (f"- Tested with: {versions} (the graph was exported with these releases and validated against "
+                "PyTorch's output; running it needs ONNX Runtime only, not transformers)")
+    if manifest.get("kind") == "plain":
+        return f"- Tested with: {versions} (plain weights of the base architecture, no custom code)"
+    return (f"- Tested with: {versions} (the shipped runtime file ran in-process with these releases). The runtime "
+            "declares transformers >=5.0,<6 and passes the KV cache under the name the installed release supports "
+            "(`cache` from 5.24, `past_key_values` before), never through the deprecated alias that transformers "
+            "5.40 removes; other releases were not tested with this checkpoint")
+
+
+def _provenance_section(manifest: dict, fmt: str = "hf") -> list[str]:
     base = manifest.get("base_model") or {}
     st = manifest.get("statistics") or {}
     lines = [
@@ -377,6 +400,7 @@ def _provenance_section(manifest: dict) -> list[str]:
         f"- Base model: `{base.get('model')}`" + (f" (revision `{base.get('revision')}`)" if base.get("revision") else "")
         + f", architecture `{base.get('model_type')}`, dtype `{base.get('dtype')}`",
         f"- Tool: skill-editor {manifest.get('tool_version')}",
+        _tested_with(manifest, fmt),
     ]
     digest = (manifest.get("edit") or {}).get("patch_digest")
     if digest:
@@ -395,6 +419,7 @@ def _provenance_section(manifest: dict) -> list[str]:
 
 
 def _onnx_load_section(manifest: dict) -> list[str]:
+    logits = (manifest.get("onnx") or {}).get("logits", "last")
     edit = manifest.get("edit") or {}
     ks = edit.get("key_space")
     na = edit.get("neuron_adjust")
@@ -405,7 +430,11 @@ def _onnx_load_section(manifest: dict) -> list[str]:
         + (f" (Neuron Adjust in `{na.get('mode')}` mode" if na else "")
         + ((" and the Key Space Detection " + ("linear detector" if ks.get("detector") == "linear" else "box")) if ks else "") + (")" if na else "")
         + ". Inputs: `input_ids`, `attention_mask`, `position_ids`, `past_key_values.{i}.key|value` "
-        "(empty for the prompt); outputs: `logits`, `present.{i}.key|value`"
+        "(empty for the prompt); outputs: `logits` "
+        + ("(`[batch, sequence, vocab]`: every position)" if logits == "all" else
+           "(`[batch, 1, vocab]`: the last position only, as `logits_to_keep=1` — what a generator needs; left-pad "
+           "batches so that it is every row's last real token)")
+        + ", `present.{i}.key|value`"
         + (", `abstained` (bool per batch row)" if ks else "") + ". The tokenizer files load with "
         "`transformers.AutoTokenizer`; `skill_editor.json` lists the shapes, the validation against "
         "PyTorch and the sha256 of every file.",
@@ -448,7 +477,7 @@ def card_body(manifest: dict, fmt: str = "hf") -> str:
     lines += _scorecard_section(manifest)
     lines += _onnx_load_section(manifest) if fmt == "onnx" else _load_section(manifest)
     lines += _limits_section(manifest)
-    lines += _provenance_section(manifest)
+    lines += _provenance_section(manifest, fmt)
     lines += ["## Citation", "", "```bibtex", CITATION, "```", ""]
     return "\n".join(lines)
 

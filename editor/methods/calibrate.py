@@ -365,13 +365,27 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, *, weight_decay: float = LINE
                  max_iter: int = LINEAR_MAX_ITER) -> tuple[torch.Tensor, float]:
     """Class-balanced, L2-regularized logistic regression on standardized features (float64,
     L-BFGS from zeros: deterministic). Returns (w, b) in the raw feature space: score = x·w + b."""
-    x = x.to(torch.float64)
+    return _fit_logistic_inplace(x.to(torch.float64, copy=True), y, weight_decay=weight_decay, max_iter=max_iter)
+
+
+def _all_finite(x: torch.Tensor, elements: int = 1 << 20) -> bool:
+    """``torch.isfinite(x).all()`` a block of rows at a time (≤ ``elements`` per block): on a whole
+    matrix it makes an ``abs`` copy and two boolean ones — +320 MiB for one fold's float64 features
+    of SmolLM2's 825-query calibration."""
+    step = max(1, elements // max(1, x.shape[-1]))
+    return all(bool(torch.isfinite(x[i : i + step]).all()) for i in range(0, x.shape[0], step))
+
+
+def _fit_logistic_inplace(z: torch.Tensor, y: torch.Tensor, *, weight_decay: float = LINEAR_WEIGHT_DECAY,
+                          max_iter: int = LINEAR_MAX_ITER) -> tuple[torch.Tensor, float]:
+    """``fit_logistic`` on a float64 matrix it owns: standardized in place, so the fit holds one
+    float64 copy of its features, not two."""
     y = y.to(torch.float64)
-    if not torch.isfinite(x).all():
+    if not _all_finite(z):
         raise EditorError("key_space calibration: non-finite pooled keys")
-    mu = x.mean(0)
-    sd = x.std(0, unbiased=False).clamp(min=SIGMA_FLOOR)
-    z = (x - mu) / sd
+    mu = z.mean(0)
+    sd = z.std(0, unbiased=False).clamp(min=SIGMA_FLOOR)
+    z.sub_(mu).div_(sd)
     w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
     n_pos = float(y.sum())
@@ -411,6 +425,39 @@ def screen_features(forget: torch.Tensor, retain: torch.Tensor, limit: int, chun
     return top.sort().values
 
 
+def _screen_blocks(forget: dict[int, torch.Tensor], retain: dict[int, torch.Tensor], layers: list[int],
+                   f_rows: torch.Tensor, r_rows: torch.Tensor, limit: int) -> torch.Tensor:
+    """``screen_features`` over the layer-major concatenation of the blocks ``forget[layer]`` /
+    ``retain[layer]`` restricted to the rows ``f_rows`` / ``r_rows``, one layer at a time (the same
+    columns: the separation is per column; no concatenated copy of the keys)."""
+    width = sum(forget[i].shape[1] for i in layers)
+    if width <= limit:
+        return torch.arange(width)
+    sep = torch.cat([separation(forget[i].index_select(0, f_rows), retain[i].index_select(0, r_rows)) for i in layers])
+    sep = torch.where(torch.isnan(sep), torch.full_like(sep, -math.inf), sep)
+    return torch.sort(sep, descending=True, stable=True).indices[:limit].sort().values
+
+
+def _gather(parts: list[tuple[dict[int, torch.Tensor], torch.Tensor]], layers: list[int], cols: torch.Tensor) -> torch.Tensor:
+    """float64 [Σ rows, len(cols)]: for each (blocks, rows) of ``parts`` in turn, the rows ``rows`` at the
+    columns ``cols`` (ascending) of the layer-major concatenation of ``blocks[layer]`` — what
+    ``torch.cat([torch.cat(blocks, 1)[rows][:, cols] ...]).double()`` gives, filled one layer block at a
+    time: the only copy is the float64 result (plus one layer's rows as float32)."""
+    out = torch.empty(sum(int(r.numel()) for _, r in parts), int(cols.numel()), dtype=torch.float64)
+    start = 0
+    for layer in layers:
+        w = parts[0][0][layer].shape[1]
+        lo, hi = (int(v) for v in torch.searchsorted(cols, torch.tensor([start, start + w])))
+        if hi > lo:
+            c = cols[lo:hi] - start
+            r0 = 0
+            for blocks, rows in parts:
+                out[r0 : r0 + rows.numel(), lo:hi] = blocks[layer].index_select(0, rows).index_select(1, c)
+                r0 += rows.numel()
+        start += w
+    return out
+
+
 def budget_threshold(scores: torch.Tensor, group: torch.Tensor, budget: float) -> float:
     """The smallest threshold t such that, in every retain set g, at most ⌊budget·n_g⌋ scores are
     > t (a false positive is a score above the threshold)."""
@@ -433,28 +480,33 @@ def calibrate_linear(forget: dict[int, torch.Tensor], retain: dict[int, torch.Te
     rate is ≤ budget in EVERY retain set (``budget_threshold``). The detector is the average of the
     K fold models (a linear model again) shifted by that threshold, so it abstains when its score
     is > 0; the out-of-fold rates are its cross-validated estimate. Returns (record, {layer: weight
-    float32 [d_ff]}); the record holds the bias (float) and the CV figures."""
+    float32 [d_ff]}); the record holds the bias (float) and the CV figures.
+
+    Memory (besides the keys themselves): one float64 matrix of a fold's training rows × fitted
+    features, standardized in place, then one of its held-out rows — built from the per-layer key
+    blocks directly (no concatenated or float32 copies of the whole key matrix)."""
     layers = sorted(forget)
-    xf = torch.cat([forget[i] for i in layers], 1).to(torch.float32)
-    xr = torch.cat([retain[i] for i in layers], 1).to(torch.float32)
-    width = xf.shape[1]
-    ff = fold_indices(xf.shape[0], folds, seed, salt=1)
-    rf = fold_indices(xr.shape[0], folds, seed, salt=2)
-    oof_f = torch.empty(xf.shape[0], dtype=torch.float64)
-    oof_r = torch.empty(xr.shape[0], dtype=torch.float64)
+    forget = {i: forget[i].to(torch.float32) for i in layers}
+    retain = {i: retain[i].to(torch.float32) for i in layers}
+    width = sum(forget[i].shape[1] for i in layers)
+    n_f, n_r = forget[layers[0]].shape[0], retain[layers[0]].shape[0]
+    ff = fold_indices(n_f, folds, seed, salt=1)
+    rf = fold_indices(n_r, folds, seed, salt=2)
+    oof_f = torch.empty(n_f, dtype=torch.float64)
+    oof_r = torch.empty(n_r, dtype=torch.float64)
     ws, bs, kept = [], [], []
     for k in range(folds):
         tf = torch.cat([ff[j] for j in range(folds) if j != k])
         tr = torch.cat([rf[j] for j in range(folds) if j != k])
         # large models: only the max_features best-separated features of the fold's training part
         # enter the fit (float64 copies of those columns only); the others get weight 0
-        cols = screen_features(xf[tf], xr[tr], max_features or LINEAR_MAX_FEATURES)
-        x = torch.cat([xf[tf][:, cols], xr[tr][:, cols]]).to(torch.float64)
+        cols = _screen_blocks(forget, retain, layers, tf, tr, max_features or LINEAR_MAX_FEATURES)
+        x = _gather([(forget, tf), (retain, tr)], layers, cols)
         y = torch.cat([torch.ones(tf.numel()), torch.zeros(tr.numel())])
-        wc, b = fit_logistic(x, y)
+        wc, b = _fit_logistic_inplace(x, y)
         del x
-        oof_f[ff[k]] = xf[ff[k]][:, cols].to(torch.float64) @ wc + b
-        oof_r[rf[k]] = xr[rf[k]][:, cols].to(torch.float64) @ wc + b
+        oof_f[ff[k]] = _gather([(forget, ff[k])], layers, cols) @ wc + b
+        oof_r[rf[k]] = _gather([(retain, rf[k])], layers, cols) @ wc + b
         w = torch.zeros(width, dtype=torch.float64)
         w[cols] = wc
         ws.append(w)
@@ -479,7 +531,7 @@ def calibrate_linear(forget: dict[int, torch.Tensor], retain: dict[int, torch.Te
                "retain_fpr_by_set": by_set, "folds": folds, "seed": seed, "budget": budget,
                "features": width, "features_fitted": kept,
                "weight_decay": LINEAR_WEIGHT_DECAY},
-        "n_forget": int(xf.shape[0]),
-        "n_retain": int(xr.shape[0]),
+        "n_forget": int(n_f),
+        "n_retain": int(n_r),
     }
     return record, weights

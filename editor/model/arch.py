@@ -76,7 +76,10 @@ def _pre_of(out: torch.Tensor, spec: ArchSpec, n: int) -> torch.Tensor:
 def check_mapping(model: nn.Module, spec: ArchSpec, model_type: str) -> None:
     """Confirm on a short random input that down-input == act(pre) [× up] in every layer.
 
-    Fails with a clear message if a transformers release moved or renamed the modules.
+    Fails with a clear message if a transformers release moved or renamed the modules. Every
+    layer is checked (each has its own modules), on 2 × 7 tokens; only the decoder stack runs
+    (``base_model``): the LM head takes no part in the mapping, and on a large vocabulary it would
+    be the largest matmul of the check (262 144 × hidden for Gemma-3).
     """
     layers = decoder_layers(model, spec)
     captured: dict[tuple[int, str], torch.Tensor] = {}
@@ -94,8 +97,10 @@ def check_mapping(model: nn.Module, spec: ArchSpec, model_type: str) -> None:
                     regs.append((mod, "forward", lambda m, a, out, i=i, r=role: captured.__setitem__((i, r), out)))
         emb = model.get_input_embeddings()
         ids = torch.arange(7, device=emb.weight.device).remainder(emb.weight.shape[0])[None].repeat(2, 1)
+        stack = getattr(model, "base_model", None)
+        stack = stack if isinstance(stack, nn.Module) else model
         with hooks(regs):
-            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+            stack(input_ids=ids, attention_mask=torch.ones_like(ids))
     except Exception as e:  # noqa: BLE001
         raise EditorError(f"architecture check failed for {model_type!r}: {type(e).__name__}: {e}") from None
     for i, layer in enumerate(layers):

@@ -415,6 +415,13 @@ def patch_digest(tensors: dict[str, torch.Tensor]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+# The KV cache's name in transformers' model outputs and ``forward`` keywords: ``cache`` from 5.24
+# on (there ``past_key_values`` is a deprecated alias, to be removed in 5.40), ``past_key_values``
+# before. Read from the installed release, so a checkpoint uses the supported name on every
+# release of the declared range and never goes through the alias.
+CACHE_KEY = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
+
+
 @dataclass
 class SkillEditorCausalLMOutput(CausalLMOutputWithPast):
     """``CausalLMOutputWithPast`` plus ``abstained`` (bool [batch]) when KSD is on."""
@@ -595,7 +602,7 @@ class SkillEditorForCausalLM(SkillEditorPreTrainedModel, GenerationMixin):
         return SkillEditorCausalLMOutput(
             loss=out.get("loss"),
             logits=out.logits,
-            past_key_values=out.get("past_key_values"),
+            **{CACHE_KEY: out.get(CACHE_KEY)},
             hidden_states=out.get("hidden_states"),
             attentions=out.get("attentions"),
             abstained=abstained,

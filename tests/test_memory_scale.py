@@ -1,0 +1,136 @@
+"""Memory at real-model scale (issue #18, items 4–5): the calibration's per-text keys are written in
+place into matrices allocated once (no per-batch chunks, no masked copy of a batch's activations),
+the linear detector's fit holds one float64 copy of its features, the load-time architecture check
+runs the decoder stack without the LM head, and the dry run's calibration estimate says so.
+
+Peak memory itself is measured by ``bench/peak_memory.py --smollm2`` (docs/SCALE.md), not here:
+RSS in a shared test process says nothing reliable. These tests pin the mechanics and their
+results (identical to the straightforward formulation they replace)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from editor.errors import EditorError
+from editor.methods import calibrate
+from editor.model.arch import check_mapping, spec_for
+from editor.profile import collect
+from tests.tiny import char_tokenizer, tiny_model
+
+TEXTS = ["a", "the cat sat on the mat", "12 + 30 = 42", "def f(x): return x", "bonjour", "xy", "a longer text of words"]
+
+
+def _reference_keys(model, tok, spec, texts, reduce, side):
+    """The keys the straightforward way: every text alone (no padding), hooks on the down projections."""
+    from editor.model.arch import decoder_layers
+
+    layers = decoder_layers(model, spec)
+    out = {i: [] for i in range(len(layers))}
+    for t in texts:
+        got = {}
+        hs = [layer.get_submodule(spec.down).register_forward_pre_hook(lambda m, a, i=i: got.__setitem__(i, a[0]))
+              for i, layer in enumerate(layers)]
+        try:
+            with torch.no_grad():
+                model(**tok(t, return_tensors="pt"))
+        finally:
+            for h in hs:
+                h.remove()
+        for i, x in got.items():
+            x = x.reshape(-1, x.shape[-1])
+            out[i].append(x.amax(0) if reduce == "max" else x[-1])
+    return {i: torch.stack(v) for i, v in out.items()}
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+def test_per_text_keys_equal_each_text_alone(arch, side):
+    model, tok = tiny_model(arch), char_tokenizer()
+    spec = spec_for(model.config)
+    for reduce, fn in (("max", collect.pooled_keys), ("last", collect.last_token_keys)):
+        got = fn(model, tok, spec, TEXTS, batch_size=3, max_length=64, padding_side=side)
+        want = _reference_keys(model, tok, spec, TEXTS, reduce, side)
+        assert sorted(got) == sorted(want)
+        for i in got:
+            assert got[i].dtype == torch.float32 and got[i].is_contiguous()
+            assert got[i].shape == (len(TEXTS), want[i].shape[1])
+            torch.testing.assert_close(got[i], want[i].float(), rtol=1e-5, atol=1e-5)
+
+
+def test_pooled_row_maxima_ignore_padding_on_both_sides():
+    """The pooled reduction of a [B, T, d] batch allocates [B, d] (the stacked row maxima), never a
+    [B, T, d] masked copy — and still ignores the padding, on both sides."""
+    x = torch.randn(3, 5, 4)
+    for side in ("left", "right"):
+        lengths = [5, 2, 1]
+        mask = torch.zeros(3, 5, dtype=torch.long)
+        for r, n in enumerate(lengths):
+            mask[r, 5 - n:] = 1 if side == "left" else 0
+            if side == "right":
+                mask[r, :n] = 1
+        b = collect.Batch(torch.zeros(3, 5, dtype=torch.long), mask, mask, torch.zeros(0), torch.zeros(3), 8, torch.arange(3))
+        got = collect._max_over_real_tokens(x, b)
+        want = x.masked_fill(~mask.bool()[:, :, None], float("-inf")).amax(1)
+        assert torch.equal(got, want)
+
+
+def test_gather_equals_the_concatenated_matrix():
+    g = torch.Generator().manual_seed(0)
+    blocks_f = {i: torch.randn(9, 5 + i, generator=g) for i in range(3)}
+    blocks_r = {i: torch.randn(7, 5 + i, generator=g) for i in range(3)}
+    layers = [0, 1, 2]
+    xf, xr = torch.cat([blocks_f[i] for i in layers], 1), torch.cat([blocks_r[i] for i in layers], 1)
+    rf, rr = torch.tensor([0, 3, 8]), torch.tensor([6, 1])
+    for cols in (torch.arange(xf.shape[1]), torch.tensor([0, 4, 5, 11, 17]), torch.tensor([6])):
+        got = calibrate._gather([(blocks_f, rf), (blocks_r, rr)], layers, cols)
+        want = torch.cat([xf[rf][:, cols], xr[rr][:, cols]]).to(torch.float64)
+        assert got.dtype == torch.float64 and torch.equal(got, want)
+    for limit in (4, 100):
+        assert torch.equal(calibrate._screen_blocks(blocks_f, blocks_r, layers, rf, rr, limit),
+                           calibrate.screen_features(xf[rf], xr[rr], limit))
+
+
+def test_fit_logistic_leaves_its_input_alone():
+    g = torch.Generator().manual_seed(1)
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(40, 6, generator=g, dtype=dtype)
+        x0 = x.clone()
+        calibrate.fit_logistic(x, (torch.arange(40) % 2).float())
+        assert torch.equal(x, x0)  # the in-place standardization works on its own copy
+
+
+def test_architecture_check_skips_the_lm_head():
+    model = tiny_model("llama")
+    calls = []
+    h = model.get_output_embeddings().register_forward_hook(lambda *a: calls.append(1))
+    try:
+        check_mapping(model, spec_for(model.config), "llama")
+    finally:
+        h.remove()
+    assert calls == []
+    # and it still catches a changed MLP: a down projection whose input is not act(gate) × up
+    bad = tiny_model("llama")
+    bad.model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda m, a: (a[0] * 2,))
+    with pytest.raises(EditorError, match="layer 1"):
+        check_mapping(bad, spec_for(bad.config), "llama")
+
+
+def test_dry_run_calibration_estimate_names_the_peak(monkeypatch):
+    """The dry run's linear-calibration line gives the keys, the per-fit float64 matrix and their sum
+    (what the calibration adds above the profile's peak: docs/SCALE.md measures it on SmolLM2)."""
+    from types import SimpleNamespace
+
+    from editor.dryrun import calibration_plan, human_bytes
+
+    ks = SimpleNamespace(forget="f", retain_sets=["r"], detector="linear", max_features=65_536, layer=-1, scale=2.0,
+                         false_positive_budget=0.01, folds=5, seed=0, check="prompt",
+                         background="none", background_sets=[])
+    recipe = SimpleNamespace(key_space=ks)
+    cfg = {"retain": ["r"], "false_positive_budget": 0.01, "folds": 5, "seed": 0, "continuation_tokens": 0}
+    monkeypatch.setattr(calibrate, "calibration_config", lambda r: cfg)
+    plan = calibration_plan(recipe, {"f": {"texts": 135}, "r": {"texts": 690}}, 30, 1536)
+    keys = 825 * 30 * 1536 * 4
+    fit = 825 * 30 * 1536 * 8
+    assert human_bytes(keys) in plan["memory"] and human_bytes(fit) in plan["memory"]
+    assert "above the profile" in plan["memory"]
