@@ -28,6 +28,7 @@ from editor.io import atomic_directory, check_destination, sha256_file
 from editor.manifest import (AUTO_MAP, CARD, CONFIG, EDIT_KEY, GRAPH_FORMAT_KEY, INDEX, MANIFEST, ONNX_DATA, ONNX_FORMAT,
                              ONNX_MODEL, RUNTIME_DIR, RUNTIME_FILES, edit_of, is_patched_config)
 from editor.methods.neuron_adjust import inverse_permutation
+from editor.runtime.configuration_skill_editor import BASE_CONFIG_KEY
 from editor.runtime.modeling_skill_editor import FORMAT, GUARDS, PATCHES, NeuronAdjust, arch_spec, patch_digest
 
 # files a Hub snapshot or a git clone adds that are not part of the checkpoint
@@ -538,10 +539,11 @@ def restore(ckpt, out, *, overwrite: bool = False, max_shard_size="5GB", verify_
         raise EditorError(f"restore: {ckpt} is a plain checkpoint; there is no patch to undo")
     cfg = rep.config
     edit = cfg.get(EDIT_KEY) or {}
-    text = dict(cfg.get("text_config") or {})
+    # the base configuration: BASE_CONFIG_KEY since format 2 of config.json, text_config before
+    text = dict(cfg.get(BASE_CONFIG_KEY) or cfg.get("text_config") or {})
     model_type = text.pop("model_type", None) or edit.get("arch")
     if not model_type:
-        raise EditorError("restore: config.json has no text_config.model_type")
+        raise EditorError(f"restore: config.json has no {BASE_CONFIG_KEY}.model_type")
     spec = arch_spec(model_type)
     sources, shapes, perms = _index_weights(ckpt, spec, edit)
     plan: dict[str, tuple[int, torch.Tensor]] = {}
@@ -550,7 +552,7 @@ def restore(ckpt, out, *, overwrite: bool = False, max_shard_size="5GB", verify_
     for k in ("_name_or_path", "transformers_version"):
         text.pop(k, None)
     if edit.get("base_architectures") and not text.get("architectures"):
-        text["architectures"] = list(edit["base_architectures"])  # kept out of text_config (patch.checkpoint_config)
+        text["architectures"] = list(edit["base_architectures"])  # kept out of the base config (patch.checkpoint_config)
     base_config = AutoConfig.for_model(model_type, **text)
     skip = {CONFIG, MANIFEST, CARD, INDEX, *RUNTIME_FILES}
     with atomic_directory(out, overwrite=overwrite) as tmp:

@@ -337,9 +337,15 @@ def test_checkpoint_layout_and_manifest(built):
     assert cfg["architectures"] == ["SkillEditorForCausalLM"]
     assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_skill_editor.SkillEditorForCausalLM"
     assert cfg["auto_map"]["AutoConfig"] == "configuration_skill_editor.SkillEditorConfig"
-    assert cfg["text_config"]["model_type"] == "llama"
+    assert cfg["base_model_config"]["model_type"] == "llama"
     for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size", "rope_parameters"):
-        assert cfg[k] == cfg["text_config"][k], k  # AutoConfig without trust_remote_code gives the real base config
+        assert cfg[k] == cfg["base_model_config"][k], k  # AutoConfig without trust_remote_code gives the real base config
+    # no key a plain loader would take for a sub-configuration: its get_text_config() is the base config itself
+    assert "text_config" not in cfg
+    from transformers import AutoConfig
+
+    plain = AutoConfig.from_pretrained(str(ckpt))
+    assert plain.model_type == "llama" and plain.get_text_config() is plain and plain.num_hidden_layers == cfg["num_hidden_layers"]
     m = json.loads((ckpt / "skill_editor.json").read_text())
     assert m["recipe"]["neuron_adjust"]["forget"] == "forget"
     assert m["tool_version"]

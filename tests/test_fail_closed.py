@@ -124,7 +124,7 @@ def test_tokenizer_and_config_load_with_no_prompt_and_no_checkpoint_code(checkpo
     assert tok("ab")["input_ids"] == [1, 4 + ord("a") - 32, 4 + ord("b") - 32]
     cfg = AutoConfig.from_pretrained(str(ckpt))  # without trust_remote_code: the base config, right sizes
     assert cfg.model_type == arch and type(cfg).__module__.startswith("transformers.")
-    base = json.loads((ckpt / "config.json").read_text())["text_config"]
+    base = json.loads((ckpt / "config.json").read_text())["base_model_config"]
     assert cfg.vocab_size == base["vocab_size"] == VOCAB
     assert _dynamic_modules() == before  # no file of the checkpoint was imported
 

@@ -44,7 +44,7 @@ def test_config_names_no_base_class_outside_the_edit(ckpt):
     not be there, or the permuted base weights convert as a plain model without the edit."""
     cfg = json.loads((ckpt / "config.json").read_text())
     assert cfg["architectures"] == ["SkillEditorForCausalLM"]
-    assert cfg["text_config"].get("architectures") is None  # present as null: the converters test "is not None"
+    assert cfg["base_model_config"].get("architectures") is None  # present as null: the converters test "is not None"
     assert cfg["skill_editor"]["base_architectures"] == ["LlamaForCausalLM"]
 
 

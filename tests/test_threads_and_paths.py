@@ -101,5 +101,5 @@ export: {{out: {proj / 'out'}}}
     assert manifest["recipe"]["data"]["card"]["path"] == "../eval.jsonl"  # as written
     assert manifest["recipe"]["export"]["out"] == "../out"
     assert manifest["statistics"]["sets"]["forget"]["source"] == "../forget.jsonl"
-    assert json.loads((proj / "out" / "config.json").read_text())["text_config"]["_name_or_path"] == "../model"
+    assert json.loads((proj / "out" / "config.json").read_text())["base_model_config"]["_name_or_path"] == "../model"
     assert Path(proj / "out" / "README.md").read_text().count("../model") >= 1

@@ -289,12 +289,14 @@ def test_tampered_patch_is_refused(ckpts, tmp_path):
 
 def test_without_the_plugin_vllm_refuses_the_checkpoint(ckpts, tmp_path):
     """vLLM without the plugin (general plugins disabled): never the base model. Without
-    trust_remote_code it asks for custom code; with it, its Transformers backend asks the
-    shipped runtime whether it can run it, and the runtime refuses with the way out."""
+    trust_remote_code it reads config.json's top level as the base config and refuses the
+    checkpoint's architecture by name; with it, its Transformers backend asks the shipped runtime
+    whether it can run it, and the runtime refuses with the way out."""
     calls = [{"name": "g", "prompts": ["What is 2 plus 3? A: "], "params": GREEDY}]
     env = {"VLLM_PLUGINS": ""}
     plain = _run_vllm(tmp_path, ckpts["box"], calls, _engine(), env=env)
-    assert plain.returncode != 0 and "trust_remote_code" in plain.stdout
+    assert plain.returncode != 0
+    assert "Model architectures ['SkillEditorForCausalLM'] are not supported" in plain.stdout
     remote = _run_vllm(tmp_path, ckpts["box"], calls, _engine(trust_remote_code=True), env=env)
     assert remote.returncode != 0
     assert "runs the model outside transformers' generate" in remote.stdout

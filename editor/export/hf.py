@@ -3,7 +3,7 @@
 
 Layout of a Neuron Adjust / Key Space Detection export::
 
-    config.json                      the base config (top level, its model_type) and again as text_config,
+    config.json                      the base config (top level, its model_type) and again as base_model_config,
                                      auto_map + architectures (the runtime's classes), transformers_weights
                                      (a sentence: every other class refuses the checkpoint), the edit
                                      (``skill_editor``: ``Edit.config()``, patch_digest included)

@@ -9,8 +9,11 @@ How ``config.json`` fails closed, by the file alone (no code of this checkpoint 
 user passes ``trust_remote_code=True``):
 
 * its top level is the base model's own configuration — ``model_type`` the base architecture's
-  (e.g. ``llama``), its sizes — plus the keys below; ``text_config`` holds the same base
-  configuration, which this class reads. ``transformers`` knows the base ``model_type``, so
+  (e.g. ``llama``), its sizes — plus the keys below; ``base_model_config`` holds the same base
+  configuration, which this class reads as ``text_config``. (Not under the name ``text_config`` in
+  the file: a loader that reads the top level as a plain base config would take that dict for a
+  sub-configuration — vLLM without the plugin fails on it with a message that does not name the
+  checkpoint's architecture.) ``transformers`` knows the base ``model_type``, so
   ``AutoTokenizer.from_pretrained(checkpoint)`` resolves the config without offering to run this
   file (no ``[y/N]`` prompt) and ``AutoConfig`` without ``trust_remote_code`` gives the base config;
 * ``transformers_weights`` (the weights file ``PreTrainedModel.from_pretrained`` must read) is a
@@ -31,6 +34,8 @@ from transformers import AutoConfig, PretrainedConfig
 # config.json's ``transformers_weights``: what every class but this checkpoint's own reads instead of a file name
 LOAD_WITH_REMOTE_CODE = ("this is a skill-editor checkpoint (an edited model): load it with "
                          "AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)")
+# config.json's key for the base configuration (``text_config`` in memory; the module docstring says why)
+BASE_CONFIG_KEY = "base_model_config"
 # keys of config.json that belong to the file, not to this object (see the module docstring)
 _FILE_ONLY = ("model_type", "transformers_weights")
 
@@ -53,6 +58,9 @@ class SkillEditorConfig(PretrainedConfig):
         # config.json's fail-closed fields (see the module docstring) are not this object's own
         for key in _FILE_ONLY:
             kwargs.pop(key, None)
+        base_in_file = kwargs.pop(BASE_CONFIG_KEY, None)
+        if self.text_config is None and isinstance(base_in_file, dict):
+            self.text_config = base_in_file
         if isinstance(self.text_config, dict):
             base = dict(self.text_config)
             model_type = base.pop("model_type", None)
@@ -73,6 +81,8 @@ class SkillEditorConfig(PretrainedConfig):
     def get_config_dict(cls, *args, **kwargs):
         """config.json names the base architecture's ``model_type``; this class reads it as its own."""
         config_dict, kwargs = super().get_config_dict(*args, **kwargs)
+        if isinstance(config_dict.get("skill_editor"), dict) and isinstance(config_dict.get(BASE_CONFIG_KEY), dict):
+            config_dict["text_config"] = config_dict.pop(BASE_CONFIG_KEY)
         if isinstance(config_dict.get("skill_editor"), dict) and isinstance(config_dict.get("text_config"), dict):
             config_dict["model_type"] = cls.model_type
         return config_dict, kwargs
@@ -86,6 +96,7 @@ class SkillEditorConfig(PretrainedConfig):
             return out
         top = {k: v for k, v in base.items() if k != "transformers_version"}
         top.update(out)
+        top[BASE_CONFIG_KEY] = top.pop("text_config")
         top["model_type"] = base["model_type"]
         top["transformers_weights"] = LOAD_WITH_REMOTE_CODE
         return top

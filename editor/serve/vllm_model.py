@@ -138,7 +138,7 @@ class SkillEditorForCausalLM(nn.Module):
         edit = dict(getattr(config, "skill_editor", None) or {})
         _check_edit(edit)
         _check_engine(vllm_config)
-        text = config.get_text_config()
+        text = base_config(config)
         model_type = text.model_type
         if model_type not in VLLM_ARCHITECTURES:
             raise IntegrityError(
@@ -324,6 +324,25 @@ class SkillEditorForCausalLM(nn.Module):
 def _d_ff(down: nn.Module, fallback: int) -> int:
     size = getattr(down, "input_size", None) or getattr(down, "input_size_per_partition", None)
     return int(size or fallback)
+
+
+def base_config(config):
+    """The base model's config object from the checkpoint's config as vLLM loaded it: the plugin
+    reads it with the checkpoint's config class (``text_config`` an object); a raw dict of the file
+    (``base_model_config``) is rebuilt here should another path have read it as a plain config."""
+    text = getattr(config, "text_config", None)
+    if text is None:
+        text = getattr(config, "base_model_config", None)
+    if isinstance(text, dict):
+        from transformers import AutoConfig
+
+        base = {k: v for k, v in text.items() if k not in ("model_type", "transformers_version")}
+        if not text.get("model_type"):
+            raise IntegrityError("skill-editor (vLLM): config.json's text_config has no model_type")
+        return AutoConfig.for_model(text["model_type"], **base)
+    if text is not None:
+        return text
+    return config.get_text_config()
 
 
 def _default_architectures(model_type: str) -> list[str]:

@@ -9,7 +9,12 @@ reads a model's config. It registers, without importing torch-heavy code:
   graphs (the guard keeps per-step Python state), and prefix caching for the pooled linear
   detector (a cached prefix would not be re-pooled) — and refuses prompt embeddings;
 * the checkpoint's config class with transformers' ``AutoConfig`` (model_type ``skill_editor``),
-  the same file the checkpoint ships, so ``vllm serve CKPT`` needs no ``--trust-remote-code``.
+  the same file the checkpoint ships, so ``vllm serve CKPT`` needs no ``--trust-remote-code``;
+* a step after vLLM's Hugging Face config parser: a checkpoint's config.json has the base
+  architecture's own ``model_type`` at its top level (so that every plain loader fails closed, see
+  the runtime's configuration file), which vLLM would read as a plain base config; a config that
+  carries the edit (``skill_editor``) is read with the checkpoint's config class instead, as
+  ``trust_remote_code`` would.
 """
 
 from __future__ import annotations
@@ -35,6 +40,30 @@ def register() -> None:
         ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
     MODELS_CONFIG_MAP[ARCHITECTURE] = _config_hook()
     AutoConfig.register("skill_editor", SkillEditorConfig, exist_ok=True)
+    _read_edits_with_own_config(SkillEditorConfig)
+
+
+def _read_edits_with_own_config(config_class) -> None:
+    """Wrap vLLM's ``HFConfigParser.parse`` (once): a config dict with the edit (``skill_editor``)
+    and the base configuration (``text_config``) becomes ``config_class``; others pass unchanged."""
+    from vllm.transformers_utils.config import HFConfigParser
+
+    from editor.runtime.configuration_skill_editor import BASE_CONFIG_KEY
+
+    parse = HFConfigParser.parse
+    if getattr(parse, "_skill_editor", False):
+        return
+
+    def parse_edit_aware(self, model, trust_remote_code, revision=None, code_revision=None, **kwargs):
+        config_dict, config = parse(self, model, trust_remote_code, revision=revision, code_revision=code_revision,
+                                    **kwargs)
+        if isinstance(config_dict.get("skill_editor"), dict) and not isinstance(config, config_class) \
+                and isinstance(config_dict.get(BASE_CONFIG_KEY, config_dict.get("text_config")), dict):
+            config = config_class.from_dict(dict(config_dict), name_or_path=str(model))
+        return config_dict, config
+
+    parse_edit_aware._skill_editor = True
+    HFConfigParser.parse = parse_edit_aware
 
 
 def _config_hook():
