@@ -99,7 +99,9 @@ def _build_checkpoints(root: Path) -> None:
     queries["math0_queries"] = {"path": probe, "where": {"phrasing": "math/0"}, "text": "{prompt}"}
     recipes["linear"] = _recipe(root / "linear", "sample", {
         "forget": "math0_queries", "retain": [f"{s}_queries" for s in ("python", "facts_en", "facts_fr", "facts_de")],
-        "detector": "linear", "false_positive_budget": 0.01, "check": "prompt", "folds": 5, "seed": 0}, queries)
+        "detector": "linear", "false_positive_budget": 0.01, "check": "prompt", "folds": 5, "seed": 0,
+        # the testbed's world is its five skills (its recipes opt out of the ordinary-prose background too)
+        "background": "none"}, queries)
     paths = {}
     for name, rec in recipes.items():
         path = root / f"{name}.yaml"
