@@ -327,22 +327,16 @@ def _d_ff(down: nn.Module, fallback: int) -> int:
 
 
 def base_config(config):
-    """The base model's config object from the checkpoint's config as vLLM loaded it: the plugin
-    reads it with the checkpoint's config class (``text_config`` an object); a raw dict of the file
-    (``base_model_config``) is rebuilt here should another path have read it as a plain config."""
-    text = getattr(config, "text_config", None)
-    if text is None:
-        text = getattr(config, "base_model_config", None)
-    if isinstance(text, dict):
-        from transformers import AutoConfig
+    """The base model's config object. The plugin has vLLM read a checkpoint's config with the
+    checkpoint's config class (``vllm_plugin``), whose ``text_config`` is the base config; anything
+    else means the config was read as a plain base config, without the edit's class."""
+    from transformers import PretrainedConfig
 
-        base = {k: v for k, v in text.items() if k not in ("model_type", "transformers_version")}
-        if not text.get("model_type"):
-            raise IntegrityError("skill-editor (vLLM): config.json's text_config has no model_type")
-        return AutoConfig.for_model(text["model_type"], **base)
-    if text is not None:
-        return text
-    return config.get_text_config()
+    text = getattr(config, "text_config", None)
+    if not isinstance(text, PretrainedConfig):
+        raise IntegrityError("skill-editor (vLLM): the checkpoint's config was not read with its own config class "
+                             "(is the skill-editor plugin loaded in every vLLM process?)")
+    return text
 
 
 def _default_architectures(model_type: str) -> list[str]:
