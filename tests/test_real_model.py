@@ -139,6 +139,7 @@ def test_real_run_records_the_gguf_file_and_background(real_run):
     assert manifest["scorecard"]["ordinary"]["n"] > 0
     card = (Path(summary["out"]["hf"]) / "README.md").read_text()
     assert "False refusals" in card and "Ordinary prompts refused by this checkpoint" in card
+    assert f"GGUF file `{GGUF}` (sha256 `{model_file['gguf_sha256']}`)" in card
 
 
 def test_real_checkpoint_loads_in_plain_transformers(real_run):

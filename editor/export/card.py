@@ -399,6 +399,13 @@ def _provenance_section(manifest: dict, fmt: str = "hf") -> list[str]:
         "",
         f"- Base model: `{base.get('model')}`" + (f" (revision `{base.get('revision')}`)" if base.get("revision") else "")
         + f", architecture `{base.get('model_type')}`, dtype `{base.get('dtype')}`",
+    ]
+    gguf = st.get("model_file") if isinstance(st.get("model_file"), dict) else {}
+    if gguf.get("gguf_file"):
+        lines.append(f"- Base weights read from the GGUF file `{gguf['gguf_file']}`"
+                     + (f" (sha256 `{gguf['gguf_sha256']}`)" if gguf.get("gguf_sha256") else "")
+                     + ", dequantized on load; this checkpoint holds them in the dtype above")
+    lines += [
         f"- Tool: skill-editor {manifest.get('tool_version')}",
         _tested_with(manifest, fmt),
     ]
