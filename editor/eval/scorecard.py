@@ -98,11 +98,16 @@ def _rates(rows: Sequence[dict]) -> dict:
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, prompts: Sequence[str], *, batch_size: int = 32,
-                     max_new_tokens: int = 8, bar=None) -> tuple[list[str], list[bool]]:
-    """Greedy continuations of ``prompts`` (batched by length, left padding), cut at EOS and at
-    the first newline, and whether each row abstained; both in the order of ``prompts``. ``bar``:
-    a progress bar advanced by each batch's rows."""
+def generate_texts(model, tokenizer, prompts: Sequence[str], *, batch_size: int = 32, max_new_tokens: int = 8,
+                   do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+                   stop: Sequence[str] = (), bar=None) -> tuple[list[str], list[bool]]:
+    """The one batched generation of the evaluation package: continuations of ``prompts`` (new
+    text only, cut at EOS; ``stop`` strings end a row's generation early) and whether each row
+    abstained (the edited model's ``generate`` output carries ``abstained``; a plain model never
+    abstains), both in the order of ``prompts``. Left padding, prompts of similar length batched
+    together; greedy unless ``do_sample`` (seeded with ``seed``). ``bar``: a progress bar advanced
+    by each batch's rows."""
+    prompts = list(prompts)
     old_side = getattr(tokenizer, "padding_side", "left")
     tokenizer.padding_side = "left"
     eos = eos_ids(tokenizer, model)
@@ -110,23 +115,28 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], *, batch_size: in
         if tokenizer.eos_token is None:
             raise ValueError("tokenizer has neither a pad nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token
-    pad = pad_id(tokenizer, model)
+    kwargs = dict(do_sample=do_sample, num_beams=1, max_new_tokens=max_new_tokens, return_dict_in_generate=True,
+                  pad_token_id=pad_id(tokenizer, model), eos_token_id=eos or None)
+    if do_sample:
+        kwargs.update(temperature=temperature, top_p=top_p)
+    if stop:
+        kwargs.update(stop_strings=list(stop), tokenizer=tokenizer)
     device = model_device(model)
     was_training = getattr(model, "training", False)
     model.eval()
     # batch prompts of similar length together; results go back to input order
     lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
-    preds: List[str] = [""] * len(prompts)
+    texts: List[str] = [""] * len(prompts)
     abst: List[bool] = [False] * len(prompts)
     try:
+        if do_sample:
+            torch.manual_seed(seed)
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True)
             enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-            out = model.generate(**enc, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
-                                 return_dict_in_generate=True, pad_token_id=pad,
-                                 eos_token_id=eos or None)
+            out = model.generate(**enc, **kwargs)
             seqs = out if isinstance(out, torch.Tensor) else out.sequences
             flags = None if isinstance(out, torch.Tensor) else getattr(out, "abstained", None)
             if flags is not None:
@@ -138,7 +148,7 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], *, batch_size: in
                     if t in eos:
                         toks = toks[:j]
                         break
-                preds[i] = extract_answer(tokenizer.decode(toks, skip_special_tokens=True))
+                texts[i] = tokenizer.decode(toks, skip_special_tokens=True)
                 abst[i] = bool(flags[row]) if flags is not None else False
             if bar is not None:
                 bar.update(len(idx))
@@ -146,7 +156,15 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], *, batch_size: in
         tokenizer.padding_side = old_side
         if was_training:
             model.train()
-    return preds, abst
+    return texts, abst
+
+
+def generate_answers(model, tokenizer, prompts: Sequence[str], *, batch_size: int = 32,
+                     max_new_tokens: int = 8, bar=None) -> tuple[list[str], list[bool]]:
+    """Greedy answers to ``prompts`` (``generate_texts`` cut at the first newline, stripped:
+    ``extract_answer``) and whether each row abstained, in the order of ``prompts``."""
+    texts, abst = generate_texts(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens, bar=bar)
+    return [extract_answer(t) for t in texts], abst
 
 
 @contextlib.contextmanager

@@ -36,8 +36,7 @@ import unicodedata
 from dataclasses import asdict
 from typing import Iterable, Sequence
 from editor.eval.sandbox import SandboxResult, run_program
-from editor.eval.scorecard import model_device as _model_device  # the scorecard's own helper
-from editor.model.tokens import eos_ids
+from editor.eval.scorecard import generate_texts, model_device
 
 __all__ = [
     "BENCHMARKS",
@@ -559,7 +558,7 @@ def evaluate_mmlu(
                     seq = seq[len(seq) - max_length :]
                 items.append((qi, seq, [(li, c)], False))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    device = _model_device(model)
+    device = model_device(model)
     loglik = [[-math.inf] * len(r["choices"]) for r in records]
     abstained = [False] * len(records)
     order = sorted(range(len(items)), key=lambda i: (len(items[i][1]), i))
@@ -633,61 +632,13 @@ def generate(
     seed: int = 0,
     stop: Sequence[str] = (),
 ) -> tuple[list[str], list[bool]]:
-    """Continuations (new text only, cut at the first ``stop`` string) and abstention flags.
-
-    Left padding, batches of similar prompt length, results in input order. ``abstained`` comes
-    from the edited model's ``generate`` output (``return_dict_in_generate``); a plain model
-    never abstains.
-    """
-    import torch
-
-    prompts = list(prompts)
-    old_side = getattr(tokenizer, "padding_side", "left")
-    tokenizer.padding_side = "left"
-    eos = eos_ids(tokenizer, model)
-    if tokenizer.pad_token_id is None:
-        if tokenizer.eos_token is None:
-            raise ValueError("the tokenizer has neither a pad nor an eos token")
-        tokenizer.pad_token = tokenizer.eos_token
-    device = _model_device(model)
-    lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
-    texts: dict[int, str] = {}
-    flags: dict[int, bool] = {}
-    kwargs = dict(max_new_tokens=max_new_tokens, return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id,
-                  eos_token_id=eos or None, do_sample=do_sample, num_beams=1)
-    if do_sample:
-        kwargs.update(temperature=temperature, top_p=top_p)
-    if stop:
-        kwargs.update(stop_strings=list(stop), tokenizer=tokenizer)
-    was_training = getattr(model, "training", False)
-    model.eval()
-    try:
-        if do_sample:
-            torch.manual_seed(seed)
-        with torch.no_grad():
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
-                enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True)
-                enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-                out = model.generate(**enc, **kwargs)
-                seqs = out if isinstance(out, torch.Tensor) else out.sequences
-                ab = None if isinstance(out, torch.Tensor) else getattr(out, "abstained", None)
-                ab = torch.as_tensor(ab).reshape(-1).bool().tolist() if ab is not None else [False] * len(idx)
-                new = seqs[:, enc["input_ids"].shape[1] :].tolist()
-                for row, i in enumerate(idx):
-                    toks = new[row]
-                    for j, t in enumerate(toks):
-                        if t in eos:
-                            toks = toks[:j]
-                            break
-                    texts[i] = _truncate(tokenizer.decode(toks, skip_special_tokens=True), stop)
-                    flags[i] = bool(ab[row])
-    finally:
-        tokenizer.padding_side = old_side
-        if was_training:
-            model.train()
-    return [texts[i] for i in range(len(prompts))], [flags[i] for i in range(len(prompts))]
+    """Continuations (new text only, cut at the first ``stop`` string) and abstention flags: the
+    scorecard's batched generation (``editor.eval.scorecard.generate_texts``: left padding, batches
+    of similar prompt length, results in input order, ``abstained`` from the edited model's
+    ``generate``; a plain model never abstains)."""
+    texts, flags = generate_texts(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                  do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed, stop=stop)
+    return [_truncate(t, stop) for t in texts], flags
 
 
 def evaluate_gsm8k(model, tokenizer, records: Sequence[dict], *, shots: bool = True, max_new_tokens: int = 256, **gen) -> dict:
