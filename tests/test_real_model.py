@@ -140,6 +140,9 @@ def test_real_run_records_the_gguf_file_and_background(real_run):
     card = (Path(summary["out"]["hf"]) / "README.md").read_text()
     assert "False refusals" in card and "Ordinary prompts refused by this checkpoint" in card
     assert f"GGUF file `{GGUF}` (sha256 `{model_file['gguf_sha256']}`)" in card
+    # the weights are dequantized: no config claims a GGUF quantization (engines would refuse it)
+    cfg = json.loads((Path(summary["out"]["hf"]) / "config.json").read_text())
+    assert "quantization_config" not in cfg and "quantization_config" not in cfg["base_model_config"]
 
 
 def test_real_checkpoint_loads_in_plain_transformers(real_run):

@@ -219,9 +219,23 @@ def load_model(recipe: Recipe, config=None, *, device: str | None = None):
         raise EditorError(f"model: cannot load {recipe.model!r}: {first}") from None
     if place["device"] and "device_map" not in kwargs:
         model.to(place["device"])
+    if src.gguf_file:
+        _dequantized(model)
     model.eval()
     check_mapping(model, spec, config.model_type)
     return model
+
+
+def _dequantized(model) -> None:
+    """A model read from a GGUF file holds plain dequantized weights (in the recipe's dtype), but
+    transformers leaves a ``gguf`` quantization record on it that every config written from it
+    would carry — engines then take the exported checkpoint for a GGUF-quantized one (vLLM:
+    "Unknown quantization method: gguf"). The file stays recorded as provenance (model_file)."""
+    if getattr(getattr(model.config, "quantization_config", None), "quant_method", None) in ("gguf", "GGUF"):
+        del model.config.quantization_config
+    for attr in ("hf_quantizer", "is_quantized"):
+        if getattr(model, attr, None):
+            setattr(model, attr, None if attr == "hf_quantizer" else False)
 
 
 # ---------------------------------------------------------------------------------------------
