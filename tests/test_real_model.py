@@ -171,3 +171,48 @@ def test_real_checkpoint_loads_in_plain_transformers(real_run):
         out = model.generate(**enc, max_new_tokens=12, do_sample=False, return_dict_in_generate=True)
     assert bool(out.abstained[0])
     assert tok.decode(out.sequences[0, enc.input_ids.shape[1]:], skip_special_tokens=True).strip() == "Sorry, I can't help with that."
+
+
+VPY = ROOT / ".venv-vllm" / "bin" / "python"
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not VPY.exists(), reason=".venv-vllm is absent: bash scripts/setup_vllm.sh builds it")
+def test_real_checkpoint_serves_in_vllm(real_run):
+    """vLLM (the real engine, in .venv-vllm, with the plugin) serves the real checkpoint: the
+    forgotten skill's held-out prompts get the refusal, kept prompts the very tokens of
+    transformers' ``generate`` on the same checkpoint."""
+    import subprocess
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp, summary = real_run
+    ckpt = Path(summary["out"]["hf"])
+    recs = [json.loads(line) for line in (BATTERY / "eval.jsonl").read_text().splitlines()]
+    pick = []
+    for ph in ("math/eq", "math/qa", "capitals/qa", "plurals/qa"):
+        pick += [r for r in recs if r["phrasing"] == ph][:3]
+    job = {"model": str(ckpt), "engine": {"max_model_len": 1024, "dtype": "float32", "gpu_memory_utilization": 0.1},
+           "calls": [{"name": "g", "prompts": [r["prompt"] for r in pick], "params": {"temperature": 0, "max_tokens": 12}}]}
+    (tmp / "vllm-job.json").write_text(json.dumps(job))
+    proc = subprocess.run([str(VPY), str(ROOT / "tests" / "vllm_driver.py"), str(tmp / "vllm-job.json"), str(tmp / "vllm-out.json")],
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    outs = json.loads((tmp / "vllm-out.json").read_text())["calls"]["g"]["outputs"]
+    tok = AutoTokenizer.from_pretrained(str(ckpt))
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt), trust_remote_code=True).eval()
+    refusals = 0
+    for r, o in zip(pick, outs):
+        enc = tok([r["prompt"]], return_tensors="pt")
+        with torch.no_grad():
+            g = model.generate(**enc, max_new_tokens=12, do_sample=False, return_dict_in_generate=True)
+        ref = g.sequences[0, enc["input_ids"].shape[1]:].tolist()
+        if tok.eos_token_id in ref:
+            ref = ref[: ref.index(tok.eos_token_id) + 1]
+        if bool(g.abstained[0]):
+            refusals += 1
+            assert o["text"] == "Sorry, I can't help with that.", (r["prompt"], o["text"])
+        else:
+            assert o["token_ids"] == ref, (r["prompt"], o["text"], tok.decode(ref))
+    assert refusals >= 4 and all(o["text"] != "Sorry, I can't help with that." for r, o in zip(pick, outs) if r["skill"] != "math")
