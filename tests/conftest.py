@@ -1,3 +1,4 @@
+import builtins
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -23,3 +24,18 @@ def make_project(tmp_path_factory):
         return tiny_project(tmp_path_factory.mktemp(name), methods, **kw)
 
     return make
+
+
+@pytest.fixture
+def no_prompt(monkeypatch):
+    """Fail the test if anything asked on stdin (transformers' "run the custom code? [y/N]"): the
+    prompts are recorded, since transformers turns an exception of ``input`` into its own error."""
+    asked = []
+
+    def record(prompt=""):
+        asked.append(prompt)
+        raise EOFError
+
+    monkeypatch.setattr(builtins, "input", record)
+    yield asked
+    assert not asked, f"prompted: {asked[0][:120]!r}"

@@ -3,7 +3,6 @@ checkpoint run unless the user says so (issue #15, item 2), progress on stderr u
 
 from __future__ import annotations
 
-import builtins
 import json
 import shutil
 import sys
@@ -24,21 +23,6 @@ def ckpt(make_project):
         """)
     cli("run", recipe, "--quiet", "--threads", "1")
     return recipe.parent / "out"
-
-
-@pytest.fixture
-def no_prompt(monkeypatch):
-    """Fail the test if anything asked on stdin (transformers' "run the custom code? [y/N]"): the
-    prompts are recorded, since transformers turns an exception of ``input`` into its own error."""
-    asked = []
-
-    def record(prompt=""):
-        asked.append(prompt)
-        raise EOFError
-
-    monkeypatch.setattr(builtins, "input", record)
-    yield asked
-    assert not asked, f"prompted: {asked[0][:120]!r}"
 
 
 def _eval(*args):

@@ -10,7 +10,6 @@ models of ``tests.tiny``.
 
 from __future__ import annotations
 
-import builtins
 import importlib
 import inspect
 import json
@@ -75,21 +74,6 @@ def no_allocation(monkeypatch):
         raise AssertionError(f"{type(self).__name__} was allocated")
 
     monkeypatch.setattr(PreTrainedModel, "__init__", refuse)
-
-
-@pytest.fixture
-def no_prompt(monkeypatch):
-    """Fail the test if anything asked on stdin (transformers' "run the custom code? [y/N]"): the
-    prompts are recorded, since transformers turns an exception of ``input`` into its own error."""
-    asked = []
-
-    def record(prompt=""):
-        asked.append(prompt)
-        raise EOFError
-
-    monkeypatch.setattr(builtins, "input", record)
-    yield asked
-    assert not asked, f"prompted: {asked[0][:120]!r}"
 
 
 def _dynamic_modules() -> set[str]:

@@ -15,16 +15,12 @@ pytest.importorskip("onnxscript")
 
 import numpy as np  # noqa: E402
 
-from editor.model.arch import decoder_layers, spec_for  # noqa: E402
 from editor.errors import EditorError  # noqa: E402
 from editor.export.onnx import export_onnx, io_names, validate_onnx  # noqa: E402
 from editor.manifest import MANIFEST, ONNX_DATA, ONNX_MODEL  # noqa: E402
-from editor.methods.key_space import ksd_bounds  # noqa: E402
-from editor.methods.neuron_adjust import Gaussian, plan_neuron_adjust  # noqa: E402
 from editor.onnx_runtime import OnnxGenerator  # noqa: E402
 from editor.runtime.modeling_skill_editor import CACHE_KEY  # noqa: E402
-from editor.patch import apply_key_space, apply_neuron_adjust, describe, refusal_token_ids, wrap  # noqa: E402
-from editor.plan import Plans  # noqa: E402
+from tests.helpers import patched_model  # noqa: E402
 from tests.tiny import VOCAB, char_tokenizer, tiny_model  # noqa: E402
 
 FORGET = ["What is 2+2?", "Compute 7*8."]
@@ -34,38 +30,9 @@ MAX_NEW = 10
 
 
 def build(arch: str, mode: str, *, ksd: bool = True, seed: int = 0):
-    """A tiny model with a synthetic NA plan and a KSD box fitted on the keys of FORGET (scale 1.5:
-    with two probes each sits on the k-boundary, the margin keeps them inside)."""
-    m = tiny_model(arch, seed=seed)
-    tok = char_tokenizer()
-    spec = spec_for(m.config)
-    n_layers = len(decoder_layers(m, spec))
-    g = torch.Generator().manual_seed(1)
-
-    def gauss():
-        return Gaussian.of(torch.randn(48, generator=g) * 0.3, torch.rand(48, generator=g) + 0.5)
-
-    plan = plan_neuron_adjust({i: gauss() for i in range(n_layers)}, {i: gauss() for i in range(n_layers)},
-                              top_percent=20, mode=mode, seed=0)
-    apply_neuron_adjust(m, spec, arch, plan)
-    bounds = None
-    if ksd:
-        layer = n_layers - 1
-        down = decoder_layers(m, spec)[layer].get_submodule(spec.down)
-        keys = []
-        h = down.register_forward_pre_hook(lambda mod, args: keys.append(args[0].reshape(-1, args[0].shape[-1])[-1].detach()))
-        try:
-            with torch.no_grad():
-                for p in FORGET:
-                    m(**tok(p, return_tensors="pt"))
-        finally:
-            h.remove()
-        k = torch.stack(keys).double()
-        bounds = {layer: ksd_bounds(k.mean(0), k.std(0), k.min(0).values, k.max(0).values, scale=1.5)}
-        apply_key_space(m, spec, arch, bounds)
-    edit = describe(arch, m, Plans(plan, bounds or {}), refusal=REFUSAL if ksd else None,
-                    refusal_ids=refusal_token_ids(tok, REFUSAL) if ksd else None)
-    return wrap(m, edit.config()), tok
+    """A tiny model with a synthetic NA plan and a KSD box fitted on the keys of FORGET
+    (``tests.helpers.patched_model``)."""
+    return patched_model(arch, mode, ksd=ksd, forget=tuple(FORGET), refusal=REFUSAL, seed=seed)
 
 
 def torch_greedy(model, tok, prompts, max_new=MAX_NEW) -> list[str]:

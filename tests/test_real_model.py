@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -196,7 +197,7 @@ def test_real_checkpoint_serves_in_vllm(real_run):
            "calls": [{"name": "g", "prompts": [r["prompt"] for r in pick], "params": {"temperature": 0, "max_tokens": 12}}]}
     (tmp / "vllm-job.json").write_text(json.dumps(job))
     proc = subprocess.run([str(VPY), str(ROOT / "tests" / "vllm_driver.py"), str(tmp / "vllm-job.json"), str(tmp / "vllm-out.json")],
-                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:]
     outs = json.loads((tmp / "vllm-out.json").read_text())["calls"]["g"]["outputs"]
