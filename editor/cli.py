@@ -156,13 +156,18 @@ def run_cmd(recipe: str, out: str | None, overwrite: bool, quiet: bool, dry_run:
               help="ordinary prompts whose refusals the scorecard reports: 'default' (the shipped held-out part), "
                    "'none', or a JSONL file of records with 'text' (and optionally 'category')")
 @click.option("--ordinary-new-tokens", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--format", "fmt", default="auto", show_default=True, type=click.Choice(["auto", "raw", "chat", "both"]),
+              help="the form the prompts reach the model in: raw, chat (the tokenizer's chat template), both; "
+                   "auto: both when the tokenizer has a chat template")
+@click.option("--attacks", default=None, metavar="SKILL",
+              help="wrap SKILL's requests (from --data) in the shipped attack suite and report the share refused per family")
 @click.option("--trust-remote-code", is_flag=True,
               help="run code shipped with CHECKPOINT (or --base) when it differs from this tool's own runtime "
                    "(default: refuse; a checkpoint whose runtime is byte-identical is scored with the tool's own)")
 @friendly
 @long_command
 def eval_cmd(checkpoint, data, base, out, batch_size, max_new_tokens, limit, ordinary, ordinary_new_tokens,
-             trust_remote_code, quiet) -> None:
+             fmt, attacks, trust_remote_code, quiet) -> None:
     """Forget/retain scorecard of CHECKPOINT, before vs after: exact match, abstention, relative drop;
     and the share of ordinary prompts it refuses. Runs no code shipped with the checkpoint unless
     --trust-remote-code."""
@@ -173,7 +178,7 @@ def eval_cmd(checkpoint, data, base, out, batch_size, max_new_tokens, limit, ord
         check_file_destination(out)
     card = evaluate_checkpoint(checkpoint, data, base=base, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit,
                                ordinary=ordinary, ordinary_new_tokens=ordinary_new_tokens,
-                               trust_remote_code=trust_remote_code, progress=not quiet)
+                               trust_remote_code=trust_remote_code, progress=not quiet, format=fmt, attacks=attacks)
     click.echo(render_scorecard(card))
     if out:
         atomic_write_json(out, card)

@@ -1,5 +1,8 @@
 """Named text sets: local files (jsonl, json, csv, parquet, txt) or Hub datasets, a template over
-each record's fields, a ``where`` filter, ``limit``, deterministic order."""
+each record's fields (or a conversation field), a ``where`` filter, ``limit``, deterministic order,
+and the form each text reaches the model in: ``raw`` (the text as rendered) or ``chat`` (through the
+tokenizer's chat template, as chat clients, ``transformers``' chat pipeline and vLLM's
+``/v1/chat/completions`` send it)."""
 
 from __future__ import annotations
 
@@ -21,12 +24,32 @@ LOCAL_EXT = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parq
 
 @dataclass
 class TextSet:
-    """The texts of one named set plus the records they came from and their description."""
+    """The texts of one named set plus the records they came from (one per text) and their
+    description; ``forms``: the form of each text (``raw`` / ``chat``; None: all raw). A set in both
+    forms holds every record twice: first all raw texts, then all chat texts."""
 
     name: str
     texts: list[str]
     records: list[dict]
     info: dict
+    forms: list[str] | None = None
+
+    def form_of(self, i: int) -> str:
+        return "raw" if self.forms is None else self.forms[i]
+
+    @property
+    def form_names(self) -> list[str]:
+        """The forms present, in order (``["raw"]`` for a plain set)."""
+        return ["raw"] if self.forms is None else list(dict.fromkeys(self.forms))
+
+    def in_form(self, form: str) -> "TextSet":
+        """The texts of one form as a set of their own (the same set when it has only that form)."""
+        if self.form_names == [form]:
+            return self
+        idx = [i for i in range(len(self.texts)) if self.form_of(i) == form]
+        texts = [self.texts[i] for i in idx]
+        return TextSet(f"{self.name}[{form}]", texts, [self.records[i] for i in idx],
+                       {**self.info, "texts": len(texts), "fingerprint": fingerprint(texts)}, [form] * len(texts))
 
 
 def _template_fields(template: str) -> list[str]:
@@ -169,6 +192,81 @@ def check_scorecard_records(name: str, records: list[dict], field: str = "evalua
                 raise EditorError(f"{field}: set {name!r}: record {i}: {key} is {type(r[key]).__name__}, not text")
 
 
+ROLES = ("system", "user", "assistant")
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def check_messages(messages, where: str) -> list[dict]:
+    """A conversation: a non-empty list of {role: system|user|assistant, content: text}."""
+    if not isinstance(messages, list) or not messages:
+        raise EditorError(f"{where}: a conversation is a non-empty list of {{role, content}} messages")
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise EditorError(f"{where}: message {j} must be {{role: system|user|assistant, content: text}}")
+    return messages
+
+
+def chat_text(tokenizer, messages: list[dict]) -> str:
+    """The prompt a chat client sends for ``messages``: the tokenizer's chat template, with the
+    assistant's generation prompt after a user turn, as text. Every text of the tool is tokenized
+    with the tokenizer's special tokens, so a BOS that the template writes and the tokenizer adds
+    again is dropped from the text: it tokenizes to exactly ``apply_chat_template``'s ids."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False,
+                                         add_generation_prompt=messages[-1]["role"] == "user")
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and text.startswith(bos):
+        added = tokenizer("", add_special_tokens=True)["input_ids"]
+        if added and added[0] == tokenizer.bos_token_id:
+            text = text[len(bos):]
+    return text
+
+
+def raw_conversation(messages: list[dict]) -> str:
+    """A conversation in raw form: 'User: …' / 'Assistant: …' paragraphs (a system turn as its text),
+    ending with 'Assistant:' after a user turn — how a completion model is asked in turns."""
+    names = {"user": "User: ", "assistant": "Assistant: ", "system": ""}
+    text = "\n\n".join(names[m["role"]] + m["content"] for m in messages)
+    return text + ("\n\nAssistant:" if messages[-1]["role"] == "user" else "")
+
+
+def resolve_format(fmt: str, tokenizer, where: str) -> list[str]:
+    """The forms of a format: ``auto`` is both when ``tokenizer`` has a chat template, else raw;
+    ``chat`` / ``both`` without a chat template is an error."""
+    chat = tokenizer is not None and has_chat_template(tokenizer)
+    if fmt == "auto":
+        return ["raw", "chat"] if chat else ["raw"]
+    if fmt == "raw":
+        return ["raw"]
+    if not chat:
+        raise EditorError(f"{where}: format {fmt!r} needs a chat template, and the model's tokenizer has none "
+                          f"(use format: raw)")
+    return ["chat"] if fmt == "chat" else ["raw", "chat"]
+
+
+def in_forms(name: str, texts: list[str], records: list[dict], info: dict, forms: list[str], tokenizer,
+             conversations: list[list[dict]] | None = None) -> TextSet:
+    """A set of requests in ``forms``: each text (or conversation) raw and/or as a chat user turn.
+    A plain raw set is returned as it was (no ``format`` in its description: statistics of raw sets
+    are unchanged by this feature)."""
+    if forms == ["raw"] and conversations is None:
+        return TextSet(name, texts, records, info)
+    out_t, out_r, out_f = [], [], []
+    for form in forms:
+        for i, (t, r) in enumerate(zip(texts, records)):
+            conv = conversations[i] if conversations is not None else [{"role": "user", "content": t}]
+            if form == "chat":
+                out_t.append(chat_text(tokenizer, conv))
+            else:
+                out_t.append(raw_conversation(conv) if conversations is not None else t)
+            out_r.append(r)
+            out_f.append(form)
+    info = {**info, "format": "both" if len(forms) > 1 else forms[0], "texts": len(out_t), "fingerprint": fingerprint(out_t)}
+    return TextSet(name, out_t, out_r, info, out_f)
+
+
 def fingerprint(texts: list[str]) -> str:
     h = hashlib.sha256()
     for t in texts:
@@ -176,10 +274,21 @@ def fingerprint(texts: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def load_set(recipe: Recipe, name: str, min_texts: int = 2) -> TextSet:
+def load_set(recipe: Recipe, name: str, min_texts: int = 2, tokenizer=None) -> TextSet:
+    """One named set, rendered in its format (``Recipe.set_format``; ``tokenizer``: the model's, for
+    the chat form and to resolve ``auto`` — without one, ``auto`` is raw)."""
     spec = recipe.data[name]
     records, source = load_records(spec, recipe.base_dir, name)
-    texts = render(records, spec.text, name)
+    conversations = None
+    if spec.messages is not None:
+        conversations = []
+        for i, r in enumerate(records):
+            if spec.messages not in r:
+                raise EditorError(f"data.{name}.messages: record {i} has no field {spec.messages!r}")
+            conversations.append(check_messages(r[spec.messages], f"data.{name}.messages: record {i}"))
+        texts = [raw_conversation(c) for c in conversations]
+    else:
+        texts = render(records, spec.text, name)
     if not texts:
         raise EditorError(f"data.{name}: the set is empty")
     if len(texts) < min_texts:
@@ -189,53 +298,76 @@ def load_set(recipe: Recipe, name: str, min_texts: int = 2) -> TextSet:
         "split": spec.split,
         "name": spec.name,
         "revision": spec.revision,
-        "template": spec.text,
+        "template": spec.text if spec.messages is None else None,
+        "messages": spec.messages,
         "where": spec.where,
         "texts": len(texts),
         "fingerprint": fingerprint(texts),
     }
-    return TextSet(name, texts, records, {k: v for k, v in info.items() if v is not None})
+    info = {k: v for k, v in info.items() if v is not None}
+    forms = resolve_format(recipe.set_format(name), tokenizer, f"data.{name}.format")
+    return in_forms(name, texts, records, info, forms, tokenizer, conversations)
 
 
-def load_all(recipe: Recipe, names: list[str] | None = None) -> dict[str, TextSet]:
+def needs_tokenizer(recipe: Recipe) -> bool:
+    """Whether loading the recipe's sets needs the model's tokenizer: some set (or the shipped
+    background / ordinary prompts) may be rendered in chat form."""
+    used = [recipe.set_format(n) for n in recipe.data]
+    if background_used(recipe) or (recipe.evaluate and recipe.evaluate.ordinary == "default"):
+        used.append(recipe.set_format(None))
+    return any(f != "raw" for f in used)
+
+
+def load_all(recipe: Recipe, names: list[str] | None = None, tokenizer=None) -> dict[str, TextSet]:
     """Load (and validate) every named set, before any weight is loaded."""
-    return {n: load_set(recipe, n) for n in (names or list(recipe.data))}
+    return {n: load_set(recipe, n, tokenizer=tokenizer) for n in (names or list(recipe.data))}
 
 
-def ordinary_set(part: str, name: str) -> TextSet:
+def ordinary_set(part: str, name: str, forms: list[str] | None = None, tokenizer=None) -> TextSet:
     """The shipped ordinary prompts of one part (``editor.ordinary``: ``calibration`` — the default
-    background negatives — or ``evaluation`` — the default false-refusal set) as a text set."""
+    background negatives — or ``evaluation`` — the default false-refusal set) as a text set, in
+    ``forms`` (default raw)."""
     from editor import ordinary
 
     records = ordinary.load(part)
     texts = [r["text"] for r in records]
     info = {"source": f"skill-editor:ordinary/{part}", "texts": len(texts), "fingerprint": fingerprint(texts)}
-    return TextSet(name, texts, records, info)
+    return in_forms(name, texts, records, info, forms or ["raw"], tokenizer)
 
 
 def _union(name: str, parts: list[TextSet]) -> TextSet:
     texts = [t for p in parts for t in p.texts]
     records = [r for p in parts for r in p.records]
     info = {"sets": [p.name for p in parts], "texts": len(texts), "fingerprint": fingerprint(texts)}
-    return TextSet(name, texts, records, info)
+    forms = None if all(p.forms is None for p in parts) else [p.form_of(i) for p in parts for i in range(len(p.texts))]
+    return TextSet(name, texts, records, info, forms)
 
 
-def background_set(recipe: Recipe, sets: dict[str, TextSet]) -> TextSet | None:
+def background_used(recipe: Recipe) -> bool:
+    ks = recipe.key_space
+    return bool(ks is not None and ks.calibrated and ks.background == "default")
+
+
+def background_set(recipe: Recipe, sets: dict[str, TextSet], tokenizer=None) -> TextSet | None:
     """The calibration's background negatives (``key_space.background``), as one set: the budget
-    holds on it as a whole, like on each retain set. None when the recipe has no calibration."""
+    holds on it as a whole, like on each retain set (in each form). None when the recipe has no
+    calibration. The shipped prompts come in the recipe's format."""
     ks = recipe.key_space
     if ks is None or not ks.calibrated or ks.background == "none":
         return None
     if ks.background == "default":
-        return ordinary_set("calibration", BACKGROUND)
+        forms = resolve_format(recipe.set_format(None), tokenizer, "format")
+        return ordinary_set("calibration", BACKGROUND, forms, tokenizer)
     return _union(BACKGROUND, [sets[n] for n in ks.background_sets])
 
 
-def ordinary_eval_set(recipe: Recipe, sets: dict[str, TextSet]) -> TextSet | None:
-    """The scorecard's ordinary prompts (``evaluate.ordinary``), whose refusals it reports."""
+def ordinary_eval_set(recipe: Recipe, sets: dict[str, TextSet], tokenizer=None) -> TextSet | None:
+    """The scorecard's ordinary prompts (``evaluate.ordinary``), whose refusals it reports (in each
+    form)."""
     ev = recipe.evaluate
     if ev is None or ev.ordinary == "none":
         return None
     if ev.ordinary == "default":
-        return ordinary_set("evaluation", ORDINARY)
+        forms = resolve_format(recipe.set_format(None), tokenizer, "format")
+        return ordinary_set("evaluation", ORDINARY, forms, tokenizer)
     return sets[ev.ordinary]

@@ -59,6 +59,10 @@ def template_fields(template: str) -> list[tuple[str, int | None]]:
     return out
 
 
+Form = Literal["raw", "chat"]
+FORMS: tuple[str, ...] = ("raw", "chat")
+
+
 class DataSetSpec(_Strict):
     """A named text set: a local file (jsonl/json/csv/parquet/txt) or a Hub dataset."""
 
@@ -70,12 +74,30 @@ class DataSetSpec(_Strict):
                                             "plain field names, or a list field's element: {test_list[0]}")
     where: dict[str, str | list[str]] | None = Field(None, description="keep records whose field equals / is in the value(s)")
     limit: Annotated[int, Field(gt=0)] | None = None
+    format: Literal["raw", "chat", "both"] | None = Field(
+        None,
+        description="how the texts reach the model: raw (as the template renders them), chat (each text as the user "
+                    "turn of the tokenizer's chat template, with the assistant's generation prompt) or both (each text "
+                    "twice). Default: the recipe's format for the sets read as requests (key_space sets, the scorecard "
+                    "and its ordinary prompts), raw for the rest — neuron_adjust / prune read the text a model writes, "
+                    "not a request")
+    messages: str | None = Field(
+        None,
+        description="a record field holding a conversation (a list of {role, content}) instead of a text template: "
+                    "chat form renders it through the chat template, raw form as 'User: …' / 'Assistant: …' "
+                    "paragraphs; multi-turn requests are decided on the whole conversation")
 
     @field_validator("text")
     @classmethod
     def _template(cls, v: str) -> str:
         template_fields(v)
         return v
+
+    @model_validator(mode="after")
+    def _messages(self) -> "DataSetSpec":
+        if self.messages is not None and self.text != type(self).model_fields["text"].default:
+            raise ValueError("give text (a template) or messages (a conversation field), not both")
+        return self
 
 
 class ProfileSpec(_Strict):
@@ -216,6 +238,11 @@ class EvaluateSpec(_Strict):
     ordinary_new_tokens: Annotated[int, Field(gt=0)] = Field(
         8, description="tokens generated per ordinary prompt: enough for check: every_call to test a few generated "
                        "tokens; check: prompt decides on the prompt alone")
+    attacks: str | None = Field(
+        None, description="a skill of the scorecard set whose requests are wrapped in the shipped attack suite "
+                          "(injection, role play, fake system text, story, other languages, formats, continuation, "
+                          "multi-turn; its evaluation part, never fitted): the card reports the share refused per "
+                          "attack family and form. Off by default: it adds a few hundred prompts")
 
 
 RESERVED_SET_NAMES = ("default", "none")
@@ -233,6 +260,13 @@ class Recipe(_Strict):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: str = "auto"
     trust_remote_code: bool = False
+    format: Literal["auto", "raw", "chat", "both"] = Field(
+        "auto",
+        description="the form of the request sets (key_space forget / retain / background, the scorecard and its "
+                    "ordinary prompts) that do not set their own: raw, chat (through the tokenizer's chat template), "
+                    "both, or auto — both when the tokenizer has a chat template, else raw. The default fits and scores "
+                    "a guard on what a deployed instruct model sees (chat clients send the template) and on raw "
+                    "completion prompts alike; fitted on raw text only, a guard misses the same request in chat form")
     data: dict[str, DataSetSpec]
     profile: ProfileSpec = ProfileSpec()
     neuron_adjust: NeuronAdjustSpec | None = None
@@ -349,6 +383,25 @@ class Recipe(_Strict):
         if self.key_space:
             used.add(self.key_space.forget)
         return [n for n in self.data if n in used]
+
+    def request_sets(self) -> list[str]:
+        """The sets read as requests (a user's prompt), rendered in the recipe's ``format`` unless they
+        set their own: the key_space forget / retain / background sets and the scorecard's sets."""
+        names = set()
+        if self.key_space:
+            names.update([self.key_space.forget, *self.key_space.retain_sets, *self.key_space.background_sets])
+        if self.evaluate:
+            names.add(self.evaluate.data)
+            if self.evaluate.ordinary not in RESERVED_SET_NAMES:
+                names.add(self.evaluate.ordinary)
+        return [n for n in self.data if n in names]
+
+    def set_format(self, name: str | None) -> str:
+        """The format of one set before the tokenizer is known (``auto`` possible): its own, else the
+        recipe's for a request set (``name`` None: the shipped background / ordinary prompts), else raw."""
+        if name is not None and self.data[name].format is not None:
+            return self.data[name].format
+        return self.format if name is None or name in self.request_sets() else "raw"
 
     def recorded(self, path: str) -> str:
         """A path of this recipe as the files the tool writes record it (``recorded_path``)."""

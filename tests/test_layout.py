@@ -18,7 +18,7 @@ ORDER = [
     "editor", "editor.errors", "editor.hooks", "editor.io", "editor.threads",
     "editor.runtime", "editor.runtime.configuration_skill_editor", "editor.runtime.modeling_skill_editor",
     "editor.manifest",
-    "editor.recipe", "editor.ordinary", "editor.data",
+    "editor.recipe", "editor.ordinary", "editor.attacks", "editor.data",
     "editor.model", "editor.model.tokens", "editor.model.arch", "editor.model.identity", "editor.model.loading",
     "editor.profile", "editor.profile.stats", "editor.profile.collect", "editor.profile.profile",
     "editor.profile.distributed",
@@ -26,7 +26,7 @@ ORDER = [
     "editor.plan", "editor.patch",
     "editor.export", "editor.export.card", "editor.export.hf", "editor.export.onnx",
     "editor.checkpoint", "editor.onnx_runtime", "editor.hub",
-    "editor.eval", "editor.eval.scorecard", "editor.eval.sandbox", "editor.eval.scorers", "editor.eval.lmeval",
+    "editor.eval", "editor.eval.attacks", "editor.eval.scorecard", "editor.eval.sandbox", "editor.eval.scorers", "editor.eval.lmeval",
     "editor.dryrun", "editor.pipeline",
     "editor.serve.*",  # reserved for the serving plugins: any module of the package, imports among them free
     "editor.cli", "editor.__main__",

@@ -27,6 +27,9 @@ from pathlib import Path
 PROMPTS = Path(__file__).parent / "prompts.jsonl"
 SEED = 20261128
 HELD_OUT_CATEGORIES = ("roleplay_dialogue", "wordplay_trivia")
+# near-neighbour contrast: prompts that look like a forgotten skill (math, Python) but are not it —
+# scorecards report them on their own line, apart from the headline false-refusal rate
+CONTRAST_CATEGORIES = ("near_math_numbers", "near_math_talk", "near_python_talk", "code_other")
 PARTS = (("calibration", 0.45), ("development", 0.15), ("evaluation", 0.40))
 
 
