@@ -321,18 +321,18 @@ def calibration_plan(recipe: Recipe, sets: dict[str, dict], n_layers: int, d_ff:
     if ks.detector == "linear":
         q = sum(int(c) for c in counts) if all(c is not None for c in counts) else None
         feat = n_layers * d_ff
-        fitted = min(feat, ks.max_features)
-        # what the calibration adds above the profile's peak (docs/SCALE.md, measured on SmolLM2): the pooled
-        # keys, allocated once and filled in place, plus one fold's float64 feature matrix at a time
-        # (standardized in place; its training rows are 4/5 of the queries, the held-out ones are
-        # gathered after it is freed), plus L-BFGS's 2 × 20 history vectors of the fitted features
-        lbfgs = 45 * fitted * 8
+        # what the calibration adds above the profile's peak: the pooled keys (allocated once, filled in
+        # place), the float64 Gram matrix of the queries and one fold's copy of it with its
+        # eigenvectors, and one layer's standardized keys (float64 and float32) at a time
+        def fit_bytes(n: int) -> int:
+            return 4 * n * n * 8 + n * d_ff * 12
+
         memory = (f"≤ {q} queries × {n_layers} layers × {d_ff} × 4 B = {human_bytes(q * feat * 4)} of pooled keys (float32), "
-                  f"+ {q} × {fitted} features × 8 B = {human_bytes(q * fitted * 8)} per fit (float64, one fold at a time) "
-                  f"+ {human_bytes(lbfgs)} of L-BFGS state → ≤ {human_bytes(q * feat * 4 + q * fitted * 8 + lbfgs)} "
-                  f"above the profile's peak"
+                  f"+ {human_bytes(fit_bytes(q))} for the fit (the {q} × {q} Gram matrix, a fold's copy and its "
+                  f"eigenvectors, one layer's standardized keys) → ≤ {human_bytes(q * feat * 4 + fit_bytes(q))} above the "
+                  f"profile's peak (a set in both raw and chat form counts twice)"
                   if q is not None else f"queries × {n_layers} layers × {d_ff} × 4 B of pooled keys (float32) "
-                  f"+ queries × {fitted} features × 8 B per fit (float64) above the profile's peak")
+                  f"+ 4 × queries² × 8 B for the fit above the profile's peak")
         return {"lines": [
             f"key_space    forget {ks.forget!r}: pooled linear detector — every layer's key max-pooled over the prompt's "
             f"tokens, one linear score fitted at profile time; the recipe's layer ({ks.layer}) and scale ({ks.scale:g}) are not used",

@@ -157,8 +157,7 @@ def calibrate_job(job: Job, model, tokenizer, spec: ArchSpec) -> tuple[dict, dic
     fit = dict(budget=ks.false_positive_budget, folds=ks.folds, seed=ks.seed, retain_names=names)
     if ks.detector == "linear":
         record, weights = calibrate_linear(collect.pooled_keys(model, tokenizer, spec, forget, **kw),
-                                           collect.pooled_keys(model, tokenizer, spec, retain, **kw), group,
-                                           max_features=ks.max_features, **fit)
+                                           collect.pooled_keys(model, tokenizer, spec, retain, **kw), group, **fit)
     else:
         new_tokens = continuation_tokens(ks.check)
 

@@ -158,9 +158,6 @@ class KeySpaceSpec(_Strict):
         description="box (the paper's hypercube on the last token's key; calibrated or not) or linear (a pooled "
                     "linear detector over every layer's key, max-pooled over the prompt's tokens, fitted by the "
                     "calibration; needs retain queries and check: prompt)")
-    max_features: Annotated[int, Field(ge=1)] = Field(
-        65_536, description="linear detector: at most this many pooled-key features (over all layers) enter each fit, "
-                            "the best separated; float64 fit memory ≈ queries × max_features × 8 B")
     retain: str | list[str] | None = Field(None, description="retain queries: turns on calibration")
     background: str | list[str] = Field(
         "default",
@@ -323,10 +320,6 @@ class Recipe(_Strict):
             if self.key_space.calibrate and not (self.key_space.retain_sets or self.key_space.background != "none"):
                 raise ValueError("key_space.calibrate: calibration needs negatives: retain queries (key_space.retain) "
                                  "or a background set")
-            # (not "was it set": a dumped recipe — skill_editor.json, bench copies — carries the default)
-            default_max = type(self.key_space).model_fields["max_features"].default
-            if self.key_space.max_features != default_max and self.key_space.detector != "linear":
-                raise ValueError("key_space.max_features: applies to the linear detector only (key_space.detector: linear)")
             if self.key_space.detector == "linear":
                 if not self.key_space.calibrated:
                     raise ValueError("key_space.detector: the linear detector is fitted by the calibration; "
