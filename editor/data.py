@@ -217,10 +217,13 @@ def chat_text(tokenizer, messages: list[dict]) -> str:
     text = tokenizer.apply_chat_template(messages, tokenize=False,
                                          add_generation_prompt=messages[-1]["role"] == "user")
     bos = getattr(tokenizer, "bos_token", None)
-    if bos and text.startswith(bos):
-        added = tokenizer("", add_special_tokens=True)["input_ids"]
-        if added and added[0] == tokenizer.bos_token_id:
-            text = text[len(bos):]
+    added = tokenizer("", add_special_tokens=True)["input_ids"]
+    adds_bos = bool(added) and added[0] == getattr(tokenizer, "bos_token_id", None)
+    if adds_bos and bos and text.startswith(bos):
+        return text[len(bos):]
+    if adds_bos:
+        raise EditorError("format chat: the tokenizer adds a BOS token that its chat template does not write, so chat "
+                          "clients send no BOS where the tool would add one; use format: raw for this model")
     return text
 
 
