@@ -86,6 +86,18 @@ def load_records(spec: DataSetSpec, base_dir: Path, set_name: str) -> tuple[list
             return True
 
         records = [r for r in records if keep(r)]
+    if spec.limit_each:
+        (key, n), = spec.limit_each.items()
+        if records and key not in records[0]:
+            raise EditorError(f"data.{set_name}.limit_each: records have no field {key!r} (fields: {', '.join(records[0])})")
+        seen: dict[str, int] = {}
+        kept = []
+        for r in records:
+            v = str(r.get(key))
+            seen[v] = seen.get(v, 0) + 1
+            if seen[v] <= n:
+                kept.append(r)
+        records = kept
     if spec.limit is not None:
         records = records[: spec.limit]
     return records, source
@@ -304,6 +316,7 @@ def load_set(recipe: Recipe, name: str, min_texts: int = 2, tokenizer=None) -> T
         "template": spec.text if spec.messages is None else None,
         "messages": spec.messages,
         "where": spec.where,
+        "limit_each": spec.limit_each,
         "texts": len(texts),
         "fingerprint": fingerprint(texts),
     }

@@ -74,6 +74,9 @@ class DataSetSpec(_Strict):
                                             "plain field names, or a list field's element: {test_list[0]}")
     where: dict[str, str | list[str]] | None = Field(None, description="keep records whose field equals / is in the value(s)")
     limit: Annotated[int, Field(gt=0)] | None = None
+    limit_each: dict[str, Annotated[int, Field(gt=0)]] | None = Field(
+        None, description="at most this many records of each value of a field, in file order, e.g. {phrasing: 8}: a "
+                          "smaller set that keeps every phrasing / skill / category (a quick scorecard)")
     format: Literal["raw", "chat", "both"] | None = Field(
         None,
         description="how the texts reach the model: raw (as the template renders them), chat (each text as the user "
@@ -91,6 +94,13 @@ class DataSetSpec(_Strict):
     @classmethod
     def _template(cls, v: str) -> str:
         template_fields(v)
+        return v
+
+    @field_validator("limit_each")
+    @classmethod
+    def _one_field(cls, v):
+        if v is not None and len(v) != 1:
+            raise ValueError("name one field, e.g. {phrasing: 8}")
         return v
 
     @model_validator(mode="after")

@@ -247,3 +247,18 @@ def test_scoring_a_prompt_guard_from_the_base_answers_is_exact(tmp_path):
     assert fast["after"] == {s: dict(r) for s, r in slow_after["skills"].items()}
     assert fast["forms"]["chat"]["after"] == slow_after["forms"]["chat"]["skills"]
     assert 0 < fast["after"]["math"]["abstained"] and fast["after"]["math"]["abstained"] > fast["after"]["python"]["abstained"]
+
+
+def test_limit_each_keeps_every_group(tmp_path):
+    from editor.data import load_set
+
+    write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"p{i}", "phrasing": "ab"[i % 2]} for i in range(10)])
+    p = tmp_path / "r.yaml"
+    p.write_text("model: m\ndata:\n  s: {path: d.jsonl, text: '{prompt}', limit_each: {phrasing: 2}}\n")
+    assert load_set(load_recipe(p), "s").texts == ["p0", "p1", "p2", "p3"]
+    p.write_text("model: m\ndata:\n  s: {path: d.jsonl, text: '{prompt}', limit_each: {phrasing: 2, skill: 1}}\n")
+    with pytest.raises(EditorError, match="limit_each: name one field"):
+        load_recipe(p)
+    p.write_text("model: m\ndata:\n  s: {path: d.jsonl, text: '{prompt}', limit_each: {skill: 1}}\n")
+    with pytest.raises(EditorError, match="no field 'skill'"):
+        load_set(load_recipe(p), "s")
