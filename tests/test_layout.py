@@ -33,7 +33,7 @@ ORDER = [
     # the embedded default model and its training recipe: nothing in the product imports it
     "editor.testbed.tokenizer", "editor.testbed.corpus", "editor.testbed", "editor.testbed.train",
     # the real-model battery (SmolLM2) and its builder: data for recipes, tests and bench/
-    "editor.battery", "editor.battery.items", "editor.battery.build",
+    "editor.battery", "editor.battery.items", "editor.battery.requests", "editor.battery.build",
 ]
 
 
