@@ -18,7 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from editor.errors import EditorError
 
-DTYPES = ("auto", "float32", "float16", "bfloat16")
+# the one dtype type: the recipe's field, the CLI's choices, lm-eval's model_args, the torch dtypes
+# (``editor.model.loading``); ``auto`` keeps the checkpoint's own
+Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 
 
 class _Strict(BaseModel):
@@ -230,7 +232,7 @@ class Recipe(_Strict):
         None, description="the GGUF file inside the model directory or Hub repo (transformers dequantizes it); "
                           "not needed when model names the .gguf file itself")
     revision: str | None = None
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    dtype: Dtype = "auto"
     device: str = "auto"
     trust_remote_code: bool = False
     data: dict[str, DataSetSpec]

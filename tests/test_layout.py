@@ -26,7 +26,7 @@ ORDER = [
     "editor.plan", "editor.patch",
     "editor.export", "editor.export.card", "editor.export.hf", "editor.export.onnx",
     "editor.checkpoint", "editor.onnx_runtime", "editor.hub",
-    "editor.eval", "editor.eval.scorecard", "editor.eval.sandbox", "editor.eval.scorers", "editor.eval.lmeval",
+    "editor.eval", "editor.eval.paper", "editor.eval.scorecard", "editor.eval.lmeval",
     "editor.dryrun", "editor.pipeline",
     "editor.serve.*",  # reserved for the serving plugins: any module of the package, imports among them free
     "editor.cli", "editor.__main__",

@@ -423,34 +423,24 @@ def _load_error(what: str, e: Exception) -> EditorError:
     return EditorError(f"cannot load {what}: {first}")
 
 
-def evaluate_checkpoint(checkpoint, data, *, base: str | None = None, batch_size: int = 32,
-                        max_new_tokens: int | None = None, limit: int | None = None, ordinary: str = "default",
-                        ordinary_new_tokens: int = 8, trust_remote_code: bool = False, progress: bool = False) -> dict:
-    """Scorecard of an exported checkpoint against its own base model, and the share of ordinary
-    prompts (``load_ordinary``) the checkpoint refuses.
+def checkpoint_models(checkpoint, *, base: str | None = None, trust_remote_code: bool = False):
+    """The edited model of an exported checkpoint, then its own base model: yields
+    ``("after", model, tokenizer)`` and then ``("before", model, tokenizer)`` (the caller scores
+    each before asking for the next: the two never sit in memory together). The one way the
+    evaluation package loads a checkpoint (the scorecard and the benchmarks alike).
 
     For a skill-editor checkpoint the "before" model is the checkpoint with its patches removed
     (the neuron permutation does not change the function), so no separate base is needed; for a
     plain checkpoint (pruning baseline) ``base`` names the base model directory.
 
     No code shipped with a checkpoint runs unless ``trust_remote_code``: a patched checkpoint whose
-    shipped runtime is byte-identical to this tool's is scored with the tool's own runtime class
+    shipped runtime is byte-identical to this tool's is loaded with the tool's own runtime class
     (the same code, never imported from the checkpoint); one whose shipped code differs is refused —
     with ``trust_remote_code`` its own code is run (``AutoModelForCausalLM``) and the "before" model
     is ``restore``'s exact base. Tokenizers and plain models load with ``trust_remote_code`` off
-    (never a ``[y/N]`` prompt) unless it is given.
+    (never a ``[y/N]`` prompt) unless it is given. Everything that can be refused without weights
+    is refused before the first ``next``.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from editor.checkpoint import restore, shipped_code_differs
-    from editor.patch import remove_patches
-    from editor.runtime.modeling_skill_editor import SkillEditorForCausalLM
-
-    records = load_records(data)
-    if limit:
-        records = records[:limit]
-    ordinary_prompts = load_ordinary(ordinary)
-    refused = None
     ckpt = Path(checkpoint)
     if not (ckpt / CONFIG).exists():
         raise EditorError(f"{ckpt} is not a model directory (no {CONFIG})")
@@ -460,67 +450,83 @@ def evaluate_checkpoint(checkpoint, data, *, base: str | None = None, batch_size
         raise EditorError(f"cannot read {ckpt / CONFIG}: {e}") from None
     if not isinstance(cfg_json, dict):
         raise EditorError(f"{ckpt / CONFIG} is not a JSON object")
+    from editor.checkpoint import shipped_code_differs
+
     why = shipped_code_differs(ckpt, cfg_json)
     if why and not trust_remote_code:
         raise EditorError(f"{ckpt}: {why}; scoring it would run (or stand in for) code this tool does not ship — "
                           f"read it, then pass --trust-remote-code to run the checkpoint's own code")
-    remote = bool(trust_remote_code)
+    if not is_patched_config(cfg_json) and not base:
+        raise EditorError("a plain checkpoint has no patches to remove: pass --base BASE_MODEL_DIR for the 'before' column")
+    return _checkpoint_models(ckpt, cfg_json, why, base, bool(trust_remote_code))
+
+
+def _checkpoint_models(ckpt: Path, cfg_json: dict, why, base, remote: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from editor.checkpoint import restore
+    from editor.patch import remove_patches
+    from editor.runtime.modeling_skill_editor import SkillEditorForCausalLM
+
+    def load(cls, path, what, **kw):
+        try:
+            return cls.from_pretrained(str(path), **kw).eval()
+        except (OSError, ValueError, RuntimeError, ImportError) as e:
+            raise _load_error(what, e) from None
+
     try:
         tok = AutoTokenizer.from_pretrained(str(ckpt), trust_remote_code=remote)
     except (OSError, ValueError) as e:
         raise _load_error(f"the tokenizer of {ckpt}", e) from None
+    if is_patched_config(cfg_json) and not why:
+        # the tool's own runtime class: byte-identical to the shipped code, which is never imported
+        model = load(SkillEditorForCausalLM, ckpt, str(ckpt))
+        yield "after", model, tok
+        remove_patches(model.model, model.config.skill_editor["arch"])
+        yield "before", model.model, tok
+    elif is_patched_config(cfg_json):
+        # the user asked for the checkpoint's own (different) code; "before" is the exact base
+        import tempfile
+
+        model = load(AutoModelForCausalLM, ckpt, str(ckpt), trust_remote_code=True)
+        yield "after", model, tok
+        del model
+        with tempfile.TemporaryDirectory(prefix=".skill-editor-eval-") as tmp:
+            restored = restore(ckpt, Path(tmp) / "base", verify_first=False)
+            yield "before", load(AutoModelForCausalLM, restored, str(restored), trust_remote_code=False), tok
+    else:
+        model = load(AutoModelForCausalLM, ckpt, str(ckpt), trust_remote_code=remote)
+        yield "after", model, tok
+        del model
+        yield "before", load(AutoModelForCausalLM, base, f"the base model {base}", trust_remote_code=remote), tok
+
+
+def evaluate_checkpoint(checkpoint, data, *, base: str | None = None, batch_size: int = 32,
+                        max_new_tokens: int | None = None, limit: int | None = None, ordinary: str = "default",
+                        ordinary_new_tokens: int = 8, trust_remote_code: bool = False, progress: bool = False) -> dict:
+    """Scorecard of an exported checkpoint against its own base model (``checkpoint_models``), and
+    the share of ordinary prompts (``load_ordinary``) the checkpoint refuses."""
+    records = load_records(data)
+    if limit:
+        records = records[:limit]
+    ordinary_prompts = load_ordinary(ordinary)
+    models = checkpoint_models(checkpoint, base=base, trust_remote_code=trust_remote_code)
     kw = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
-
-    def refused_by(model):
-        if ordinary_prompts is None:
-            return None
-        return refusals(model, tok, ordinary_prompts.texts, ordinary_categories(ordinary_prompts.records),
-                        batch_size=batch_size, max_new_tokens=ordinary_new_tokens, progress=progress)
-
+    refused = None
     with torch.inference_mode():
-        if is_patched_config(cfg_json) and not why:
-            # the tool's own runtime class: byte-identical to the shipped code, which is never imported
-            try:
-                model = SkillEditorForCausalLM.from_pretrained(str(ckpt)).eval()
-            except (OSError, ValueError, RuntimeError) as e:
-                raise _load_error(str(ckpt), e) from None
-            after = score(model, tok, records, desc="scoring edited", **kw)
-            refused = refused_by(model)
-            remove_patches(model.model, model.config.skill_editor["arch"])
-            before = score(model.model, tok, records, desc="scoring base", **kw)
-        elif is_patched_config(cfg_json):
-            # the user asked for the checkpoint's own (different) code; "before" is the exact base
-            import tempfile
-
-            try:
-                model = AutoModelForCausalLM.from_pretrained(str(ckpt), trust_remote_code=True).eval()
-            except (OSError, ValueError, RuntimeError, ImportError) as e:
-                raise _load_error(str(ckpt), e) from None
-            after = score(model, tok, records, desc="scoring edited", **kw)
-            refused = refused_by(model)
-            del model
-            with tempfile.TemporaryDirectory(prefix=".skill-editor-eval-") as tmp:
-                restored = restore(ckpt, Path(tmp) / "base", verify_first=False)
-                base_model = AutoModelForCausalLM.from_pretrained(str(restored), trust_remote_code=False).eval()
-                before = score(base_model, tok, records, desc="scoring base", **kw)
-        else:
-            if not base:
-                raise EditorError("a plain checkpoint has no patches to remove: pass --base BASE_MODEL_DIR for the 'before' column")
-            try:
-                model = AutoModelForCausalLM.from_pretrained(str(ckpt), trust_remote_code=remote).eval()
-            except (OSError, ValueError, RuntimeError, ImportError) as e:
-                raise _load_error(str(ckpt), e) from None
-            after = score(model, tok, records, desc="scoring edited", **kw)
-            refused = refused_by(model)
-            del model
-            try:
-                base_model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=remote).eval()
-            except (OSError, ValueError, RuntimeError, ImportError) as e:
-                raise _load_error(f"the base model {base}", e) from None
-            before = score(base_model, tok, records, desc="scoring base", **kw)
+        _, model, tok = next(models)
+        after = score(model, tok, records, desc="scoring edited", **kw)
+        if ordinary_prompts is not None:
+            refused = refusals(model, tok, ordinary_prompts.texts, ordinary_categories(ordinary_prompts.records),
+                               batch_size=batch_size, max_new_tokens=ordinary_new_tokens, progress=progress)
+        del model
+        _, model, tok = next(models)
+        before = score(model, tok, records, desc="scoring base", **kw)
+        del model
+        models.close()
     cmp = compare(before, after)
     card = {
-        "checkpoint": str(ckpt),
+        "checkpoint": str(Path(checkpoint)),
         "data": str(data),
         "n": len(records),
         "before": before["skills"],

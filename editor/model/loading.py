@@ -7,17 +7,18 @@ import logging
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import get_args
 
 import torch
 
 from editor.errors import EditorError
 from editor.io import sha256_file
 from editor.model.arch import check_mapping, config_layers, resolve_layer, spec_for
-from editor.recipe import Recipe
+from editor.recipe import Dtype, Recipe
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = {name: getattr(torch, name) for name in get_args(Dtype) if name != "auto"}
 
 
 PACKAGE_SCHEME = "package:"
