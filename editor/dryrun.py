@@ -242,10 +242,10 @@ def check_set(recipe: Recipe, name: str) -> dict:
             info["texts"] = _texts_after_limit(rows, spec)
             info["checked"] = "header checked (fields ok)"
         else:
-            records, _ = load_records(spec, recipe.base_dir, name)
+            records, _, origins = load_records(spec, recipe.base_dir, name)
             if recipe.evaluate and recipe.evaluate.data == name:
-                check_scorecard_records(name, records)
-            texts = render(records, spec.text, name)
+                check_scorecard_records(records, origins, f"evaluate.data: set {name!r}")
+            texts = render(records, spec.text, name, origins)
             if not texts:
                 raise EditorError(f"data.{name}: the set is empty")
             if len(texts) < 2:

@@ -83,7 +83,8 @@ def prepare(recipe: Recipe | str | Path) -> Job:
     check_against_config(recipe, config)
     sets = load_all(recipe)
     if recipe.evaluate:
-        check_scorecard_records(recipe.evaluate.data, sets[recipe.evaluate.data].records)
+        scorecard = sets[recipe.evaluate.data]
+        check_scorecard_records(scorecard.records, scorecard.origins, f"evaluate.data: set {scorecard.name!r}")
     return Job(recipe, config, sets, path, background_set(recipe, sets), ordinary_eval_set(recipe, sets),
                model_file_identity(recipe))
 

@@ -321,27 +321,20 @@ def format_table(result: dict, after: Optional[dict] = None, by: str = "skills")
 # ---------------------------------------------------------------------------------------------
 
 
-def load_records(path) -> list[dict]:
-    """Scorecard records from a JSONL file: each needs ``prompt`` and ``answer`` (``skill`` optional)."""
+def scorecard_records(path) -> list[dict]:
+    """``eval --data``: scorecard records from a JSONL file (``editor.io.read_jsonl``), checked by
+    the validator ``run`` uses (``editor.data.check_scorecard_records``)."""
+    from editor.data import check_scorecard_records
+    from editor.io import read_jsonl
+
     p = Path(path)
-    if not p.exists():
-        raise EditorError(f"eval data not found: {p}")
-    out = []
-    with p.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                raise EditorError(f"{p.name} line {i} is not valid JSON") from None
-            for k in ("prompt", "answer"):
-                if k not in rec:
-                    raise EditorError(f"{p.name} line {i}: record has no field {k!r}")
-            out.append(rec)
-    if not out:
-        raise EditorError(f"{p.name}: no records")
-    return out
+    if not p.is_file():
+        raise EditorError(f"--data: no such file: {p}")
+    records, lines = read_jsonl(p, "--data")
+    if not records:
+        raise EditorError(f"--data: {p.name} holds no records")
+    check_scorecard_records(records, [f"{p.name} line {n}" for n in lines], "--data")
+    return records
 
 
 def ordinary_categories(records: Sequence[dict]) -> list[str]:
@@ -393,6 +386,7 @@ def load_ordinary(spec: str):
     """``--ordinary``: 'default' (the shipped prompts' evaluation part), 'none' (None) or a JSONL
     file whose records carry ``text`` (and optionally ``category``)."""
     from editor.data import ORDINARY, TextSet, fingerprint, ordinary_set
+    from editor.io import read_jsonl
 
     if spec == "none":
         return None
@@ -401,21 +395,15 @@ def load_ordinary(spec: str):
     p = Path(spec)
     if not p.is_file():
         raise EditorError(f"--ordinary: no such file: {spec} (or 'default' / 'none')")
-    records = []
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            raise EditorError(f"--ordinary: {p.name} line {i} is not valid JSON") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-            raise EditorError(f"--ordinary: {p.name} line {i}: a record needs a 'text' string")
-        records.append(rec)
+    records, lines = read_jsonl(p, "--ordinary")
+    for rec, n in zip(records, lines):
+        if not isinstance(rec.get("text"), str):
+            raise EditorError(f"--ordinary: {p.name} line {n}: a record needs a 'text' string")
     if not records:
         raise EditorError(f"--ordinary: {p.name} holds no records")
     texts = [r["text"] for r in records]
-    return TextSet(p.stem, texts, records, {"source": p.name, "texts": len(texts), "fingerprint": fingerprint(texts)})
+    return TextSet(p.stem, texts, records, {"source": p.name, "texts": len(texts), "fingerprint": fingerprint(texts)},
+                   [f"{p.name} line {n}" for n in lines])
 
 
 def _load_error(what: str, e: Exception) -> EditorError:
@@ -506,7 +494,7 @@ def evaluate_checkpoint(checkpoint, data, *, base: str | None = None, batch_size
                         ordinary_new_tokens: int = 8, trust_remote_code: bool = False, progress: bool = False) -> dict:
     """Scorecard of an exported checkpoint against its own base model (``checkpoint_models``), and
     the share of ordinary prompts (``load_ordinary``) the checkpoint refuses."""
-    records = load_records(data)
+    records = scorecard_records(data)
     if limit:
         records = records[:limit]
     ordinary_prompts = load_ordinary(ordinary)
