@@ -81,7 +81,7 @@ def test_eval_refuses_a_plain_checkpoint_that_names_custom_code(ckpt, no_prompt,
 @pytest.mark.parametrize("rows, want", [
     # a record the tokenizer would choke on: the validator `run` uses, one line, the file's line number
     (['{"prompt": "1 + 1 =", "answer": "2"}', "", '{"prompt": 3, "answer": "4"}'], "--data: bad.jsonl line 3: prompt is int, not text"),
-    (['{"prompt": "1 + 1 =", "answer": "2"}', '{"prompt": "x"}'], "--data: bad.jsonl line 2 has no field 'answer'"),
+    (['{"prompt": "1 + 1 =", "answer": "2"}', '{"prompt": "x"}'], "--data: bad.jsonl line 2 has no field 'answer' (a scorecard record needs prompt and answer; fields: prompt)"),
     (['{"prompt": "1 + 1 =", "answer": "2"}', "", "", "not json"], "--data: bad.jsonl line 4 is not valid JSON"),
     (["[1, 2]"], "--data: bad.jsonl line 1 is not a JSON object"),
 ])
