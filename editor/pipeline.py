@@ -29,7 +29,7 @@ from editor.patch import apply_neuron_adjust, apply_plans, wrap
 from editor.plan import NA_SUFFIX, Plans, ksd_set_name, plan_all, plan_na
 from editor.profile import collect
 from editor.profile.distributed import Dist, session
-from editor.profile.profile import profile_set
+from editor.profile.stream import profile_set
 from editor.profile.stats import (STATS_NAME, ProfiledSets, StatsFile, check_identity, load_stats, provenance, save_stats,
                                   stats_path)
 from editor.recipe import Recipe, load_recipe
