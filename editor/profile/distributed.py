@@ -44,7 +44,6 @@ from editor.model.loading import param_bytes, pick_dtype
 from editor.profile.stream import profile_set
 from editor.profile.stats import Moments, SetStats
 
-ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 TIMEOUT = timedelta(minutes=60)
 _MSG_LIMIT = 4000  # bytes of an error message sent to the other ranks
 
