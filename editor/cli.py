@@ -15,6 +15,7 @@ import click
 
 from editor import __version__
 from editor.errors import EditorError
+from editor.eval.lmeval import PAPER_TASKS
 from editor.recipe import Dtype
 
 
@@ -269,7 +270,7 @@ def push_cmd(checkpoint: str, repo_id: str, public: bool, revision: str | None, 
 
 @main.command("lm-eval-command")
 @click.argument("checkpoint")
-@click.option("--tasks", default="gsm8k_cot,mbpp,mmlu", show_default=True, help="comma-separated lm-eval task names")
+@click.option("--tasks", default=",".join(PAPER_TASKS), show_default=True, help="comma-separated lm-eval task names")
 @click.option("--batch-size", default="8", show_default=True, help="a positive integer, 'auto' or 'auto:N'")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the harness's own)")
 @click.option("--dtype", default="bfloat16", show_default=True, type=click.Choice(get_args(Dtype)))
@@ -280,7 +281,7 @@ def push_cmd(checkpoint: str, repo_id: str, public: bool, revision: str | None, 
 @friendly
 def lm_eval_command_cmd(checkpoint, tasks, batch_size, device, dtype, num_fewshot, limit, output_path, log_samples) -> None:
     """Print the lm-evaluation-harness command that scores CHECKPOINT (an exported directory or a
-    Hub repo id). Nothing is run; lm_eval is not a dependency of skill-editor."""
+    Hub repo id). Nothing is run (`eval --benchmark` scores in process)."""
     from editor.eval.lmeval import lm_eval_command
 
     cmd = lm_eval_command(checkpoint, tasks, batch_size=batch_size, device=device, dtype=dtype, num_fewshot=num_fewshot,

@@ -30,10 +30,11 @@ from pathlib import Path
 from typing import Sequence, get_args
 
 from editor.errors import EditorError
+from editor.eval.paper import BENCHMARKS
 from editor.recipe import Dtype
 
-# the paper's benchmarks in the harness: 8-shot CoT GSM8K (Wei et al. exemplars), MBPP, 5-shot MMLU
-PAPER_TASKS = ("gsm8k_cot", "mbpp", "mmlu")
+# the paper's benchmarks in the harness (``editor.eval.paper.BENCHMARKS``)
+PAPER_TASKS = tuple(BENCHMARKS[n].task for n in ("gsm8k", "mbpp", "mmlu"))
 CODE_TASK_PATTERN = re.compile(r"(mbpp|humaneval|apps|ds1000|code)", re.IGNORECASE)
 _TASK = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 _DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
@@ -240,8 +241,6 @@ def task_specs(names: Sequence[str], data_dir=None, tmp: Path | None = None) -> 
     ``tmp`` that includes the registered one and reads the test documents from
     ``DATA_DIR/<benchmark>.jsonl`` (records in the Hub data set's schema: a local copy, MLQA's
     fallback, or small data for an offline check)."""
-    from editor.eval.paper import BENCHMARKS
-
     if data_dir is None:
         return {n: BENCHMARKS[n].task for n in names}
     import yaml
@@ -292,8 +291,6 @@ def score_benchmarks(model, tokenizer, names: Sequence[str], specs: dict[str, st
     log-likelihood tasks; ``score`` counts every refused document as wrong."""
     import logging
 
-    from editor.eval.paper import BENCHMARKS
-
     simple_evaluate, _, TaskManager = _harness()
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     lm = _lm(model, tokenizer, batch_size)
@@ -319,7 +316,7 @@ def evaluate_benchmarks(checkpoint, names, *, base: str | None = None, trust_rem
 
     import torch
 
-    from editor.eval.paper import BENCHMARKS, benchmarks, paper_cell, paper_reference, relative_report
+    from editor.eval.paper import benchmarks, paper_cell, paper_reference, relative_report
     from editor.eval.scorecard import checkpoint_models
 
     names = benchmarks(names)
