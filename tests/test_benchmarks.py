@@ -157,35 +157,38 @@ def _render(recipe_file: Path, set_name: str, record: dict) -> str:
 
 def _harness_prompt(name: str, record: dict, tmp_path: Path) -> str:
     """The prompt lm-eval builds for ``record`` in the benchmark's task (its few-shot count)."""
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import get_task_dict
 
-    from editor.eval.lmeval import task_specs
+    from editor.eval.lmeval import task_manager, task_specs
 
     write_jsonl(tmp_path / f"{name}.jsonl", [record])
     spec = task_specs([name], tmp_path, tmp_path)[name]
-    task = next(iter(get_task_dict([spec], TaskManager()).values()))
+    task = next(iter(get_task_dict([spec], task_manager()).values()))
     shots = paper.BENCHMARKS[name].num_fewshot
     task.set_config("num_fewshot", shots if shots is not None else task.config.num_fewshot or 0)
     return task.fewshot_context(task.test_docs()[0], task.config.num_fewshot)
 
 
-@pytest.mark.parametrize("model", ["llama-3-8b", "llama-2-7b", "gemma-2b"])
-def test_gsm8k_recipe_queries_are_the_harness_prompt(model, tmp_path):
+def test_gsm8k_recipe_queries_are_the_harness_prompt(tmp_path):
     q = {"question": "Tom has 3 apples and buys 2 more. How many apples does he have?", "answer": "So.\n#### 5"}
-    assert _render(PAPER_RECIPES / f"{model}-forget-gsm8k-ksd.yaml", "gsm8k_queries", q) == _harness_prompt("gsm8k", q, tmp_path)
+    want = _harness_prompt("gsm8k", q, tmp_path)
+    assert want.count("Q: ") == 9 and want.endswith("Q: " + q["question"] + "\nA:")  # 8 exemplars, then the question
+    for model in ("llama-3-8b", "llama-2-7b", "gemma-2b"):
+        assert _render(PAPER_RECIPES / f"{model}-forget-gsm8k-ksd.yaml", "gsm8k_queries", q) == want
 
 
 def test_mbpp_recipe_queries_are_the_harness_prompt():
     """MBPP zero-shot (its task file imports evaluate's code_eval from the Hub, so its prompt
     template is read from the file and rendered as the harness renders it)."""
-    from lm_eval.tasks import TaskManager
     from lm_eval.utils import apply_template
+
+    from editor.eval.lmeval import task_manager
 
     class Loader(yaml.SafeLoader):
         pass
 
     Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
-    cfg = yaml.load(Path(TaskManager().task_index["mbpp"].yaml_path).read_text(encoding="utf-8"), Loader=Loader)
+    cfg = yaml.load(Path(task_manager().task_index["mbpp"].yaml_path).read_text(encoding="utf-8"), Loader=Loader)
     rec = {"text": "Write a function to add two numbers.", "code": "def add(a, b):\n    return a + b",
            "test_list": ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(0, 0) == 0"]}
     want = apply_template(cfg["doc_to_text"], rec)

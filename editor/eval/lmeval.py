@@ -23,6 +23,7 @@ Notes for edited checkpoints:
 
 from __future__ import annotations
 
+import functools
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -180,6 +181,13 @@ def _harness():
     return simple_evaluate, HFLM, TaskManager
 
 
+@functools.lru_cache(maxsize=1)
+def task_manager():
+    """The harness's task index (it reads every task file it ships: built once per process)."""
+    _, _, TaskManager = _harness()
+    return TaskManager()
+
+
 def _guarded(model) -> bool:
     """Whether ``model`` can abstain: an edited model with Key Space Detection."""
     return bool(((getattr(getattr(model, "config", None), "skill_editor", None) or {}).get("key_space")))
@@ -245,8 +253,7 @@ def task_specs(names: Sequence[str], data_dir=None, tmp: Path | None = None) -> 
         return {n: BENCHMARKS[n].task for n in names}
     import yaml
 
-    _, _, TaskManager = _harness()
-    index = TaskManager().task_index
+    index = task_manager().task_index
     specs = {}
     for n in names:
         b = BENCHMARKS[n]
@@ -291,10 +298,10 @@ def score_benchmarks(model, tokenizer, names: Sequence[str], specs: dict[str, st
     log-likelihood tasks; ``score`` counts every refused document as wrong."""
     import logging
 
-    simple_evaluate, _, TaskManager = _harness()
+    simple_evaluate, _, _ = _harness()
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     lm = _lm(model, tokenizer, batch_size)
-    manager = TaskManager()
+    manager = task_manager()
     out = {}
     for n in names:
         b = BENCHMARKS[n]
