@@ -29,7 +29,7 @@ import re
 from pathlib import Path
 
 from editor.errors import EditorError
-from editor.model.arch import config_layers
+from editor.model.arch import config_d_ff, config_layers
 from editor.model.loading import check_against_config, model_source
 from editor.recipe import DataSetSpec, Recipe, load_recipe
 
@@ -125,7 +125,7 @@ def model_shape(config) -> dict:
     c = _text_config(config)
     hidden = int(_first(c, "hidden_size", "n_embd", "d_model", default=0))
     layers = config_layers(config) or 0
-    d_ff = int(_first(c, "intermediate_size", "ffn_dim", "n_inner", default=0) or 4 * hidden)
+    d_ff = config_d_ff(config) or 4 * hidden
     heads = int(_first(c, "num_attention_heads", "n_head", default=1))
     kv = int(_first(c, "num_key_value_heads", default=heads) or heads)
     head_dim = int(_first(c, "head_dim", default=0) or (hidden // heads if heads else 0))
@@ -242,10 +242,10 @@ def check_set(recipe: Recipe, name: str) -> dict:
             info["texts"] = _texts_after_limit(rows, spec)
             info["checked"] = "header checked (fields ok)"
         else:
-            records, _ = load_records(spec, recipe.base_dir, name)
+            records, _, origins = load_records(spec, recipe.base_dir, name)
             if recipe.evaluate and recipe.evaluate.data == name:
-                check_scorecard_records(name, records)
-            texts = render(records, spec.text, name)
+                check_scorecard_records(records, origins, f"evaluate.data: set {name!r}")
+            texts = render(records, spec.text, name, origins)
             if not texts:
                 raise EditorError(f"data.{name}: the set is empty")
             if len(texts) < 2:

@@ -30,7 +30,7 @@ from editor.patch import apply_neuron_adjust, apply_plans, wrap
 from editor.plan import NA_SUFFIX, Plans, ksd_set_name, plan_all, plan_na
 from editor.profile import collect
 from editor.profile.distributed import Dist, session
-from editor.profile.profile import profile_set
+from editor.profile.stream import profile_set
 from editor.profile.stats import (STATS_NAME, ProfiledSets, StatsFile, check_identity, load_stats, provenance, save_stats,
                                   stats_path)
 from editor.recipe import Recipe, load_recipe
@@ -87,9 +87,10 @@ def prepare(recipe: Recipe | str | Path) -> Job:
     tokenizer = load_tokenizer(recipe) if needs_tokenizer(recipe) else None
     sets = load_all(recipe, tokenizer=tokenizer)
     if recipe.evaluate:
-        check_scorecard_records(recipe.evaluate.data, sets[recipe.evaluate.data].records)
+        scorecard = sets[recipe.evaluate.data]
+        check_scorecard_records(scorecard.records, scorecard.origins, f"evaluate.data: set {scorecard.name!r}")
         if recipe.evaluate.attacks:
-            attack_requests(sets[recipe.evaluate.data].records, recipe.evaluate.attacks)
+            attack_requests(scorecard.records, recipe.evaluate.attacks)
     return Job(recipe, config, sets, path, background_set(recipe, sets, tokenizer), ordinary_eval_set(recipe, sets, tokenizer),
                model_file_identity(recipe), tokenizer)
 

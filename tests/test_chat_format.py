@@ -144,7 +144,7 @@ def test_a_conversation_record_must_be_a_conversation(tmp_path):
 
     p = _project(tmp_path, "")
     write_jsonl(tmp_path / "conv.jsonl", [{"messages": [{"role": "robot", "content": "x"}]}])
-    with pytest.raises(EditorError, match=r"data.convs.messages: record 0: message 0 must be"):
+    with pytest.raises(EditorError, match=r"data.convs.messages: conv.jsonl line 1: message 0 must be"):
         prepare(p)
 
 

@@ -520,27 +520,20 @@ def format_table(result: dict, after: Optional[dict] = None, by: str = "skills")
 # ---------------------------------------------------------------------------------------------
 
 
-def load_records(path) -> list[dict]:
-    """Scorecard records from a JSONL file: each needs ``prompt`` and ``answer`` (``skill`` optional)."""
+def scorecard_records(path) -> list[dict]:
+    """``eval --data``: scorecard records from a JSONL file (``editor.io.read_jsonl``), checked by
+    the validator ``run`` uses (``editor.data.check_scorecard_records``)."""
+    from editor.data import check_scorecard_records
+    from editor.io import read_jsonl
+
     p = Path(path)
-    if not p.exists():
-        raise EditorError(f"eval data not found: {p}")
-    out = []
-    with p.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                raise EditorError(f"{p.name} line {i} is not valid JSON") from None
-            for k in ("prompt", "answer"):
-                if k not in rec:
-                    raise EditorError(f"{p.name} line {i}: record has no field {k!r}")
-            out.append(rec)
-    if not out:
-        raise EditorError(f"{p.name}: no records")
-    return out
+    if not p.is_file():
+        raise EditorError(f"--data: no such file: {p}")
+    records, lines = read_jsonl(p, "--data")
+    if not records:
+        raise EditorError(f"--data: {p.name} holds no records")
+    check_scorecard_records(records, [f"{p.name} line {n}" for n in lines], "--data")
+    return records
 
 
 def ordinary_categories(records: Sequence[dict]) -> list[str]:
@@ -640,6 +633,7 @@ def load_ordinary(spec: str):
     """``--ordinary``: 'default' (the shipped prompts' evaluation part), 'none' (None) or a JSONL
     file whose records carry ``text`` (and optionally ``category``)."""
     from editor.data import ORDINARY, TextSet, fingerprint, ordinary_set
+    from editor.io import read_jsonl
 
     if spec == "none":
         return None
@@ -648,21 +642,15 @@ def load_ordinary(spec: str):
     p = Path(spec)
     if not p.is_file():
         raise EditorError(f"--ordinary: no such file: {spec} (or 'default' / 'none')")
-    records = []
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            raise EditorError(f"--ordinary: {p.name} line {i} is not valid JSON") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-            raise EditorError(f"--ordinary: {p.name} line {i}: a record needs a 'text' string")
-        records.append(rec)
+    records, lines = read_jsonl(p, "--ordinary")
+    for rec, n in zip(records, lines):
+        if not isinstance(rec.get("text"), str):
+            raise EditorError(f"--ordinary: {p.name} line {n}: a record needs a 'text' string")
     if not records:
         raise EditorError(f"--ordinary: {p.name} holds no records")
     texts = [r["text"] for r in records]
-    return TextSet(p.stem, texts, records, {"source": p.name, "texts": len(texts), "fingerprint": fingerprint(texts)})
+    return TextSet(p.stem, texts, records, {"source": p.name, "texts": len(texts), "fingerprint": fingerprint(texts)},
+                   [f"{p.name} line {n}" for n in lines])
 
 
 def _load_error(what: str, e: Exception) -> EditorError:
@@ -670,41 +658,24 @@ def _load_error(what: str, e: Exception) -> EditorError:
     return EditorError(f"cannot load {what}: {first}")
 
 
-def evaluate_checkpoint(checkpoint, data, *, base: str | None = None, batch_size: int = 32,
-                        max_new_tokens: int | None = None, limit: int | None = None, ordinary: str = "default",
-                        ordinary_new_tokens: int = 8, trust_remote_code: bool = False, progress: bool = False,
-                        format: str = "auto", attacks: str | None = None) -> dict:
-    """Scorecard of an exported checkpoint against its own base model, and the share of ordinary
-    prompts (``load_ordinary``) the checkpoint refuses — each in the forms of ``format`` (``auto``:
-    raw and chat when the tokenizer has a chat template). ``attacks``: a skill of ``data`` whose
-    requests are wrapped in the shipped attack suite (``editor.eval.attacks``).
+def checkpoint_models(checkpoint, *, base: str | None = None, trust_remote_code: bool = False):
+    """The edited model of an exported checkpoint, then its own base model: yields
+    ``("after", model, tokenizer)`` and then ``("before", model, tokenizer)`` (the caller scores
+    each before asking for the next: the two never sit in memory together). The one way the
+    evaluation package loads a checkpoint (the scorecard and the benchmarks alike).
 
     For a skill-editor checkpoint the "before" model is the checkpoint with its patches removed
     (the neuron permutation does not change the function), so no separate base is needed; for a
     plain checkpoint (pruning baseline) ``base`` names the base model directory.
 
     No code shipped with a checkpoint runs unless ``trust_remote_code``: a patched checkpoint whose
-    shipped runtime is byte-identical to this tool's is scored with the tool's own runtime class
+    shipped runtime is byte-identical to this tool's is loaded with the tool's own runtime class
     (the same code, never imported from the checkpoint); one whose shipped code differs is refused —
     with ``trust_remote_code`` its own code is run (``AutoModelForCausalLM``) and the "before" model
     is ``restore``'s exact base. Tokenizers and plain models load with ``trust_remote_code`` off
-    (never a ``[y/N]`` prompt) unless it is given.
+    (never a ``[y/N]`` prompt) unless it is given. Everything that can be refused without weights
+    is refused before the first ``next``.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from editor.checkpoint import restore, shipped_code_differs
-    from editor.data import fingerprint, in_forms, resolve_format
-    from editor.eval.attacks import attack_prompts, attack_requests
-    from editor.patch import remove_patches
-    from editor.runtime.modeling_skill_editor import SkillEditorForCausalLM
-
-    records = load_records(data)
-    if limit:
-        records = records[:limit]
-    if attacks:
-        requests = attack_requests(records, attacks)
-    ordinary_prompts = load_ordinary(ordinary)
-    refused = attacked = None
     ckpt = Path(checkpoint)
     if not (ckpt / CONFIG).exists():
         raise EditorError(f"{ckpt} is not a model directory (no {CONFIG})")
@@ -714,88 +685,107 @@ def evaluate_checkpoint(checkpoint, data, *, base: str | None = None, batch_size
         raise EditorError(f"cannot read {ckpt / CONFIG}: {e}") from None
     if not isinstance(cfg_json, dict):
         raise EditorError(f"{ckpt / CONFIG} is not a JSON object")
+    from editor.checkpoint import shipped_code_differs
+
     why = shipped_code_differs(ckpt, cfg_json)
     if why and not trust_remote_code:
         raise EditorError(f"{ckpt}: {why}; scoring it would run (or stand in for) code this tool does not ship — "
                           f"read it, then pass --trust-remote-code to run the checkpoint's own code")
-    remote = bool(trust_remote_code)
+    if not is_patched_config(cfg_json) and not base:
+        raise EditorError("a plain checkpoint has no patches to remove: pass --base BASE_MODEL_DIR for the 'before' column")
+    return _checkpoint_models(ckpt, cfg_json, why, base, bool(trust_remote_code))
+
+
+def _checkpoint_models(ckpt: Path, cfg_json: dict, why, base, remote: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from editor.checkpoint import restore
+    from editor.patch import remove_patches
+    from editor.runtime.modeling_skill_editor import SkillEditorForCausalLM
+
+    def load(cls, path, what, **kw):
+        try:
+            return cls.from_pretrained(str(path), **kw).eval()
+        except (OSError, ValueError, RuntimeError, ImportError) as e:
+            raise _load_error(what, e) from None
+
     try:
         tok = AutoTokenizer.from_pretrained(str(ckpt), trust_remote_code=remote)
     except (OSError, ValueError) as e:
         raise _load_error(f"the tokenizer of {ckpt}", e) from None
-    forms = resolve_format(format, tok, "--format")
-    prompts = [str(r["prompt"]) for r in records]
-    examples = examples_of(in_forms(Path(data).stem, prompts, records, {"fingerprint": fingerprint(prompts)}, forms, tok))
-    if ordinary_prompts is not None:
-        ordinary_prompts = in_forms(ordinary_prompts.name, ordinary_prompts.texts, ordinary_prompts.records,
-                                    ordinary_prompts.info, forms, tok)
-    attack_set = {"skill": attacks, "prompts": attack_prompts(requests, forms, tok)} if attacks else None
-    kw = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
+    if is_patched_config(cfg_json) and not why:
+        # the tool's own runtime class: byte-identical to the shipped code, which is never imported
+        model = load(SkillEditorForCausalLM, ckpt, str(ckpt))
+        yield "after", model, tok
+        remove_patches(model.model, model.config.skill_editor["arch"])
+        yield "before", model.model, tok
+    elif is_patched_config(cfg_json):
+        # the user asked for the checkpoint's own (different) code; "before" is the exact base
+        import tempfile
 
-    def edited_side(model) -> list[bool] | None:
-        """The checks of the edited model that need no base answers: ordinary prompts, attacks, and —
-        for a guard that decides on the prompt — its decision on every scorecard prompt."""
-        nonlocal refused, attacked
+        model = load(AutoModelForCausalLM, ckpt, str(ckpt), trust_remote_code=True)
+        yield "after", model, tok
+        del model
+        with tempfile.TemporaryDirectory(prefix=".skill-editor-eval-") as tmp:
+            restored = restore(ckpt, Path(tmp) / "base", verify_first=False)
+            yield "before", load(AutoModelForCausalLM, restored, str(restored), trust_remote_code=False), tok
+    else:
+        model = load(AutoModelForCausalLM, ckpt, str(ckpt), trust_remote_code=remote)
+        yield "after", model, tok
+        del model
+        yield "before", load(AutoModelForCausalLM, base, f"the base model {base}", trust_remote_code=remote), tok
+
+
+def evaluate_checkpoint(checkpoint, data, *, base: str | None = None, batch_size: int = 32,
+                        max_new_tokens: int | None = None, limit: int | None = None, ordinary: str = "default",
+                        ordinary_new_tokens: int = 8, trust_remote_code: bool = False, progress: bool = False,
+                        format: str = "auto", attacks: str | None = None) -> dict:
+    """Scorecard of an exported checkpoint against its own base model (``checkpoint_models``), and
+    the share of ordinary prompts (``load_ordinary``) the checkpoint refuses — each in the forms of
+    ``format`` (``auto``: raw and chat when the tokenizer has a chat template). ``attacks``: a skill
+    of ``data`` whose requests are wrapped in the shipped attack suite (``editor.eval.attacks``). A
+    guard that decides on the prompt is scored from the base answers and its decision on each
+    prompt (``with_flags``)."""
+    from editor.data import fingerprint, in_forms, resolve_format
+    from editor.eval.attacks import attack_prompts, attack_requests
+
+    records = scorecard_records(data)
+    if limit:
+        records = records[:limit]
+    requests = attack_requests(records, attacks) if attacks else None
+    ordinary_prompts = load_ordinary(ordinary)
+    models = checkpoint_models(checkpoint, base=base, trust_remote_code=trust_remote_code)
+    kw = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
+    refused = attacked = flags = after = None
+    with torch.inference_mode():
+        _, model, tok = next(models)
+        forms = resolve_format(format, tok, "--format")
+        prompts = [str(r["prompt"]) for r in records]
+        examples = examples_of(in_forms(Path(data).stem, prompts, records, {"fingerprint": fingerprint(prompts)}, forms, tok))
+        if decides_on_prompt(model):
+            with _progress(progress, len(examples), "scoring edited") as bar:
+                flags = guard_flags(model, tok, [e["prompt"] for e in examples], batch_size=batch_size, bar=bar)
+            refusal = refusal_of(model)
+        else:
+            after = score(model, tok, examples, desc="scoring edited", **kw)
         if ordinary_prompts is not None:
+            ordinary_prompts = in_forms(ordinary_prompts.name, ordinary_prompts.texts, ordinary_prompts.records,
+                                        ordinary_prompts.info, forms, tok)
             refused = refusals(model, tok, ordinary_prompts.texts, ordinary_categories(ordinary_prompts.records),
                                forms=ordinary_prompts.forms, batch_size=batch_size, max_new_tokens=ordinary_new_tokens,
                                progress=progress)
-        if attack_set is not None:
-            attacked = attack_card(model, tok, attack_set, batch_size=batch_size, max_new_tokens=ordinary_new_tokens,
-                                   progress=progress)
-        if decides_on_prompt(model):
-            with _progress(progress, len(examples), "scoring edited") as bar:
-                return guard_flags(model, tok, [e["prompt"] for e in examples], batch_size=batch_size, bar=bar)
-        return None
-
-    with torch.inference_mode():
-        if is_patched_config(cfg_json) and not why:
-            # the tool's own runtime class: byte-identical to the shipped code, which is never imported
-            try:
-                model = SkillEditorForCausalLM.from_pretrained(str(ckpt)).eval()
-            except (OSError, ValueError, RuntimeError) as e:
-                raise _load_error(str(ckpt), e) from None
-            refusal = refusal_of(model)
-            flags = edited_side(model)
-            after = score(model, tok, examples, desc="scoring edited", **kw) if flags is None else None
-            remove_patches(model.model, model.config.skill_editor["arch"])
-            before = score(model.model, tok, examples, desc="scoring base", **kw)
-        elif is_patched_config(cfg_json):
-            # the user asked for the checkpoint's own (different) code; "before" is the exact base
-            import tempfile
-
-            try:
-                model = AutoModelForCausalLM.from_pretrained(str(ckpt), trust_remote_code=True).eval()
-            except (OSError, ValueError, RuntimeError, ImportError) as e:
-                raise _load_error(str(ckpt), e) from None
-            refusal = refusal_of(model)
-            flags = edited_side(model)
-            after = score(model, tok, examples, desc="scoring edited", **kw) if flags is None else None
-            del model
-            with tempfile.TemporaryDirectory(prefix=".skill-editor-eval-") as tmp:
-                restored = restore(ckpt, Path(tmp) / "base", verify_first=False)
-                base_model = AutoModelForCausalLM.from_pretrained(str(restored), trust_remote_code=False).eval()
-                before = score(base_model, tok, examples, desc="scoring base", **kw)
-        else:
-            if not base:
-                raise EditorError("a plain checkpoint has no patches to remove: pass --base BASE_MODEL_DIR for the 'before' column")
-            try:
-                model = AutoModelForCausalLM.from_pretrained(str(ckpt), trust_remote_code=remote).eval()
-            except (OSError, ValueError, RuntimeError, ImportError) as e:
-                raise _load_error(str(ckpt), e) from None
-            flags, refusal = None, ""
-            after = score(model, tok, examples, desc="scoring edited", **kw)
-            edited_side(model)
-            del model
-            try:
-                base_model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=remote).eval()
-            except (OSError, ValueError, RuntimeError, ImportError) as e:
-                raise _load_error(f"the base model {base}", e) from None
-            before = score(base_model, tok, examples, desc="scoring base", **kw)
+        if requests is not None:
+            attacked = attack_card(model, tok, {"skill": attacks, "prompts": attack_prompts(requests, forms, tok)},
+                                   batch_size=batch_size, max_new_tokens=ordinary_new_tokens, progress=progress)
+        del model
+        _, model, tok = next(models)
+        before = score(model, tok, examples, desc="scoring base", **kw)
+        del model
+        models.close()
     if after is None:
         after = with_flags(before, flags, refusal)
     card = {
-        "checkpoint": str(ckpt),
+        "checkpoint": str(Path(checkpoint)),
         "data": str(data),
         "n": len(examples),
         **_card_part(before, after),

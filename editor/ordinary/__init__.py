@@ -20,9 +20,10 @@ Two uses, never mixed:
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
+
+from editor.io import read_jsonl
 
 PROMPTS = Path(__file__).parent / "prompts.jsonl"
 SEED = 20261128
@@ -58,5 +59,5 @@ def split(records: list[dict]) -> list[str]:
 
 def load(part: str | None = None) -> list[dict]:
     """The shipped records (of one ``part``)."""
-    rows = [json.loads(line) for line in PROMPTS.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows, _ = read_jsonl(PROMPTS, "ordinary prompts")
     return [r for r in rows if part is None or r["part"] == part]
