@@ -77,7 +77,7 @@ def _multi(kind: str, fmt: str):
 MATH = {
     "ask": [_sum("What is {a} plus {b}?"), _sum("Can you add {a} and {b} for me?"), _sum("How much is {a} + {b}?"),
             _sum("Please calculate {a} + {b}."), _sum("I need the sum of {a} and {b}."),
-            _sum("What do you get if you add {b} to {a}?"), _sum("Quick question: what's {a} + {b}?"),
+            _sum("What's {a} and {b} added together?"), _sum("Quick question: what's {a} + {b}?"),
             _sum("What's the total of {a} and {b}?")],
     "word": [
         _word("{name} has {a} and buys {bare_b} more. How many {things} does {he} have now?", lambda a, b: a + b),
@@ -175,6 +175,9 @@ PYTHON = {
 }
 
 # -- word skills: item (key,) -------------------------------------------------------------------
+# Reworded after the spot check on SmolLM2-135M-Instruct in chat form (bench/battery_chat.py; the
+# battery README lists them): terse or riddle-like forms it systematically read as another question
+# ("Plural of 'x'?", "One x, two what?", "Past tense of x?", "X — what's its capital?").
 
 # countries said with an article in running text
 ARTICLE = {"Netherlands", "Czech Republic", "Philippines", "United States"}
@@ -199,20 +202,20 @@ def _ask(fmt: str, country: bool = False):
 WORDS = {
     "capitals": [_ask(f, country=True) for f in (
         "What is the capital of {k}?", "Which city is the capital of {k}?", "Tell me the capital of {k}.",
-        "Do you know the capital city of {k}?", "{K} — what's its capital?", "Name the capital of {k}, please.",
+        "Do you know the capital city of {k}?", "{K}: what is its capital city?", "Name the capital of {k}, please.",
         "I'm writing a quiz. What's the capital city of {k}?")],
     "past_tense": [_ask(f) for f in (
         "What's the past tense of '{k}'?", "How do you say '{k}' in the past tense?",
-        "What is the simple past of the verb 'to {k}'?", "Past tense of {k}?",
+        "What is the simple past of the verb 'to {k}'?", "Change '{k}' to the past tense, please.",
         "I always forget: what's the past form of '{k}'?", "Can you tell me the past tense of the verb '{k}'?",
-        "Put the verb '{k}' in the past tense.")],
+        "Which word is the past tense of '{k}'?")],
     "plurals": [_ask(f) for f in (
-        "What's the plural of '{k}'?", "How do you write '{k}' in the plural?", "One {k}, two what?",
-        "What is the plural form of the word '{k}'?", "Give me the plural of {k}.", "Plural of '{k}'?",
-        "I have more than one {k}. What do I call them?")],
+        "What's the plural of '{k}'?", "How do you write '{k}' in the plural?", "Can you give me the plural of '{k}'?",
+        "What is the plural form of the word '{k}'?", "Give me the plural of {k}.", "What's the plural form of {k}?",
+        "How do you spell the plural of '{k}'?")],
     "antonyms": [_ask(f) for f in (
         "What's the opposite of '{k}'?", "Give me an antonym for '{k}'.", "What word means the opposite of {k}?",
-        "What is the antonym of '{k}'?", "Opposite of {k}?", "Tell me a word that means the reverse of '{k}'.",
+        "What is the antonym of '{k}'?", "Opposite of '{k}'?", "Tell me the opposite of '{k}'.",
         "I need the opposite of the word '{k}' for a crossword.")],
     "languages": [_ask(f, country=True) for f in (
         "What language do people speak in {k}?", "Which language is spoken in {k}?",
