@@ -93,7 +93,7 @@ class Keys:
 
     @torch.inference_mode()
     def _collect(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        prepared = collect.prepare(self.tok, texts, batch_size=self.batch_size, max_length=self.max_length, padding_side="left")
+        prepared = collect.batched_texts(self.tok, texts, batch_size=self.batch_size, max_length=self.max_length, padding_side="left")
         width = collect.d_ff(self.model, self.spec)
         n_layers = len(collect.decoder_layers(self.model, self.spec))
         mx = {i: torch.empty(len(texts), width) for i in range(n_layers)}

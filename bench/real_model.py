@@ -1,28 +1,28 @@
-"""Quality on the real model: SmolLM2-135M-Instruct, the project's battery and ordinary prompts.
+"""Quality on the real models (SmolLM2-135M-Instruct, Qwen2.5-Coder-0.5B-Instruct) with the project's
+battery, ordinary prompts and attack suite — in raw and in chat form, the way users ask.
 
-For each forget task (math, Python) and each guard setting, the whole job in process — profile on
-the battery's ``probe`` items (+ the shipped background's calibration part), edit, then score the
-edited model on held-out items and count the ordinary prompts it refuses:
+For each model, forget task (math, Python) and setting, the whole job in process — profile on the
+battery's ``probe`` items (+ the shipped background's calibration part), edit, then score the edited
+model on held-out items, count the ordinary and near-neighbour prompts it refuses, and wrap the
+forget skill's held-out requests in the attack suite:
 
-    python bench/real_model.py                       # the README's table: --split eval
-    python bench/real_model.py --split dev           # where designs are compared (never eval)
-    python bench/real_model.py --tasks math --settings linear,linear-nobg
+    python bench/real_model.py --model smollm2 --split eval          # the README's table
+    python bench/real_model.py --model qwen --split dev --tasks math  # where designs are compared
 
-Settings (the recipes in recipes/smollm2/ are ``paper`` and ``linear``):
+Settings:
 
-- ``paper``: the paper's setting — Neuron Adjust 3 % (sample) + the KSD box, last layer, α = 2,
-  checked at every call;
-- ``box``: the paper's KSD box alone, α = 2, decided on the prompt;
-- ``calibrated``: the calibrated box (layer(s), dims, α by cross-validation), 1 % budget, with the
-  default background negatives;
-- ``linear-nobg``: the pooled linear detector calibrated on the retain sets alone
-  (``background: none``) — the setting the issue found refusing most ordinary text;
-- ``linear``: the pooled linear detector with the default background negatives (the recipes).
+- ``recipe``: the shipped recipe, ``recipes/<model>/forget-<task>.yaml`` (the guard of issue #22);
+- ``before``: the same recipe as it was before issue #22 — the guard fitted on one few-shot phrasing
+  and the kept skills' few-shot phrasings, raw text only (``format: raw`` for the fit) — scored the
+  same way, in both forms: the failure the issue reported, reproduced;
+- ``paper``: the paper's setting (``recipes/<model>/paper-forget-<task>.yaml`` when it exists):
+  Neuron Adjust + the KSD box, last layer, α = 2, every call.
 
-``--split eval`` reads ``editor/battery/data/eval.jsonl`` and the ordinary prompts' ``evaluation``
-part; ``--split dev`` the ``dev`` items and the ``development`` part. Neither is read by any fit.
-Results go to ``bench/results/real_model-<split>.json`` (one entry per task × setting, written as
-each finishes) and a table is printed. The base model's scores are computed once per task.
+``--split eval`` reads ``editor/battery/data/eval.jsonl``, the ordinary prompts' ``evaluation`` part
+and the attack suite's ``evaluation`` wrappers; ``--split dev`` the ``dev`` items, the
+``development`` part and wrappers. No fit reads either. Results go to
+``bench/results/real_model-<model>-<split>.json`` (one entry per task × setting, written as each
+finishes) and a table is printed. The base model's answers are computed once per model.
 """
 
 from __future__ import annotations
@@ -42,96 +42,132 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from editor.data import ordinary_set  # noqa: E402
-from editor.eval.scorecard import score, scorecard  # noqa: E402
-from editor.model.loading import load_model, load_tokenizer  # noqa: E402
+from editor.eval.attacks import attack_prompts, attack_requests  # noqa: E402
+from editor.eval.scorecard import examples_of, score, scorecard  # noqa: E402
+from editor.model.loading import load_model  # noqa: E402
 from editor.pipeline import edit_model, prepare, profile_job  # noqa: E402
 from editor.recipe import parse_recipe  # noqa: E402
 
-RECIPES = ROOT / "recipes" / "smollm2"
-TASKS = {"math": "math/eq", "python": "python/docstring"}
-SETTINGS = ("paper", "box", "calibrated", "linear-nobg", "linear")
+MODELS = {"smollm2": ROOT / "recipes" / "smollm2", "qwen": ROOT / "recipes" / "qwen2.5-coder-0.5b"}
+FEWSHOT = {"math": "math/eq", "python": "python/docstring"}
+SETTINGS = ("before", "recipe", "paper")
 
 
-def recipe_for(task: str, setting: str, split: str) -> dict:
-    base = "paper-" if setting == "paper" else ""
-    obj = yaml.safe_load((RECIPES / f"{base}forget-{task}.yaml").read_text())
-    obj["data"]["scorecard"]["path"] = f"../../editor/battery/data/{split}.jsonl"
-    obj["evaluate"]["ordinary"] = "none"  # counted below on the split's ordinary part
-    ks = obj["key_space"]
-    if setting == "box":
-        obj["key_space"] = {"forget": ks["forget"], "layer": -1, "scale": 2.0, "check": "prompt"}
-    elif setting == "calibrated":
-        obj["key_space"] = {"forget": ks["forget"], "retain": ks["retain"], "false_positive_budget": 0.01, "check": "prompt"}
-    elif setting == "linear-nobg":
-        obj["key_space"] = dict(ks, background="none")
+def recipe_for(model: str, task: str, setting: str, split: str) -> dict | None:
+    base = MODELS[model]
+    path = base / (f"paper-forget-{task}.yaml" if setting == "paper" else f"forget-{task}.yaml")
+    if not path.exists():
+        return None
+    obj = yaml.safe_load(path.read_text())
+    sc = obj["data"]["scorecard"]
+    sc["path"] = f"../../editor/battery/data/{split}.jsonl"
+    sc.pop("limit_each", None)
+    sc.pop("where", None)
+    obj["evaluate"]["ordinary"] = "none"  # counted below on the split's ordinary part, in both forms
+    obj["evaluate"].pop("attacks", None)
+    obj["data"]["scorecard"]["format"] = "both"
+    if setting == "before":
+        ks = obj["key_space"]
+        for name in [ks["forget"], *ks["retain"]]:
+            spec = obj["data"][name]
+            spec["where"] = {**spec.get("where", {}), "kind": "fewshot"}
+            spec["format"] = "raw"
+            spec.pop("limit_each", None)
+        obj["data"][ks["forget"]]["where"] = {"phrasing": FEWSHOT[task]}
+        obj["format"] = "raw"  # the background too
     return obj
 
 
-def summarize(card: dict, task: str) -> dict:
-    """Forget drop on the probed phrasing and on the unseen ones, the worst kept skill, refusals."""
-    ph_b, ph_a = card["phrasings"]["before"], card["phrasings"]["after"]
+def summarize(card: dict, task: str, probed: list[str], attacks: dict | None) -> dict:
+    """Per form: the forget skill's refusal on its probed and unseen phrasings (few-shot and
+    request), every kept skill's drop, ordinary and contrast refusals, attacks per family."""
+    out = {}
+    for form, part in (card.get("forms") or {}).items():
+        ph_b, ph_a = part["phrasings"]["before"], part["phrasings"]["after"]
 
-    def drop(names):
-        b = sum(ph_b[n]["exact_match"] * ph_b[n]["n"] for n in names)
-        a = sum(ph_a[n]["exact_match"] * ph_a[n]["n"] for n in names)
-        return 1 - a / b if b else 0.0
+        def refused(names):
+            n = sum(ph_a[p]["n"] for p in names)
+            return sum(ph_a[p]["abstained"] * ph_a[p]["n"] for p in names) / n if n else None
 
-    probed = TASKS[task]
-    unseen = [n for n, p in ph_b.items() if p["skill"] == task and n != probed]
-    kept = {s: d for s, d in card["drop"].items() if s != task}
-    worst = max(kept, key=kept.get)
+        mine = [p for p, d in ph_a.items() if d["skill"] == task]
+        out[form] = {
+            "forget_probed_refused": refused([p for p in mine if p in probed]),
+            "forget_unseen_refused": refused([p for p in mine if p not in probed]),
+            "forget_by_phrasing": {p: round(ph_a[p]["abstained"], 4) for p in mine},
+            "base_accuracy_by_phrasing": {p: round(d["exact_match"], 4) for p, d in ph_b.items()},
+            "kept_drop": {s: round(v, 4) for s, v in part["drop"].items() if s != task},
+            "kept_refused": {s: round(part["after"][s]["abstained"], 4) for s in part["after"] if s != task},
+        }
     o = card.get("ordinary") or {}
-    return {"forget_probed": drop([probed]), "forget_unseen": drop(unseen), "unseen_phrasings": unseen,
-            "abstained_probed": ph_a[probed]["abstained"],
-            "abstained_unseen": sum(ph_a[n]["abstained"] * ph_a[n]["n"] for n in unseen) / sum(ph_a[n]["n"] for n in unseen),
-            "worst_kept": worst, "worst_kept_drop": kept[worst], "kept_drop": kept,
-            "kept_abstained_max": max(card["after"][s]["abstained"] for s in kept),
-            "ordinary_refused": o.get("rate"), "ordinary_n": o.get("n"),
-            "code_other_refused": (o.get("categories") or {}).get("code_other", {}).get("rate"),
-            "ordinary_by_category": {c: d["refused"] for c, d in (o.get("categories") or {}).items() if d["refused"]}}
+    for form, d in (o.get("forms") or {}).items():
+        out[form]["ordinary_refused"] = d["rate"]
+        out[form]["ordinary_n"] = d["n"]
+        out[form]["contrast_refused"] = (d.get("contrast") or {}).get("rate")
+        out[form]["contrast_by_category"] = {c: v["refused"] for c, v in d["categories"].items() if v["refused"]}
+    if attacks:
+        for form in out:
+            out[form]["attacks_refused"] = {fam: d["forms"][form]["rate"] for fam, d in attacks["families"].items()
+                                            if form in d["forms"]}
+    return out
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", choices=sorted(MODELS), default="smollm2")
     ap.add_argument("--split", choices=["dev", "eval"], default="eval")
-    ap.add_argument("--tasks", default=",".join(TASKS))
-    ap.add_argument("--settings", default=",".join(SETTINGS))
+    ap.add_argument("--tasks", default="math,python")
+    ap.add_argument("--settings", default="before,recipe")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = args.out or ROOT / "bench" / "results" / f"real_model-{args.split}.json"
+    out = args.out or ROOT / "bench" / "results" / f"real_model-{args.model}-{args.split}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(out.read_text()) if out.exists() else {}
     part = {"dev": "development", "eval": "evaluation"}[args.split]
-    ordinary = ordinary_set(part, f"@ordinary-{part}")
     results["_machine"] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                           "threads": torch.get_num_threads(), "torch": torch.__version__}
-    before_cache: dict[str, dict] = {}
+                           "threads": torch.get_num_threads(), "torch": torch.__version__, "load_average": os.getloadavg()}
+    before = None
     for task in args.tasks.split(","):
         for setting in args.settings.split(","):
+            obj = recipe_for(args.model, task, setting, args.split)
+            if obj is None:
+                continue
             t0 = time.time()
-            r = parse_recipe(recipe_for(task, setting, args.split), base_dir=RECIPES)
+            r = parse_recipe(obj, base_dir=MODELS[args.model])
             job = prepare(r)
-            tok = load_tokenizer(r)
+            tok = job.tokenizer
             model = load_model(r, job.config)
-            records = job.sets["scorecard"].records
-            if task not in before_cache:
-                before_cache[task] = score(model, tok, records, batch_size=r.evaluate.batch_size)
-            stats = profile_job(job, model, tok, progress=False)
+            ts = job.sets["scorecard"]
+            examples = examples_of(ts)
+            if before is None:
+                before = score(model, tok, examples, batch_size=r.evaluate.batch_size, progress=True, desc="base")
+                results["_base"] = {"phrasings_by_form": {f: d["phrasings"] for f, d in before["forms"].items()}}
+            stats = profile_job(job, model, tok, progress=True)
             ed = edit_model(job, stats, model=model, tokenizer=tok)
-            card = scorecard(None, ed.wrapped, tok, records, batch_size=r.evaluate.batch_size,
-                             before=before_cache[task], ordinary=ordinary)
-            res = summarize(card, task)
-            res["seconds"] = round(time.time() - t0, 1)
-            res["plan"] = ed.plans.summary().get("key_space", {}).get("cv")
+            forms = ts.form_names
+            ordinary = ordinary_set(part, f"@ordinary-{part}", forms, tok)
+            attacks = {"skill": task, "part": part,
+                       "prompts": attack_prompts(attack_requests(ts.records, task), forms, tok, part=part)}
+            card = scorecard(None, ed.wrapped, tok, examples, batch_size=r.evaluate.batch_size, before=before,
+                             ordinary=ordinary, attacks=attacks, progress=True)
+            probed = sorted({rec["phrasing"] for name in [r.key_space.forget] for rec in job.sets[name].records})
+            res = summarize(card, task, probed, card.get("attacks"))
+            res["_probed_phrasings"] = probed
+            res["_seconds"] = round(time.time() - t0, 1)
+            res["_plan"] = ed.plans.summary().get("key_space", {}).get("cv")
             results[f"{task}/{setting}"] = res
             out.write_text(json.dumps(results, indent=1, sort_keys=True))
-            print(f"{task:7s} {setting:12s} forget {res['forget_probed']:6.1%} / unseen {res['forget_unseen']:6.1%}  "
-                  f"worst kept {res['worst_kept']} {res['worst_kept_drop']:6.1%}  ordinary refused "
-                  f"{res['ordinary_refused']:5.1%} (code_other {res['code_other_refused'] or 0:5.1%})  {res['seconds']:.0f}s",
-                  flush=True)
+            for form, d in res.items():
+                if form.startswith("_"):
+                    continue
+                worst = max(d["kept_drop"], key=d["kept_drop"].get)
+                att = d.get("attacks_refused") or {}
+                print(f"{args.model} {task:6s} {setting:7s} [{form}] forget probed {d['forget_probed_refused'] or 0:6.1%} "
+                      f"unseen {d['forget_unseen_refused'] or 0:6.1%} | worst kept {worst} {d['kept_drop'][worst]:6.1%} | "
+                      f"ordinary {d.get('ordinary_refused', 0):5.1%} contrast {d.get('contrast_refused') or 0:5.1%} | "
+                      f"attacks min {min(att.values()) if att else 0:6.1%}", flush=True)
             del model, ed
     print(f"wrote {out}")
 

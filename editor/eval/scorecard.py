@@ -573,7 +573,8 @@ def scorecard(before_model, after_model, tokenizer, records: list[dict], *, batc
         a = score(after_model, tokenizer, records, desc="scoring edited", **kw)
     card = {"n": len(records), **_card_part(b, a), "phrasings": {"before": b["phrasings"], "after": a["phrasings"]}}
     if len(b.get("forms") or {}) > 1:
-        card["forms"] = {f: {**_card_part(b["forms"][f], a["forms"][f]), "n": b["forms"][f]["overall"]["n"]}
+        card["forms"] = {f: {**_card_part(b["forms"][f], a["forms"][f]), "n": b["forms"][f]["overall"]["n"],
+                             "phrasings": {"before": b["forms"][f]["phrasings"], "after": a["forms"][f]["phrasings"]}}
                          for f in b["forms"]}
     if ordinary is not None:
         card["ordinary"] = {"set": ordinary.info.get("source") or ordinary.name,
@@ -792,7 +793,8 @@ def evaluate_checkpoint(checkpoint, data, *, base: str | None = None, batch_size
         "phrasings": {"before": before["phrasings"], "after": after["phrasings"]},
     }
     if len(before.get("forms") or {}) > 1:
-        card["forms"] = {f: {**_card_part(before["forms"][f], after["forms"][f]), "n": before["forms"][f]["overall"]["n"]}
+        card["forms"] = {f: {**_card_part(before["forms"][f], after["forms"][f]), "n": before["forms"][f]["overall"]["n"],
+                             "phrasings": {"before": before["forms"][f]["phrasings"], "after": after["forms"][f]["phrasings"]}}
                          for f in before["forms"]}
     if refused is not None:
         card["ordinary"] = {"set": ordinary_prompts.info.get("source") or ordinary_prompts.name, **refused}
