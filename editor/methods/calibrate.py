@@ -36,6 +36,7 @@ the sets named by ``key_space.forget`` / ``key_space.retain`` and nothing else.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import combinations, product
 
@@ -472,8 +473,10 @@ def budget_threshold(scores: torch.Tensor, group: torch.Tensor, budget: float) -
 
 def calibrate_linear(forget: dict[int, torch.Tensor], retain: dict[int, torch.Tensor], group: torch.Tensor, *,
                      budget: float, folds: int, seed: int, retain_names: list[str] | None = None,
-                     max_features: int | None = None) -> tuple[dict, dict[int, torch.Tensor]]:
-    """K-fold cross-fitted pooled linear detector over every layer's pooled key.
+                     max_features: int | None = None,
+                     on_fold: Callable[[], None] | None = None) -> tuple[dict, dict[int, torch.Tensor]]:
+    """K-fold cross-fitted pooled linear detector over every layer's pooled key (``on_fold()`` is
+    called after each fold's fit: the caller's progress bar).
 
     On each fold: fit on the training forget (positive) and retain (negative) queries, score the
     held-out ones (out-of-fold scores). Threshold: the smallest one whose out-of-fold false-positive
@@ -512,6 +515,8 @@ def calibrate_linear(forget: dict[int, torch.Tensor], retain: dict[int, torch.Te
         ws.append(w)
         bs.append(b)
         kept.append(int(cols.numel()))
+        if on_fold is not None:
+            on_fold()
     t = budget_threshold(oof_r, group, budget)
     covered = oof_f > t
     names = retain_names or [f"set{g}" for g in range(int(group.max()) + 1)]
