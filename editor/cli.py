@@ -13,7 +13,7 @@ import sys
 import click
 
 from editor import __version__
-from editor.errors import EditorError
+from editor.errors import EditorError, VerificationError
 
 
 def _quiet_libraries() -> None:
@@ -59,7 +59,7 @@ def friendly(fn):
             return fn(*args, **kwargs)
         except EditorError as e:
             click.echo(f"error: {e}", err=True)
-            sys.exit(2)
+            sys.exit(1 if isinstance(e, VerificationError) else 2)
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
             sys.exit(130)

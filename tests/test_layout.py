@@ -25,7 +25,8 @@ ORDER = [
     "editor.methods", "editor.methods.neuron_adjust", "editor.methods.key_space", "editor.methods.calibrate",
     "editor.plan", "editor.patch",
     "editor.export", "editor.export.card", "editor.export.hf", "editor.export.onnx",
-    "editor.checkpoint", "editor.onnx_runtime", "editor.hub",
+    "editor.checkpoint.verification", "editor.checkpoint.report", "editor.checkpoint.restoration", "editor.checkpoint",
+    "editor.onnx_runtime", "editor.hub",
     "editor.eval", "editor.eval.scorecard", "editor.eval.sandbox", "editor.eval.scorers", "editor.eval.lmeval",
     "editor.dryrun", "editor.pipeline",
     "editor.serve.*",  # reserved for the serving plugins: any module of the package, imports among them free

@@ -442,7 +442,7 @@ def evaluate_checkpoint(checkpoint, data, *, base: str | None = None, batch_size
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from editor.checkpoint import restore, shipped_code_differs
+    from editor.checkpoint import restore, shipped_code_differs, verified
     from editor.patch import remove_patches
     from editor.runtime.modeling_skill_editor import SkillEditorForCausalLM
 
@@ -460,6 +460,9 @@ def evaluate_checkpoint(checkpoint, data, *, base: str | None = None, batch_size
         raise EditorError(f"cannot read {ckpt / CONFIG}: {e}") from None
     if not isinstance(cfg_json, dict):
         raise EditorError(f"{ckpt / CONFIG} is not a JSON object")
+    verified(ckpt, plain_ok=True)  # every file's sha256 before anything is loaded, --trust-remote-code or not
+    if base and Path(base).is_dir():
+        verified(base, "--base ", plain_ok=True)
     why = shipped_code_differs(ckpt, cfg_json)
     if why and not trust_remote_code:
         raise EditorError(f"{ckpt}: {why}; scoring it would run (or stand in for) code this tool does not ship — "
