@@ -86,13 +86,20 @@ def _nearest_existing(path: Path) -> Path:
 
 def check_parent(path, what: str = "output") -> Path:
     """The directory that will hold ``path`` exists and is writable, or can be created: its nearest
-    existing ancestor is a directory this process can write. Nothing is created here."""
+    existing ancestor is a directory this process can write — tried with an anonymous temporary
+    file (``O_TMPFILE`` where the file system has it: no name appears), since permissions do not
+    tell (root on /proc, a read-only mount). Nothing is left behind."""
     path = Path(path).absolute()
     anc = _nearest_existing(path.parent)
     if not anc.is_dir():
         raise EditorError(f"cannot write {what} {path}: {anc} is not a directory")
     if not os.access(anc, os.W_OK | os.X_OK):
         raise EditorError(f"cannot write {what} {path}: {anc} is not writable")
+    try:
+        with tempfile.TemporaryFile(dir=anc):
+            pass
+    except OSError as e:
+        raise EditorError(f"cannot write {what} {path}: {anc} does not take new files ({e.strerror or e})") from None
     return path
 
 

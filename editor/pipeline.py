@@ -16,9 +16,9 @@ import torch
 from editor.data import TextSet, background_set, check_scorecard_records, load_all, ordinary_eval_set
 from editor.errors import EditorError
 from editor.eval.scorecard import render_scorecard, score, scorecard
-from editor.export.hf import DEFAULT_SHARD, export_hf
+from editor.export.hf import export_hf
 from editor.io import atomic_directory, check_destination, check_parent, hold_destination, replaced_together
-from editor.manifest import Edit, build_manifest
+from editor.manifest import DEFAULT_SHARD, Edit, build_manifest
 from editor.methods.calibrate import KeySet, calibrate_keys, calibrate_linear, calibration_config, continuation_tokens
 from editor.model.arch import ArchSpec, config_layers, spec_for
 from editor.model.identity import model_identity, weights_fingerprint

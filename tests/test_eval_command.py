@@ -117,3 +117,19 @@ def test_eval_refuses_a_checkpoint_with_a_flipped_byte(ckpt, no_prompt, tmp_path
         assert len(lines) == 1 and lines[0].startswith("error: ") and "model.safetensors: sha256 mismatch" in lines[0], lines
     inspected = CliRunner().invoke(main, ["inspect", str(tampered)])
     assert inspected.exit_code == 1 and "model.safetensors: sha256 mismatch" in inspected.output
+
+
+def test_a_checkpoint_given_as_a_base_model_is_refused_first_thing(ckpt, tmp_path):
+    """The refusal began with transformers' "The transformers file in the config seems to be incorrect…"
+    (what config.json's fail-closed transformers_weights makes every plain class say); the tool now says
+    what is wrong itself, before loading anything."""
+    recipe = ckpt.parent / "recipe.yaml"
+    again = ckpt.parent / "edit-the-checkpoint.yaml"
+    again.write_text(recipe.read_text().replace("model: model", "model: out"))
+    for args in (["run", again, "--out", tmp_path / "x"], ["run", again, "--dry-run"],
+                 ["eval", ckpt, "--data", ckpt.parent / "eval.jsonl", "--base", ckpt]):
+        res = CliRunner().invoke(main, list(map(str, args)))
+        assert res.exit_code == 2, res.output
+        line = res.output.strip()
+        assert "\n" not in line and "is a skill-editor checkpoint (an edited model)" in line, line
+        assert "seems to be incorrect" not in line and "skill-editor restore" in line

@@ -18,7 +18,7 @@ ORDER = [
     "editor", "editor.errors", "editor.hooks", "editor.io", "editor.threads", "editor.progress",
     "editor.runtime", "editor.runtime.configuration_skill_editor", "editor.runtime.modeling_skill_editor",
     "editor.manifest",
-    "editor.recipe", "editor.ordinary", "editor.data",
+    "editor.recipe", "editor.options", "editor.ordinary", "editor.data",
     "editor.model", "editor.model.tokens", "editor.model.arch", "editor.model.identity", "editor.model.loading",
     "editor.profile", "editor.profile.stats", "editor.profile.collect", "editor.profile.profile",
     "editor.profile.distributed",

@@ -14,9 +14,8 @@ import torch
 
 from editor.checkpoint.verification import NA_PATCH, _patch_names, _strip, is_patch_tensor, require_ok, verify, weight_files
 from editor.errors import EditorError
-from editor.export.hf import DEFAULT_SHARD
 from editor.io import atomic_directory, check_destination
-from editor.manifest import CARD, CONFIG, EDIT_KEY, INDEX, MANIFEST, RUNTIME_FILES
+from editor.manifest import CARD, CONFIG, DEFAULT_SHARD, EDIT_KEY, INDEX, MANIFEST, RUNTIME_FILES
 from editor.methods.neuron_adjust import inverse_permutation
 from editor.runtime.configuration_skill_editor import BASE_CONFIG_KEY
 from editor.runtime.modeling_skill_editor import arch_spec
