@@ -28,7 +28,7 @@ ORDER = [
     "editor.checkpoint.verification", "editor.checkpoint.report", "editor.checkpoint.restoration", "editor.checkpoint",
     "editor.onnx_runtime", "editor.hub",
     "editor.eval", "editor.eval.scorecard", "editor.eval.sandbox", "editor.eval.scorers", "editor.eval.lmeval",
-    "editor.dryrun", "editor.pipeline",
+    "editor.dryrun.estimate", "editor.dryrun.render", "editor.dryrun", "editor.pipeline",
     "editor.serve.*",  # reserved for the serving plugins: any module of the package, imports among them free
     "editor.cli", "editor.__main__",
     # the embedded default model and its training recipe: nothing in the product imports it
