@@ -29,9 +29,9 @@ from editor.plan import NA_SUFFIX, Plans, ksd_set_name, plan_all, plan_na
 from editor.profile import collect
 from editor.profile.distributed import Dist, session
 from editor.profile.profile import profile_set
-from editor.progress import bar, stage
 from editor.profile.stats import (STATS_NAME, ProfiledSets, StatsFile, check_identity, load_stats, provenance, save_stats,
                                   stats_path)
+from editor.progress import bar, stage
 from editor.recipe import Recipe, load_recipe
 
 
@@ -306,7 +306,8 @@ def run_recipe(recipe_path, out=None, *, overwrite: bool = False, progress: bool
     """The whole job: validate → (scorecard before) → profile → plan → patch → (scorecard after)
     → export in every format of the recipe. Returns a summary dict. Every destination (the
     checkpoint, the ONNX export, the statistics) is checked before any other work and locked
-    until the end."""
+    until the end, and all are replaced together (``io.replaced_together``): a killed run never
+    leaves statistics beside a checkpoint they did not make."""
     r = _load(recipe_path)
     out = Path(out) if out else r.out_dir()
     check_destination(out, overwrite)
