@@ -40,15 +40,12 @@ def _redact(text: str, token: str | None) -> str:
 
 def upload_for(checkpoint, repo_id: str, *, private: bool = True, revision: str | None = None) -> Upload:
     """Verify the checkpoint and list what would be uploaded (no network)."""
-    from editor.checkpoint import verify
+    from editor.checkpoint import verified
 
     ckpt = Path(checkpoint)
     if not repo_id or repo_id.count("/") > 1 or repo_id.startswith("/") or repo_id.endswith("/"):
         raise EditorError(f"--repo-id must look like 'namespace/name', got {repo_id!r}")
-    rep = verify(ckpt)
-    if not rep.ok:
-        more = f" (+{len(rep.problems) - 1} more; see `skill-editor inspect`)" if len(rep.problems) > 1 else ""
-        raise EditorError(f"refusing to push {ckpt}: it fails verification: {rep.problems[0]}{more}")
+    verified(ckpt, "refusing to push: ")
     files = []
     for p in sorted(ckpt.rglob("*")):
         rel = p.relative_to(ckpt).as_posix()

@@ -12,7 +12,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from editor.errors import EditorError
@@ -86,13 +86,20 @@ def _nearest_existing(path: Path) -> Path:
 
 def check_parent(path, what: str = "output") -> Path:
     """The directory that will hold ``path`` exists and is writable, or can be created: its nearest
-    existing ancestor is a directory this process can write. Nothing is created here."""
+    existing ancestor is a directory this process can write — tried with an anonymous temporary
+    file (``O_TMPFILE`` where the file system has it: no name appears), since permissions do not
+    tell (root on /proc, a read-only mount). Nothing is left behind."""
     path = Path(path).absolute()
     anc = _nearest_existing(path.parent)
     if not anc.is_dir():
         raise EditorError(f"cannot write {what} {path}: {anc} is not a directory")
     if not os.access(anc, os.W_OK | os.X_OK):
         raise EditorError(f"cannot write {what} {path}: {anc} is not writable")
+    try:
+        with tempfile.TemporaryFile(dir=anc):
+            pass
+    except OSError as e:
+        raise EditorError(f"cannot write {what} {path}: {anc} does not take new files ({e.strerror or e})") from None
     return path
 
 
@@ -142,7 +149,7 @@ def _hook(point: str) -> None:
 
 
 @contextmanager
-def hold_destination(out) -> Iterator[Path]:
+def hold_destination(out, *, clean: bool = True) -> Iterator[Path]:
     """Hold the one-writer lock of ``out`` (re-entrant within the process) while the body runs, and
     first clean up what a killed writer left beside it (``recover``).
 
@@ -152,7 +159,9 @@ def hold_destination(out) -> Iterator[Path]:
     no stale lock. On NFS, Linux maps ``flock`` to the server's byte-range locks (NFSv4, or NFSv3
     with the lock manager): writers on different hosts exclude each other there, but not on a
     mount with ``nolock`` / ``local_lock``, where the lock is only seen by one host. The parent
-    directories created for the lock are removed again if the body fails and leaves them empty."""
+    directories created for the lock are removed again if the body fails and leaves them empty.
+    A lock file that is there before this process creates it was left by a killed writer: taking
+    it over is reported (a warning). ``clean=False``: no ``recover`` (the caller's own)."""
     import fcntl
 
     out = Path(out).absolute()
@@ -174,10 +183,11 @@ def hold_destination(out) -> Iterator[Path]:
         raise EditorError(f"cannot create {out.parent}: {e.strerror}") from None
     path = lock_path(out)
     while True:
+        stale = os.path.lexists(path)  # a holder unlinks its lock file: one that is there was left by a killed writer
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise EditorError(f"cannot create the lock file {path}: {e.strerror}") from None
+            raise EditorError(f"cannot write {out}: cannot create its lock file {path} there ({e.strerror})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -196,7 +206,10 @@ def hold_destination(out) -> Iterator[Path]:
     _HELD[out] = [fd, 1]
     ok = False
     try:
-        recover(out)
+        if stale:
+            log.warning(f"took over {path}, the lock file a killed writer of {out} left")
+        if clean:
+            recover(out)
         yield out
         ok = True
     finally:
@@ -228,7 +241,7 @@ def recover(out) -> list[str]:
     back; the temporary directories of unfinished writes (``.<name>.*.partial/``) and old
     checkpoints already replaced are removed. Each action is logged (a warning) and returned."""
     out = Path(out).absolute()
-    done = []
+    done = _finish_together(out)
     olds = _leftovers(out, ".old")
     if not os.path.lexists(out):
         for trash in reversed(olds):
@@ -278,50 +291,170 @@ def _exchange(a: Path, b: Path) -> bool:
 _renameat2 = None
 
 
+def _swap_in(tmp: Path, out: Path) -> Path | None:
+    """Put the complete directory ``tmp`` at ``out``: renamed into place, or swapped with the
+    existing ``out`` in one step (``renameat2(RENAME_EXCHANGE)``). Where the file system cannot
+    swap (NFS), the old directory is first renamed aside to ``.<name>.*.old/``: a kill between the
+    two renames leaves it there, and the next writer (or ``recover``) moves it back; an exception
+    between them puts it back at once. Returns what now holds the old directory (to delete), if any."""
+    _hook("swap")
+    if not out.exists():
+        os.replace(tmp, out)
+        return None
+    if _exchange(tmp, out):  # tmp now holds the old directory
+        _fsync_dir(out.parent)
+        _hook("swapped")
+        return tmp
+    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    os.replace(out, trash / "old")
+    try:
+        _hook("between")
+        os.replace(tmp, out)
+    except BaseException:  # e.g. SIGTERM here: put the old directory back
+        if not os.path.lexists(out):
+            os.replace(trash / "old", out)
+        shutil.rmtree(trash, ignore_errors=True)
+        raise
+    return trash
+
+
+_TOGETHER: dict[Path, dict[Path, Path]] = {}  # destination -> the {destination: complete temporary directory} of its group
+
+
 @contextmanager
 def atomic_directory(out, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside ``out``; on success it replaces ``out``.
 
     The destination's lock is held throughout (``hold_destination``: a concurrent writer is
     refused; what a killed writer left is cleaned first). At no moment is there no complete
-    directory at ``out``: a new one is renamed into place; an existing one (``overwrite``) is
-    swapped with the new one in one step (``renameat2(RENAME_EXCHANGE)``) and deleted afterwards.
-    Where the file system cannot swap (NFS), the old directory is first renamed aside to
-    ``.<name>.*.old/``: a kill between the two renames leaves it there, and the next writer (or
-    ``recover``) moves it back. On any exception the temporary directory is removed and ``out`` is
-    left as it was; a SIGKILL leaves the temporary directory, which the next writer removes.
+    directory at ``out`` (``_swap_in``): a new one is renamed into place; an existing one
+    (``overwrite``) is swapped with the new one in one step and deleted afterwards. On any
+    exception the temporary directory is removed and ``out`` is left as it was; a SIGKILL leaves
+    the temporary directory, which the next writer removes. Inside ``replaced_together`` naming
+    ``out``, the complete directory waits for the group's end instead.
     """
     out = check_destination(out, overwrite).absolute()
     with hold_destination(out):
         out = check_destination(out, overwrite).absolute()  # the state recover() left
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a checkpoint is an ordinary readable directory
+        old = None
         try:
             yield tmp
             _hook("writing")
-            if not out.exists():
-                _hook("swap")
-                os.replace(tmp, out)
-            else:
-                _hook("swap")
-                if _exchange(tmp, out):  # tmp now holds the old directory
-                    _fsync_dir(out.parent)
-                    _hook("swapped")
-                else:
-                    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-                    os.replace(out, trash / "old")
-                    try:
-                        _hook("between")
-                        os.replace(tmp, out)
-                    except BaseException:  # e.g. SIGTERM here: put the old directory back
-                        if not os.path.lexists(out):
-                            os.replace(trash / "old", out)
-                        shutil.rmtree(trash, ignore_errors=True)
-                        raise
-                    tmp = trash
+            if out in _TOGETHER:
+                _TOGETHER[out][out], tmp = tmp, None  # the group swaps it in (or removes it)
+                return
+            old = _swap_in(tmp, out)
             _fsync_dir(out.parent)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp is not None:
+                shutil.rmtree(old or tmp, ignore_errors=True)
+
+
+def _journal(out: Path) -> Path:
+    """The record of a group replacement under way (``replaced_together``): ``.<name>.together`` beside it."""
+    return out.parent / f".{out.name}.together"
+
+
+@contextmanager
+def replaced_together(outs, overwrite: bool = False) -> Iterator[list[Path]]:
+    """The directories ``outs`` that the block writes (each through ``atomic_directory``) replace
+    their destinations together when the block ends, or none does.
+
+    Every destination's lock is held throughout. Once every new directory is complete, a journal
+    naming each (destination, new directory, its inode) is written beside every destination — the
+    commit point —, then each is swapped in (``_swap_in``) and the journals removed. A kill before
+    the journals leaves every old directory in place (the next writer removes the temporary ones);
+    a kill after them is completed by the next writer of any of the destinations (``recover``:
+    whichever new directory is not in place yet is swapped in), so a reader never meets a
+    statistics directory and a checkpoint of two different runs once a writer has passed. An
+    exception (SIGTERM, Ctrl-C) before the commit removes the new directories; after it, the swaps
+    are completed first."""
+    outs = list(dict.fromkeys(check_destination(o, overwrite).absolute() for o in outs))
+    with ExitStack() as held:
+        for o in outs:
+            held.enter_context(hold_destination(o))
+        group: dict[Path, Path] = {}
+        for o in outs:
+            _TOGETHER[o] = group
+        try:
+            try:
+                yield outs
+            finally:
+                for o in outs:
+                    del _TOGETHER[o]
+        except BaseException:
+            for tmp in group.values():
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        entries = [[str(o), str(group[o]), os.stat(group[o]).st_ino] for o in outs if o in group]
+        committed = False
+        try:
+            for o, _, _ in entries:  # the first destination's first: every writer of the group takes its lock first
+                atomic_write_bytes(_journal(Path(o)), json_bytes({"together": entries}))
+                committed = True
+            _hook("committed")
+        except BaseException:
+            if not committed:
+                for tmp in group.values():
+                    shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            _complete(entries)
+            raise
+        try:
+            _complete(entries)
+        except BaseException:  # e.g. SIGTERM between two swaps: the group is committed, finish it first
+            _complete(entries)
+            raise
+
+
+def _complete(entries: list) -> list[str]:
+    """Swap in every new directory of a committed group that is not in place yet, then remove the
+    group's journals and the old directories. Returns what was done (after a kill)."""
+    done, olds = [], []
+    for o, t, ino in entries:
+        o, t = Path(o), Path(t)
+        if o.is_dir() and os.stat(o).st_ino == ino:
+            continue  # already in place
+        if t.is_dir() and os.stat(t).st_ino == ino:
+            olds.append(_swap_in(t, o))
+            done.append(f"completed the replacement of {o} (an interrupted run had replaced the rest of its group)")
+        else:
+            done.append(f"cannot complete the replacement of {o}: {t} is gone")
+    for o, _, _ in entries:
+        j = _journal(Path(o))
+        if j.exists():
+            j.unlink()
+        _fsync_dir(Path(o).parent)
+    for _, t, ino in entries:  # after an exchange the new directory's name holds the old one
+        if os.path.isdir(t) and os.stat(t).st_ino != ino:
+            shutil.rmtree(t, ignore_errors=True)
+    for old in olds:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return done
+
+
+def _finish_together(out: Path) -> list[str]:
+    """``recover``'s first step: a group replacement of ``out`` that was committed but not
+    finished (its journal is there) is completed, the group's other destinations locked too."""
+    j = _journal(out)
+    if not j.exists():
+        return []
+    try:
+        entries = json.loads(j.read_text(encoding="utf-8"))["together"]
+    except (OSError, ValueError, KeyError, TypeError):
+        j.unlink()
+        return [f"removed {j}, an unreadable journal"]
+    with ExitStack() as held:
+        others = [Path(o) for o, _, _ in entries if Path(o) != out]
+        for o in others:  # their own clean-up would remove the new directories: after the group is complete
+            held.enter_context(hold_destination(o, clean=False))
+        done = _complete(entries)
+        for o in others:
+            done += recover(o)
+        return done
 
 
 def sha256_file(path, chunk: int = 1 << 20) -> str:

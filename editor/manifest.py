@@ -23,6 +23,8 @@ from typing import Any
 from editor import __version__
 from editor.io import json_bytes, sha256_file
 
+DEFAULT_SHARD = "5GB"  # the largest safetensors shard of an export or a restore (transformers' own default)
+
 MANIFEST = "skill_editor.json"
 MANIFEST_FORMAT = "skill-editor/checkpoint"
 MANIFEST_VERSION = 1

@@ -8,7 +8,6 @@ is validated in ``prepare`` before any weight is loaded.
 
 from __future__ import annotations
 
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,9 +17,9 @@ from editor.data import TextSet, background_set, check_scorecard_records, load_a
 from editor.errors import EditorError
 from editor.eval.attacks import attack_prompts, attack_requests
 from editor.eval.scorecard import examples_of, render_scorecard, score, scorecard
-from editor.export.hf import DEFAULT_SHARD, export_hf
-from editor.io import check_destination, check_parent, hold_destination
-from editor.manifest import Edit, build_manifest
+from editor.export.hf import export_hf
+from editor.io import atomic_directory, check_destination, check_parent, hold_destination, replaced_together
+from editor.manifest import DEFAULT_SHARD, Edit, build_manifest
 from editor.methods.calibrate import KeySet, calibrate_keys, calibrate_linear, calibration_config, continuation_tokens
 from editor.model.arch import ArchSpec, config_layers, spec_for
 from editor.model.identity import model_identity, weights_fingerprint
@@ -33,6 +32,7 @@ from editor.profile.distributed import Dist, session
 from editor.profile.stream import profile_set
 from editor.profile.stats import (STATS_NAME, ProfiledSets, StatsFile, check_identity, load_stats, provenance, save_stats,
                                   stats_path)
+from editor.progress import bar, stage
 from editor.recipe import Recipe, load_recipe
 
 
@@ -124,28 +124,31 @@ def profile_job(job: Job, model, tokenizer, *, progress: bool = True, dist: Dist
                           f"{len(off)} module(s) to cpu/disk (e.g. {off[0]}): give the model enough GPU memory")
     spec = spec_for(job.config)
     out = ProfiledSets()
-    for name in r.profiled_sets():
-        out[name] = profile(model, tokenizer, spec, job.sets[name], r.profile, progress=progress)
-    if r.neuron_adjust and r.key_space:
-        plan = plan_na(r, job.n_layers, out)
-        apply_neuron_adjust(model, spec, job.model_type, plan)
-        ts = job.sets[r.key_space.forget]
-        s = profile(model, tokenizer, spec, ts, r.profile, desc=f"{ts.name} (NA on)", progress=progress)
-        s.info["neuron_adjust"] = plan.digest()
-        out[ts.name + NA_SUFFIX] = s
+    with stage("profile"):
+        for name in r.profiled_sets():
+            out[name] = profile(model, tokenizer, spec, job.sets[name], r.profile, progress=progress)
+        if r.neuron_adjust and r.key_space:
+            plan = plan_na(r, job.n_layers, out)
+            apply_neuron_adjust(model, spec, job.model_type, plan)
+            ts = job.sets[r.key_space.forget]
+            s = profile(model, tokenizer, spec, ts, r.profile, desc=f"{ts.name} (NA on)", progress=progress)
+            s.info["neuron_adjust"] = plan.digest()
+            out[ts.name + NA_SUFFIX] = s
     if r.key_space and r.key_space.calibrated:
         target = out[ksd_set_name(r)]
-        target.info["calibration"], target.detector = calibrate_job(job, model, tokenizer, spec)
+        target.info["calibration"], target.detector = calibrate_job(job, model, tokenizer, spec, progress=progress)
     return out
 
 
-def calibrate_job(job: Job, model, tokenizer, spec: ArchSpec) -> tuple[dict, dict[int, torch.Tensor]]:
+def calibrate_job(job: Job, model, tokenizer, spec: ArchSpec, *,
+                  progress: bool = False) -> tuple[dict, dict[int, torch.Tensor]]:
     """The calibrated ``key_space``: the keys of its forget set, of its retain query sets and of its
     background negatives (the only sets it reads; the budget holds on the background as on each
     retain set), then the pure calibration (``editor.methods.calibrate``). Returns the record
-    stored with the statistics and the linear detector's weights ({} for a box)."""
+    stored with the statistics and the linear detector's weights ({} for a box). Two timed stages,
+    ``calibration keys`` and ``calibration fit``, each with its progress bars."""
     ks, p = job.recipe.key_space, job.recipe.profile
-    kw = dict(batch_size=p.batch_size, max_length=p.max_length, padding_side=p.padding_side)
+    kw = dict(batch_size=p.batch_size, max_length=p.max_length, padding_side=p.padding_side, progress=progress)
     forget = job.sets[ks.forget].texts
     # one budget group per negative set and form: the false-positive budget holds in raw and in chat form
     negatives, names = [], []
@@ -153,22 +156,30 @@ def calibrate_job(job: Job, model, tokenizer, spec: ArchSpec) -> tuple[dict, dic
         for form in ts.form_names:
             negatives.append(ts.in_form(form))
             names.append(name if len(ts.form_names) == 1 else f"{name}[{form}]")
+    which = "retain + background" if job.background else "retain"
     retain = [t for ts in negatives for t in ts.texts]
     group = torch.tensor([g for g, ts in enumerate(negatives) for _ in ts.texts], dtype=torch.long)
     fit = dict(budget=ks.false_positive_budget, folds=ks.folds, seed=ks.seed, retain_names=names)
     if ks.detector == "linear":
-        record, weights = calibrate_linear(collect.pooled_keys(model, tokenizer, spec, forget, **kw),
-                                           collect.pooled_keys(model, tokenizer, spec, retain, **kw), group, **fit)
+        with stage("calibration keys"):
+            pooled_f = collect.pooled_keys(model, tokenizer, spec, forget, desc="keys: forget queries", **kw)
+            pooled_r = collect.pooled_keys(model, tokenizer, spec, retain, desc=f"keys: {which}", **kw)
+        with stage("calibration fit"), bar(progress, ks.folds, "fitting the detector", "fold") as shown:
+            record, weights = calibrate_linear(pooled_f, pooled_r, group, on_fold=shown.update, **fit)
     else:
         new_tokens = continuation_tokens(ks.check)
 
-        def keys(texts: list[str], group: torch.Tensor | None = None) -> KeySet:
-            prompt = collect.last_token_keys(model, tokenizer, spec, texts, **kw)
+        def keys(texts: list[str], label: str, group: torch.Tensor | None = None) -> KeySet:
+            prompt = collect.last_token_keys(model, tokenizer, spec, texts, desc=f"keys: {label}", **kw)
             cont, owner = collect.generated_keys(model, tokenizer, spec, texts, new_tokens=new_tokens,
-                                                 batch_size=p.batch_size, max_length=p.max_length)
+                                                 batch_size=p.batch_size, max_length=p.max_length, progress=progress,
+                                                 desc=f"continuation keys: {label}")
             return KeySet.of(prompt, cont, owner, group)
 
-        record, weights = calibrate_keys(keys(forget), keys(retain, group), **fit), {}
+        with stage("calibration keys"):
+            forget_keys, retain_keys = keys(forget, "forget queries"), keys(retain, which, group)
+        with stage("calibration fit"):
+            record, weights = calibrate_keys(forget_keys, retain_keys, **fit), {}
     record["config"] = calibration_config(job.recipe, job.background.info if job.background else None)
     return record, weights
 
@@ -305,7 +316,8 @@ def run_recipe(recipe_path, out=None, *, overwrite: bool = False, progress: bool
     """The whole job: validate → (scorecard before) → profile → plan → patch → (scorecard after)
     → export in every format of the recipe. Returns a summary dict. Every destination (the
     checkpoint, the ONNX export, the statistics) is checked before any other work and locked
-    until the end."""
+    until the end, and all are replaced together (``io.replaced_together``): a killed run never
+    leaves statistics beside a checkpoint they did not make."""
     r = _load(recipe_path)
     out = Path(out) if out else r.out_dir()
     check_destination(out, overwrite)
@@ -313,25 +325,24 @@ def run_recipe(recipe_path, out=None, *, overwrite: bool = False, progress: bool
     onnx_out = out if formats == ["onnx"] else out.parent / f"{out.name}-onnx"
     if "onnx" in formats and formats != ["onnx"]:
         check_destination(onnx_out, overwrite)
-    stats_file = stats_dir_for(out) / STATS_NAME
-    if stats_file.parent.exists() and not stats_file.parent.is_dir():
-        raise EditorError(f"{stats_file.parent} exists and is not a directory")
-    check_parent(stats_file, "statistics")
-    if stats_file.exists() and not overwrite:
-        raise EditorError(f"{stats_file} exists (use --overwrite to replace it)")
-    job = _prepared(r, recipe_path)
-    with ExitStack() as held:
-        for dest in dict.fromkeys([out, onnx_out] if "onnx" in formats else [out]):
-            held.enter_context(hold_destination(dest))
-        return _run(job, out, onnx_out, formats, stats_file, overwrite=overwrite, progress=progress, echo=echo)
+    stats_dir = check_destination(stats_dir_for(out), overwrite)
+    with stage("validate"):
+        job = _prepared(r, recipe_path)
+    with replaced_together([out, onnx_out, stats_dir] if "onnx" in formats else [out, stats_dir], overwrite):
+        summary = _run(job, out, onnx_out, formats, stats_dir, overwrite=overwrite, progress=progress, echo=echo)
+    echo(f"wrote {summary['stats']}")
+    return summary
 
 
-def _run(job: Job, out: Path, onnx_out: Path, formats: list[str], stats_file: Path, *, overwrite: bool, progress: bool,
+def _run(job: Job, out: Path, onnx_out: Path, formats: list[str], stats_dir: Path, *, overwrite: bool, progress: bool,
          echo) -> dict:
+    """``run_recipe``'s work, inside ``replaced_together``: the statistics directory and the
+    checkpoint(s) are written into temporary directories and put in place together at the end."""
     r = job.recipe
-    tokenizer = job.tokenizer if job.tokenizer is not None else load_tokenizer(r)
-    model = load_model(r, job.config)
-    identity = job.identity(model)
+    with stage("load"):
+        tokenizer = job.tokenizer if job.tokenizer is not None else load_tokenizer(r)
+        model = load_model(r, job.config)
+        identity = job.identity(model)
 
     before = records = attacks = None
     if r.evaluate:
@@ -342,30 +353,35 @@ def _run(job: Job, out: Path, onnx_out: Path, formats: list[str], stats_file: Pa
                                                                               ts.form_names, tokenizer)}
         forms = f" ({' and '.join(ts.form_names)} form)" if ts.forms is not None else ""
         echo(f"scoring the base model on {len(records)} prompts of {r.evaluate.data!r}{forms}")
-        before = score(model, tokenizer, records, batch_size=r.evaluate.batch_size, max_new_tokens=r.evaluate.max_new_tokens,
-                       progress=progress, desc="scoring base")
+        with stage("base scorecard"):
+            before = score(model, tokenizer, records, batch_size=r.evaluate.batch_size,
+                           max_new_tokens=r.evaluate.max_new_tokens, progress=progress, desc="scoring base")
 
-    write_stats(job, stats_file, profile_job(job, model, tokenizer, progress=progress), identity)
-    echo(f"wrote {stats_file}")
-    stats = load_stats(stats_file)
-    ed = edit_model(job, stats, model=model, tokenizer=tokenizer)
-    edited = ed.wrapped
+    profiled = profile_job(job, model, tokenizer, progress=progress)
+    with stage("plan + patch"):
+        with atomic_directory(stats_dir, overwrite=overwrite) as tmp:
+            write_stats(job, tmp / STATS_NAME, profiled, identity)
+            stats = load_stats(tmp / STATS_NAME)
+        ed = edit_model(job, stats, model=model, tokenizer=tokenizer)
+        edited = ed.wrapped
 
     card = None
     if r.evaluate:
         echo("scoring the edited model")
-        card = scorecard(None, edited, tokenizer, records, batch_size=r.evaluate.batch_size,
-                         max_new_tokens=r.evaluate.max_new_tokens, before=before, ordinary=job.ordinary,
-                         ordinary_new_tokens=r.evaluate.ordinary_new_tokens, attacks=attacks, progress=progress)
+        with stage("edited scorecard"):
+            card = scorecard(None, edited, tokenizer, records, batch_size=r.evaluate.batch_size,
+                             max_new_tokens=r.evaluate.max_new_tokens, before=before, ordinary=job.ordinary,
+                             ordinary_new_tokens=r.evaluate.ordinary_new_tokens, attacks=attacks, progress=progress)
     if hasattr(edited, "reset_neuron_adjust_rng"):
         edited.reset_neuron_adjust_rng()  # the export starts from the seed, whatever ran before
 
-    manifest = _manifest(job, ed, stats, stats_file, card)
+    manifest = _manifest(job, ed, stats, stats_dir / STATS_NAME, card)
     written = {}
-    if "hf" in formats:
-        written["hf"] = str(export_hf(ed.model, tokenizer, ed.edit, manifest, out, overwrite=overwrite))
-    if "onnx" in formats:
-        written["onnx"] = str(_export_onnx(job, ed, manifest, onnx_out, overwrite=overwrite))
+    with stage("export"):
+        if "hf" in formats:
+            written["hf"] = str(export_hf(ed.model, tokenizer, ed.edit, manifest, out, overwrite=overwrite))
+        if "onnx" in formats:
+            written["onnx"] = str(_export_onnx(job, ed, manifest, onnx_out, overwrite=overwrite))
     if card is not None:
         echo(render_scorecard(card))
-    return {"out": written, "stats": str(stats_file), "plans": ed.plans.summary(), "scorecard": card}
+    return {"out": written, "stats": str(stats_dir / STATS_NAME), "plans": ed.plans.summary(), "scorecard": card}

@@ -178,3 +178,78 @@ def test_recover_touches_only_its_own_destinations_leftovers(tmp_path):
     (tmp_path / "ck").mkdir()
     done = recover(tmp_path / "ck")
     assert not mine.exists() and other.exists() and len(done) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# issue #25: click's usage errors, odd destinations, missing models — one line each, and early
+# ---------------------------------------------------------------------------------------------
+
+
+def test_usage_errors_are_one_line(project, tmp_path):
+    """click printed a 4-line usage block ending in ``Error: …``; now one line ``error: …``, exit 2."""
+    afile = project.parent / "afile.txt"
+    afile.write_text("x")
+    cases = [
+        (["run", project.parent], "is a directory"),                   # a directory as the recipe
+        (["push", project.parent / "model"], "--repo-id"),             # push without --repo-id
+        (["run", project, "--threads", "0"], "--threads"),
+        (["run", project, "--threads", "-3"], "--threads"),
+        (["run", project, "--threads", "abc"], "--threads"),
+        (["run", project, "--out", afile], "is a file"),               # --out naming a file
+        (["export", project, "--stats", tmp_path / "missing"], "does not exist"),  # --stats naming a missing path
+        (["eval", project.parent / "model", "--data", tmp_path / "missing.jsonl"], "does not exist"),
+        (["frobnicate"], "No such command"),
+    ]
+    for args, words in cases:
+        line = one_line(invoke(*args), words)
+        assert "Usage:" not in line and "Try " not in line, line
+    for args in (["--help"], ["run", "--help"], ["push", "--help"]):
+        res = invoke(*args)
+        assert res.exit_code == 0 and "Usage:" in res.output
+
+
+CHECK_IMPORTS = r"""
+import sys
+from editor.cli import main
+try:
+    main(sys.argv[1:], prog_name="skill-editor")
+except SystemExit as e:
+    print("exit", e.code, "torch" in sys.modules, "transformers" in sys.modules)
+"""
+
+
+def test_bad_calls_answer_before_torch_is_imported(project, tmp_path):
+    """Nine seconds before the first output of any call (torch and transformers imported up front):
+    a missing or bad recipe and a bad option are now refused before either is imported."""
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    unknown = variant(project, "unknown-key.yaml", colour="blue")
+    for args in (["run", tmp_path / "nope.yaml"], ["run", bad], ["profile", unknown, "--out", tmp_path / "o"],
+                 ["run", project, "--threads", "0"], ["export", project, "--stats", tmp_path / "nope"],
+                 ["eval", project.parent / "model", "--data", tmp_path / "nope.jsonl"]):
+        res = subprocess.run([sys.executable, "-c", CHECK_IMPORTS, *map(str, args)], capture_output=True, text=True,
+                             timeout=120)
+        assert res.stdout.strip() == "exit 2 False False", (args, res.stdout, res.stderr)
+        assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: "), res.stderr
+
+
+@pytest.mark.skipif(not Path("/proc/self").exists(), reason="needs /proc")
+def test_a_destination_that_takes_no_files_says_so(project, tmp_path):
+    """/proc/ck failed with "cannot create the lock file /proc/.ck.lock" — after the work, for profile and
+    eval --out (a traceback). Now refused before any work, saying what is wrong with the destination."""
+    write_jsonl(tmp_path / "ev.jsonl", [{"prompt": "a", "answer": "b", "skill": "s"}])
+    for args in (["run", project, "--out", "/proc/ck"], ["profile", project, "--out", "/proc/ck"],
+                 ["export", project, "--stats", project.parent, "--out", "/proc/ck"],
+                 ["eval", project.parent / "model", "--data", tmp_path / "ev.jsonl", "--out", "/proc/card.json"]):
+        one_line(invoke(*args), "/proc does not take new files")
+
+
+def test_a_missing_local_model_directory_is_named(project):
+    """It was reported as "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"."""
+    r = variant(project, "missing-model.yaml", model="../no/such/model")
+    for cmd in (["run", r], ["run", r, "--dry-run"]):
+        line = one_line(invoke(*cmd), "local directory not found: ../no/such/model")
+        assert "Repo id" not in line

@@ -108,7 +108,7 @@ def test_eval_benchmark_cli_relative_report(ckpt, tmp_path, no_prompt):
     (["--benchmark", "mmlu", "--benchmark-data", "."], "not one task file"),
     (["--benchmark", "mlqa-de", "--benchmark-data", "."], "mlqa-de.jsonl"),
     ([], "--data or --benchmark"),
-    (["--benchmark", "gsm8k", "--data", "x.jsonl"], "--data or --benchmark"),
+    (["--benchmark", "gsm8k", "--data", __file__], "--data or --benchmark"),
 ])
 def test_eval_benchmark_bad_input_is_one_line(ckpt, args, msg, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

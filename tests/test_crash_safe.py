@@ -36,7 +36,7 @@ point, ready = sys.argv[1], pathlib.Path(sys.argv[2])
 if os.environ.get("NO_EXCHANGE"):
     io._exchange = lambda a, b: False  # a file system without renameat2(RENAME_EXCHANGE), e.g. NFS
 def hook(p):
-    if p == point:
+    if p == point and not ready.exists():  # the first time only (a SIGTERM's clean-up may pass it again)
         ready.write_text(str(os.getpid()))
         time.sleep(300)
 io._hook = hook
@@ -155,3 +155,75 @@ def test_a_second_writer_to_the_same_destination_is_refused(setup):
     finally:
         _kill(first, signal.SIGTERM)
     assert verify(dest).ok and _leftovers(dest) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# `run`: the statistics (<out>.stats/) and the checkpoint of one run are replaced together
+# ---------------------------------------------------------------------------------------------
+
+# old and new runs profile different data (max_length 32 vs 12): their statistics differ
+RUN_BODY = """\
+neuron_adjust: {{forget: forget, retain: retain, top_percent: 10, mode: expected, seed: 0}}
+key_space: {{forget: forget, layer: -1, scale: 2.0, refusal: "{refusal}"}}
+"""
+
+
+@pytest.fixture(scope="module")
+def run_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("crash-run")
+    old = tiny_project(root, RUN_BODY.format(refusal="Old."))
+    new = tiny_project(root, RUN_BODY.format(refusal="New."), name="new.yaml", profile="{batch_size: 4, max_length: 12}")
+    (root / "driver.py").write_text(DRIVER)
+    return root, old, new
+
+
+def _run_args(recipe, dest):
+    return ["run", str(recipe), "--out", str(dest), "--overwrite", "--quiet", "--threads", "1"]
+
+
+def _pair(dest: Path) -> str:
+    """The checkpoint's refusal, after checking that ``<dest>.stats/`` holds the statistics its manifest records."""
+    from editor.profile.stats import content_digest, load_stats
+
+    assert verify(dest).ok
+    recorded = json.loads((dest / "skill_editor.json").read_text())["statistics"]["digest"]
+    assert content_digest(load_stats(dest.parent / f"{dest.name}.stats")) == recorded, "a mismatched pair"
+    return _which(dest)
+
+
+@pytest.mark.parametrize("point, sig", [
+    ("writing", signal.SIGKILL), ("writing", signal.SIGTERM),      # the new statistics complete, nothing in place
+    ("committed", signal.SIGKILL), ("committed", signal.SIGTERM),  # both complete, the journals written
+    ("swapped", signal.SIGKILL), ("swapped", signal.SIGTERM),      # the checkpoint swapped in, not yet the statistics
+])
+def test_a_killed_run_never_leaves_a_mismatched_pair(run_setup, point, sig):
+    """Before the fix, a run killed after profiling had already rewritten <out>.stats/ beside the
+    older checkpoint. Now: the old pair until the commit point; after it, the new pair (completed
+    at once on SIGTERM, by the next writer — here ``recover`` — after SIGKILL)."""
+    root, old, new = run_setup
+    dest = root / f"run-{point}-{sig.name}"
+    cli(*_run_args(old, dest))
+    assert _pair(dest) == "Old."
+    proc = _start(root, point, _run_args(new, dest))
+    out = _kill(proc, sig)
+    committed = point != "writing"
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 143 and "error: terminated" in out, out
+        assert _pair(dest) == ("New." if committed else "Old.")
+        assert _leftovers(dest) == [] and _leftovers(dest.parent / f"{dest.name}.stats") == []
+        return
+    assert proc.returncode == -signal.SIGKILL
+    if not committed:
+        assert _pair(dest) == "Old."  # the new statistics are not in place
+        res = subprocess.run([sys.executable, "-m", "editor", *_run_args(old, dest)], capture_output=True, text=True,
+                             env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+        assert res.returncode == 0, res.stderr
+        # the next run reports what it cleans up: the stale lock file and the killed run's temporary directories
+        assert "the lock file a killed writer" in res.stderr and "left by an interrupted write" in res.stderr, res.stderr
+        assert _pair(dest) == "Old."
+    else:
+        done = recover(dest)  # what the next run or export to dest does first
+        assert any("completed the replacement" in d for d in done), done
+        assert _pair(dest) == "New."
+    assert _leftovers(dest) in ([], [lock_path(dest).name]) and _leftovers(dest.parent / f"{dest.name}.stats") in (
+        [], [lock_path(dest.parent / f"{dest.name}.stats").name])

@@ -191,8 +191,10 @@ def test_dry_run_unsupported_architecture(tmp_path):
 
 
 def test_dry_run_missing_config_says_what_it_needs(tmp_path):
-    with pytest.raises(EditorError, match="reads only config.json and never downloads"):
+    with pytest.raises(EditorError, match="local directory not found"):  # a path: no Hub id to look up
         dry_run(_write(tmp_path, _base(model=str(tmp_path / "nowhere" / "model"))))
+    with pytest.raises(EditorError, match="reads only config.json and never downloads"):
+        dry_run(_write(tmp_path, _base(model="no-such-org/no-such-model-xyz")))
     with pytest.raises(EditorError, match="neither a local directory nor in the Hub cache"):
         dry_run(_write(tmp_path, _base(model="no-such-org/no-such-model-xyz")))
 

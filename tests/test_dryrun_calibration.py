@@ -31,7 +31,9 @@ def _recipe(key_space: dict, *, na: bool = False, **data_over) -> dict:
         "r2": {"path": "google-research-datasets/mbpp", "name": "full", "split": "train", "text": "{text}", "limit": 50},
     }
     data.update(data_over)
-    obj = {"model": str(CONFIGS / "llama-3-8b"), "dtype": "bfloat16", "data": data, "key_space": key_space}
+    # format raw: a base model's requests (auto would count each set twice while the dry run cannot
+    # tell whether the tokenizer has a chat template: test_auto_format_counts_both_forms)
+    obj = {"model": str(CONFIGS / "llama-3-8b"), "dtype": "bfloat16", "format": "raw", "data": data, "key_space": key_space}
     if na:
         obj["neuron_adjust"] = {"forget": "f", "retain": "r", "top_percent": 3.0}
     return obj
@@ -109,3 +111,13 @@ def test_calibration_on_by_retain_or_explicitly(tmp_path, calibrate):
     if calibrate is not None:
         ks["calibrate"] = calibrate
     assert "chosen by calibration" in dry_run(_write(tmp_path, _recipe(ks)))
+
+
+def test_auto_format_counts_both_forms(tmp_path):
+    """format auto: the dry run does not load the tokenizer, so a set that may be rendered in raw and
+    chat form counts twice (an upper bound)."""
+    raw = dry_run(_write(tmp_path, _recipe(CALIBRATED)))
+    obj = _recipe(CALIBRATED)
+    del obj["format"]
+    auto = dry_run(_write(tmp_path, obj))
+    assert "≤ 1083 queries" in raw and "≤ 2166 queries" in auto

@@ -3,8 +3,10 @@ checkpoint run unless the user says so (issue #15, item 2), progress on stderr u
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+import struct
 import sys
 
 import pytest
@@ -51,6 +53,16 @@ def test_eval_refuses_changed_shipped_code_unless_trusted(ckpt, no_prompt, tmp_p
     marker = tmp_path / "ran.txt"
     with open(changed / "modeling_skill_editor.py", "a", encoding="utf-8") as f:
         f.write(f"\nimport pathlib as _p\n_p.Path({str(marker)!r}).write_text('ran')\n")
+    # changed after the export: fails verification, and --trust-remote-code does not skip the check
+    for extra in ([], ["--trust-remote-code"]):
+        res = _eval(changed, "--data", ckpt.parent / "eval.jsonl", "--threads", "1", *extra)
+        assert res.exit_code == 1, res.output
+        assert res.output.count("\n") == 1 and "modeling_skill_editor.py: sha256 mismatch" in res.output, res.output
+        assert not marker.exists()
+    # other code recorded in the checkpoint's own manifest (e.g. another version's runtime): verified, then refused
+    manifest = json.loads((changed / "skill_editor.json").read_text())
+    manifest["files"]["modeling_skill_editor.py"] = hashlib.sha256((changed / "modeling_skill_editor.py").read_bytes()).hexdigest()
+    (changed / "skill_editor.json").write_text(json.dumps(manifest))
     res = _eval(changed, "--data", ckpt.parent / "eval.jsonl", "--threads", "1")
     assert res.exit_code == 2, res.output
     line = res.output.strip()
@@ -91,3 +103,48 @@ def test_eval_bad_records_are_one_line_numbered_by_file_line(ckpt, tmp_path, row
     res = _eval(ckpt, "--data", bad, "--quiet", "--threads", "1")
     assert res.exit_code == 2
     assert res.output.strip() == f"error: {want}"
+
+
+def _flip_a_byte_inside(path, tensor_suffix: str) -> str:
+    """Flip one byte in the data of the first tensor whose name ends with ``tensor_suffix`` (the
+    safetensors header: 8-byte little-endian length, then JSON with each tensor's data offsets)."""
+    raw = bytearray(path.read_bytes())
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    name = next(k for k in sorted(header) if k.endswith(tensor_suffix))
+    start, end = header[name]["data_offsets"]
+    raw[8 + n + (start + end) // 2] ^= 0x01
+    path.write_bytes(bytes(raw))
+    return name
+
+
+def test_eval_refuses_a_checkpoint_with_a_flipped_byte(ckpt, no_prompt, tmp_path):
+    """Issue #25: one byte flipped inside model.safetensors (a v_proj weight) was scored without a word,
+    while inspect, push and restore refused it. Now eval verifies every file first, in one line (exit 1,
+    as inspect), with or without --trust-remote-code."""
+    tampered = tmp_path / "tampered"
+    shutil.copytree(ckpt, tampered)
+    _flip_a_byte_inside(tampered / "model.safetensors", "v_proj.weight")
+    for extra in ([], ["--trust-remote-code"]):
+        res = _eval(tampered, "--data", ckpt.parent / "eval.jsonl", "--threads", "1", "--quiet", *extra)
+        assert res.exit_code == 1, res.output
+        lines = res.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "model.safetensors: sha256 mismatch" in lines[0], lines
+    inspected = CliRunner().invoke(main, ["inspect", str(tampered)])
+    assert inspected.exit_code == 1 and "model.safetensors: sha256 mismatch" in inspected.output
+
+
+def test_a_checkpoint_given_as_a_base_model_is_refused_first_thing(ckpt, tmp_path):
+    """The refusal began with transformers' "The transformers file in the config seems to be incorrect…"
+    (what config.json's fail-closed transformers_weights makes every plain class say); the tool now says
+    what is wrong itself, before loading anything."""
+    recipe = ckpt.parent / "recipe.yaml"
+    again = ckpt.parent / "edit-the-checkpoint.yaml"
+    again.write_text(recipe.read_text().replace("model: model", "model: out"))
+    for args in (["run", again, "--out", tmp_path / "x"], ["run", again, "--dry-run"],
+                 ["eval", ckpt, "--data", ckpt.parent / "eval.jsonl", "--base", ckpt]):
+        res = CliRunner().invoke(main, list(map(str, args)))
+        assert res.exit_code == 2, res.output
+        line = res.output.strip()
+        assert "\n" not in line and "is a skill-editor checkpoint (an edited model)" in line, line
+        assert "seems to be incorrect" not in line and "skill-editor restore" in line

@@ -211,7 +211,8 @@ def test_restore_refuses_an_onnx_export(onnx_export, tmp_path):
 
 
 def test_detection_uses_the_exporters_names(onnx_export, tmp_path):
-    from editor import checkpoint, manifest, onnx_runtime
+    from editor import manifest, onnx_runtime
+    from editor.checkpoint import verification as checkpoint
     from editor.export import onnx
 
     for module in (checkpoint, onnx, onnx_runtime):  # one definition, in editor.manifest

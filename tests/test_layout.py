@@ -15,19 +15,20 @@ PACKAGE = Path(__file__).resolve().parents[1] / "editor"
 # every module of the package, in pipeline order: a module may import only modules listed before it
 # ("pkg.*": every module of that package, at one rank)
 ORDER = [
-    "editor", "editor.errors", "editor.hooks", "editor.io", "editor.threads",
+    "editor", "editor.errors", "editor.hooks", "editor.io", "editor.threads", "editor.progress",
     "editor.runtime", "editor.runtime.configuration_skill_editor", "editor.runtime.modeling_skill_editor",
     "editor.manifest",
-    "editor.recipe", "editor.ordinary", "editor.attacks", "editor.data",
+    "editor.recipe", "editor.options", "editor.ordinary", "editor.attacks", "editor.data",
     "editor.model", "editor.model.tokens", "editor.model.arch", "editor.model.identity", "editor.model.loading",
     "editor.profile", "editor.profile.stats", "editor.profile.collect", "editor.profile.stream",
     "editor.profile.distributed",
     "editor.methods", "editor.methods.neuron_adjust", "editor.methods.key_space", "editor.methods.calibrate",
     "editor.plan", "editor.patch",
     "editor.export", "editor.export.card", "editor.export.hf", "editor.export.onnx",
-    "editor.checkpoint", "editor.onnx_runtime", "editor.hub",
+    "editor.checkpoint.verification", "editor.checkpoint.report", "editor.checkpoint.restoration", "editor.checkpoint",
+    "editor.onnx_runtime", "editor.hub",
     "editor.eval", "editor.eval.attacks", "editor.eval.paper", "editor.eval.scorecard", "editor.eval.lmeval",
-    "editor.dryrun", "editor.pipeline",
+    "editor.dryrun.estimate", "editor.dryrun.render", "editor.dryrun", "editor.pipeline",
     "editor.serve.*",  # reserved for the serving plugins: any module of the package, imports among them free
     "editor.cli", "editor.__main__",
     # the embedded default model and its training recipe: nothing in the product imports it

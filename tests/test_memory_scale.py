@@ -108,16 +108,19 @@ def test_dry_run_calibration_estimate_names_the_peak(monkeypatch):
     (what the calibration adds above the profile's peak: docs/SCALE.md measures it)."""
     from types import SimpleNamespace
 
-    from editor.dryrun import calibration_plan, human_bytes
+    from editor.dryrun.estimate import calibration_estimate
+    from editor.dryrun.render import calibration_memory, human_bytes
 
     ks = SimpleNamespace(forget="f", retain_sets=["r"], detector="linear", layer=-1, scale=2.0,
                          false_positive_budget=0.01, folds=5, seed=0, check="prompt",
                          background="none", background_sets=[])
-    recipe = SimpleNamespace(key_space=ks)
+    recipe = SimpleNamespace(key_space=ks, set_format=lambda name: "raw")
     cfg = {"retain": ["r"], "false_positive_budget": 0.01, "folds": 5, "seed": 0, "continuation_tokens": 0}
     monkeypatch.setattr(calibrate, "calibration_config", lambda r: cfg)
-    plan = calibration_plan(recipe, {"f": {"texts": 135}, "r": {"texts": 690}}, 30, 1536)
+    est = calibration_estimate(recipe, {"f": {"texts": 135}, "r": {"texts": 690}}, 30, 1536)
     keys = 825 * 30 * 1536 * 4
     fit = 4 * 825 * 825 * 8 + 825 * 1536 * 12
-    assert human_bytes(keys) in plan["memory"] and human_bytes(fit) in plan["memory"]
-    assert "above the profile" in plan["memory"]
+    assert (est.keys_bytes, est.fit_bytes) == (keys, fit)
+    memory = calibration_memory(est)
+    assert human_bytes(keys) in memory and human_bytes(fit) in memory
+    assert "above the profile" in memory

@@ -686,8 +686,12 @@ def checkpoint_models(checkpoint, *, base: str | None = None, trust_remote_code:
         raise EditorError(f"cannot read {ckpt / CONFIG}: {e}") from None
     if not isinstance(cfg_json, dict):
         raise EditorError(f"{ckpt / CONFIG} is not a JSON object")
-    from editor.checkpoint import shipped_code_differs
+    from editor.checkpoint import shipped_code_differs, verified
 
+    verified(ckpt, plain_ok=True)  # every file's sha256 before anything is loaded, --trust-remote-code or not
+    if base and Path(base).is_dir() and verified(base, "--base ", plain_ok=True).patched:
+        raise EditorError(f"--base {base} is a skill-editor checkpoint (an edited model); --base takes a base model "
+                          f"(`skill-editor restore` gives it back)")
     why = shipped_code_differs(ckpt, cfg_json)
     if why and not trust_remote_code:
         raise EditorError(f"{ckpt}: {why}; scoring it would run (or stand in for) code this tool does not ship — "

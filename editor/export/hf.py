@@ -31,10 +31,8 @@ from pathlib import Path
 
 from editor.export.card import build_card
 from editor.io import atomic_directory, check_destination
-from editor.manifest import CARD, RUNTIME_DIR, RUNTIME_FILES, Edit, write_manifest
+from editor.manifest import CARD, DEFAULT_SHARD, RUNTIME_DIR, RUNTIME_FILES, Edit, write_manifest
 from editor.patch import wrap
-
-DEFAULT_SHARD = "5GB"
 
 
 class _NameOrPath:

@@ -416,9 +416,10 @@ def export_onnx(model: nn.Module, tokenizer, out_dir, *, opset: int | None = Non
         for p in tmp.iterdir():
             if p.is_file():
                 os.chmod(p, 0o644)
+        # read here: inside ``io.replaced_together`` (``run``) the directory is put in place later
+        sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file() and p.name != MANIFEST}
 
     out = Path(out_dir)
-    sizes = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file() and p.name != MANIFEST}
     result = OnnxExportResult({
         "out": str(out), "model": str(out / ONNX_MODEL), "export_seconds": round(export_seconds, 3),
         "files": sizes, "onnx_bytes": sizes.get(ONNX_MODEL, 0) + sizes.get(ONNX_DATA, 0),

@@ -36,6 +36,7 @@ the sets named by ``key_space.forget`` / ``key_space.retain`` and nothing else.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import combinations, product
 
@@ -453,8 +454,9 @@ def budget_threshold(scores: torch.Tensor, group: torch.Tensor, budget: float) -
 
 def calibrate_linear(forget: dict[int, torch.Tensor], retain: dict[int, torch.Tensor], group: torch.Tensor, *,
                      budget: float, folds: int, seed: int, retain_names: list[str] | None = None,
-                     progress=None) -> tuple[dict, dict[int, torch.Tensor]]:
-    """K-fold cross-fitted pooled linear detector over every layer's pooled key.
+                     on_fold: Callable[[], None] | None = None) -> tuple[dict, dict[int, torch.Tensor]]:
+    """K-fold cross-fitted pooled linear detector over every layer's pooled key (``on_fold()`` is
+    called after each fold's fit: the caller's progress bar).
 
     Features: every layer's pooled key, standardized over all probe queries (``feature_moments``).
     On each fold: fit on the training forget (positive) and retain (negative) queries
@@ -464,17 +466,14 @@ def calibrate_linear(forget: dict[int, torch.Tensor], retain: dict[int, torch.Te
     average of the K fold models (a linear model again, w = Zᵀᾱ) shifted by that threshold, so it
     abstains when its score is > 0; the out-of-fold rates are its cross-validated estimate. Returns
     (record, {layer: weight float32 [d_ff]}) in the raw key space; the record holds the bias and the
-    CV figures. ``progress``: called with a short phase description before each step (or None).
+    CV figures.
 
     Cost: O(n² · features) for the Gram matrix, O(folds · n³) for the fits, O(n · features) for the
     weights — n the number of probe queries; memory O(n² + n · d_ff) beyond the keys."""
-    say = progress or (lambda _msg: None)
     layers = sorted(forget)
     blocks = [forget, retain]
     n_f, n_r = forget[layers[0]].shape[0], retain[layers[0]].shape[0]
-    say(f"standardizing {sum(forget[i].shape[1] for i in layers)} features of {n_f + n_r} queries")
     mu, sd = feature_moments(blocks, layers)
-    say("Gram matrix")
     g = gram(blocks, layers, mu, sd)
     y_all = torch.cat([torch.ones(n_f), torch.zeros(n_r)]).to(torch.float64)
     ff = fold_indices(n_f, folds, seed, salt=1)
@@ -483,7 +482,6 @@ def calibrate_linear(forget: dict[int, torch.Tensor], retain: dict[int, torch.Te
     alpha_sum = torch.zeros(n_f + n_r, dtype=torch.float64)
     bs = []
     for k in range(folds):
-        say(f"fold {k + 1} of {folds}")
         tr = torch.cat([torch.cat([ff[j] for j in range(folds) if j != k]),
                         n_f + torch.cat([rf[j] for j in range(folds) if j != k])])
         ho = torch.cat([ff[k], n_f + rf[k]])
@@ -491,6 +489,8 @@ def calibrate_linear(forget: dict[int, torch.Tensor], retain: dict[int, torch.Te
         oof[ho] = g[ho][:, tr] @ alpha + b
         alpha_sum[tr] += alpha
         bs.append(b)
+        if on_fold is not None:
+            on_fold()
     oof_f, oof_r = oof[:n_f], oof[n_f:]
     t = budget_threshold(oof_r, group, budget)
     covered = oof_f > t

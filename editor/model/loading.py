@@ -13,6 +13,7 @@ import torch
 
 from editor.errors import EditorError
 from editor.io import sha256_file
+from editor.manifest import EDIT_KEY, is_patched_config
 from editor.model.arch import check_mapping, config_d_ff, config_layers, resolve_layer, spec_for
 from editor.recipe import Dtype, Recipe
 
@@ -71,6 +72,8 @@ def model_source(recipe: Recipe) -> ModelSource:
             raise EditorError(f"model: package {name!r} has no file {file!r}")
         return ModelSource(str(d), file, d / file)
     local = recipe.resolve(m)
+    if not local.exists() and (m.startswith((".", "/", "~")) or m.count("/") > 1 or Path(m).is_absolute()):
+        raise EditorError(f"model: local directory not found: {m} ({local.resolve()}; a Hub id is 'name' or 'namespace/name')")
     if local.suffix.lower() == ".gguf":
         if not local.is_file():
             raise EditorError(f"model: GGUF file not found: {m}")
@@ -117,13 +120,17 @@ def load_config(recipe: Recipe):
     src = model_source(recipe)
     _need_gguf(src)
     try:
-        return AutoConfig.from_pretrained(src.ref, revision=recipe.revision, trust_remote_code=recipe.trust_remote_code,
-                                          **src.kwargs())
+        config = AutoConfig.from_pretrained(src.ref, revision=recipe.revision, trust_remote_code=recipe.trust_remote_code,
+                                            **src.kwargs())
     except OSError as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise EditorError(f"model: cannot load config of {recipe.model!r}: {first}") from None
     except ValueError as e:
         raise EditorError(f"model: {str(e).splitlines()[0]}") from None
+    if is_patched_config({EDIT_KEY: getattr(config, EDIT_KEY, None)}):  # its weights would refuse to load, in other words
+        raise EditorError(f"model: {recipe.model!r} is a skill-editor checkpoint (an edited model), not a base model: "
+                          f"`skill-editor restore` gives its exact base model back, to edit that")
+    return config
 
 
 def check_against_config(recipe: Recipe, config) -> None:

@@ -27,6 +27,7 @@ from editor.errors import EditorError
 from editor.hooks import hooks
 from editor.model.arch import ArchSpec, d_ff, decoder_layers
 from editor.model.tokens import eos_ids, pad_id
+from editor.progress import bar
 
 
 @dataclass
@@ -154,9 +155,11 @@ def run(model: nn.Module, spec: ArchSpec, batches: list[Batch], *, pre: Tap | No
 
 @torch.inference_mode()
 def _per_text_keys(model, tokenizer, spec: ArchSpec, texts: list[str], reduce, *, batch_size: int = 8,
-                   max_length: int = 512, padding_side: str | None = None) -> dict[int, torch.Tensor]:
+                   max_length: int = 512, padding_side: str | None = None, progress: bool = False,
+                   desc: str = "keys") -> dict[int, torch.Tensor]:
     """One key vector per text and layer: ``reduce(keys [B, T, d_ff], batch)`` → [B, d_ff].
-    {layer: float32 [len(texts), d_ff]} on the CPU, rows in the order of ``texts``.
+    {layer: float32 [len(texts), d_ff]} on the CPU, rows in the order of ``texts``. ``progress``: a
+    bar over the texts (stderr).
 
     Memory: the result matrices are allocated once, before the first batch, and each batch's rows are
     written into them in place (no list of per-batch chunks, no concatenation, no reordering copy).
@@ -172,7 +175,8 @@ def _per_text_keys(model, tokenizer, spec: ArchSpec, texts: list[str], reduce, *
         keys = reduce(x.reshape(b.input_ids.shape[0], b.input_ids.shape[1], width), b)
         out[i].index_copy_(0, b.rows, keys.to(device="cpu", dtype=torch.float32))
 
-    run(model, spec, prepared.batches, key=tap)
+    with bar(progress, len(texts), desc) as shown:
+        run(model, spec, prepared.batches, key=tap, after=lambda k, b: shown.update(b.input_ids.shape[0]))
     for i, keys in out.items():
         if not torch.isfinite(keys).all():
             raise EditorError(f"non-finite keys (NaN/Inf) in layer {i} during key_space calibration")
@@ -206,10 +210,12 @@ def pooled_keys(model, tokenizer, spec: ArchSpec, texts: list[str], **kw) -> dic
 
 @torch.inference_mode()
 def generated_keys(model, tokenizer, spec: ArchSpec, texts: list[str], *, new_tokens: int, batch_size: int = 8,
-                   max_length: int = 512) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+                   max_length: int = 512, progress: bool = False,
+                   desc: str = "continuation keys") -> tuple[dict[int, torch.Tensor], torch.Tensor]:
     """Keys of each text's greedy continuation, as the runtime tests them: each generated token fed
     back (at most ``new_tokens`` − 1 of them), until the row's EOS. Returns ({layer: [N, d_ff]}
-    float32 on the CPU, owner [N]: the index in ``texts`` of each row)."""
+    float32 on the CPU, owner [N]: the index in ``texts`` of each row). ``progress``: a bar over the
+    texts (stderr)."""
     layers = decoder_layers(model, spec)
     width = d_ff(model, spec)
     empty = ({i: torch.zeros(0, width) for i in range(len(layers))}, torch.zeros(0, dtype=torch.long))
@@ -242,7 +248,8 @@ def generated_keys(model, tokenizer, spec: ArchSpec, texts: list[str], *, new_to
                 if i == 0:
                     owners.append(b.rows[alive])
 
-    run(model, spec, prepared.batches, key=tap, step=step)
+    with bar(progress, len(texts), desc) as shown:
+        run(model, spec, prepared.batches, key=tap, step=step, after=lambda k, b: shown.update(b.input_ids.shape[0]))
     if not owners:
         return empty
     return {i: torch.cat(v) for i, v in out.items()}, torch.cat(owners)

@@ -18,6 +18,7 @@ from editor.errors import EditorError
 from editor.model.arch import ArchSpec, d_ff, decoder_layers
 from editor.profile import collect
 from editor.profile.stats import Moments, SetStats
+from editor.progress import bar
 
 
 class _Accumulator:
@@ -85,14 +86,14 @@ def profile_texts(
     width = d_ff(model, spec)
     acc = _Accumulator(width)
     names = {i: f"{spec.layers}.{i}" for i in range(len(layers))}
-    bar = tqdm(total=len(texts), desc=desc, unit="text", disable=not progress, leave=False)
+    shown = bar(progress, len(texts), desc)
     done = {"tokens": 0, "t0": time.perf_counter()}
 
     def after(k: int, b: collect.Batch) -> None:
         done["tokens"] += b.tokens
-        bar.update(b.input_ids.shape[0])
+        shown.update(b.input_ids.shape[0])
         if progress:
-            bar.set_postfix_str(f"{done['tokens'] / max(time.perf_counter() - done['t0'], 1e-9):,.0f} tok/s")
+            shown.set_postfix_str(f"{done['tokens'] / max(time.perf_counter() - done['t0'], 1e-9):,.0f} tok/s")
         if check_every and (k + 1) % check_every == 0:
             acc.check_finite(names)
 
@@ -101,7 +102,7 @@ def profile_texts(
                               key=acc.add_key if want_key else None, after=after)
         acc.check_finite(names)
     finally:
-        bar.close()
+        shown.close()
     out: dict[int, dict[str, Moments]] = {}
     for i in range(len(layers)):
         out[i] = {}

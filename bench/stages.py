@@ -1,0 +1,123 @@
+"""Where the time of ``skill-editor run RECIPE`` goes: wall and process-CPU seconds of every stage
+(import, validate, load, base scorecard, profile, calibration keys, calibration fit, plan + patch,
+edited scorecard, export; ``editor.progress.stage``), with the thread count, the machine and its load
+average (at start, at end, and sampled every 10 s during the run). The README's quoted run times
+come from this script.
+
+    python bench/stages.py recipes/smollm2/forget-math.yaml --threads 1 --json bench/results/stages-smollm2.json
+
+The run writes its checkpoint into a temporary directory (removed afterwards) unless ``--out``.
+With one thread, a stage's CPU seconds are what its wall time would be on an idle core; the wall
+seconds include the waits of a shared machine (compare them with the load average).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+class LoadSampler(threading.Thread):
+    """The 1-minute load average every ``every`` seconds while the run lasts."""
+
+    def __init__(self, every: float = 10.0):
+        super().__init__(daemon=True)
+        self.every, self.samples, self.done = every, [], threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(self.every):
+            self.samples.append(round(os.getloadavg()[0], 2))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("recipe")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--out", default=None, help="checkpoint directory (default: a temporary one, removed afterwards)")
+    ap.add_argument("--json", default=None, help="write the figures here")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = ap.parse_args()
+
+    load_start = [round(x, 2) for x in os.getloadavg()]
+    sampler = LoadSampler()
+    sampler.start()
+    t_wall, t_cpu = time.perf_counter(), time.process_time()
+    import torch  # timed as part of the import stage
+
+    from editor.pipeline import run_recipe
+    from editor.progress import listen
+    from editor.threads import set_threads, usable_cpus
+
+    stages: list[dict] = [{"stage": "import", "wall_s": time.perf_counter() - t_wall, "cpu_s": time.process_time() - t_cpu}]
+    threads = set_threads(args.threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    if args.quiet:
+        hf_logging.disable_progress_bar()
+
+    def record(name: str, wall: float, cpu: float) -> None:
+        stages.append({"stage": name, "wall_s": wall, "cpu_s": cpu})
+        print(f"[stage] {name}: {wall:.1f} s wall, {cpu:.1f} s CPU", file=sys.stderr, flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="skill-editor-stages-") as tmp:
+        out = Path(args.out) if args.out else Path(tmp) / "ck"
+        with listen(record):
+            summary = run_recipe(args.recipe, out, overwrite=True, progress=not args.quiet, echo=lambda s: None)
+    total_wall, total_cpu = time.perf_counter() - t_wall, time.process_time() - t_cpu
+    sampler.done.set()
+    sampler.join()
+    stages.append({"stage": "other", "wall_s": total_wall - sum(s["wall_s"] for s in stages),
+                   "cpu_s": total_cpu - sum(s["cpu_s"] for s in stages)})
+    for s in stages:
+        s["wall_s"], s["cpu_s"] = round(s["wall_s"], 2), round(s["cpu_s"], 2)
+
+    report = {
+        "recipe": args.recipe,
+        "threads": threads,
+        "total": {"wall_s": round(total_wall, 2), "cpu_s": round(total_cpu, 2)},
+        "stages": stages,
+        "load_average": {"start": load_start, "end": [round(x, 2) for x in os.getloadavg()],
+                         "samples_1min": sampler.samples,
+                         "mean_1min": round(sum(sampler.samples) / len(sampler.samples), 2) if sampler.samples else None},
+        "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(), "usable_cpus": usable_cpus(),
+                    "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()},
+        "when": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "scorecard": bool(summary.get("scorecard")),
+    }
+    width = max(len(s["stage"]) for s in stages)
+    print(f"{args.recipe}: {threads} thread(s), {report['machine']['cpu']} ({report['machine']['cores']} cores), "
+          f"torch {report['machine']['torch']}; 1-min load {load_start[0]} at start, "
+          f"{report['load_average']['mean_1min']} mean, {report['load_average']['end'][0]} at end")
+    print(f"{'stage':<{width}}  {'wall s':>8}  {'CPU s':>8}")
+    for s in stages:
+        print(f"{s['stage']:<{width}}  {s['wall_s']:>8.1f}  {s['cpu_s']:>8.1f}")
+    print(f"{'total':<{width}}  {total_wall:>8.1f}  {total_cpu:>8.1f}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
