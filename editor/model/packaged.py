@@ -89,6 +89,14 @@ def file_sha256(path: Path) -> str:
     return _HASHED[key]
 
 
+def installed(model: ChunkedModel) -> bool:
+    """Whether every chunk package is installed (nothing read: the tests' skip condition)."""
+    try:
+        return all((package_dir(p) / rel).is_file() for p, rel in model.chunks)
+    except EditorError:
+        return False
+
+
 def chunk_paths(model: ChunkedModel) -> list[Path]:
     """The installed chunks in order; every one checked (installed, present, sizes adding up to the
     file's) before anything is written."""
