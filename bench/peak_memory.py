@@ -280,7 +280,8 @@ def real_main(args) -> None:
     else:
         ctx = tempfile.TemporaryDirectory(prefix="skill-editor-mem-")
         work = Path(ctx.name)
-    rows = {}
+    # stages run separately add to the same file
+    rows = json.loads(Path(args.json).read_text()) if args.json and Path(args.json).is_file() else {}
     try:
         if qwen:
             info = _qwen(work)
