@@ -148,11 +148,12 @@ def hold_destination(out, wait: bool = False) -> Iterator[Path]:
 
     The lock is ``flock`` on ``.<name>.lock`` beside the destination, taken without waiting:
     another process holding it means another export to the same place is running, and this one is
-    refused — or, with ``wait``, waits for it (a cache that every process fills the same way). The kernel releases the lock when its holder dies, however it dies, so a crash leaves
-    no stale lock. On NFS, Linux maps ``flock`` to the server's byte-range locks (NFSv4, or NFSv3
-    with the lock manager): writers on different hosts exclude each other there, but not on a
-    mount with ``nolock`` / ``local_lock``, where the lock is only seen by one host. The parent
-    directories created for the lock are removed again if the body fails and leaves them empty."""
+    refused — or, with ``wait``, waits for it (a cache that every process fills the same way). The
+    kernel releases the lock when its holder dies, however it dies, so a crash leaves no stale lock.
+    On NFS, Linux maps ``flock`` to the server's byte-range locks (NFSv4, or NFSv3 with the lock
+    manager): writers on different hosts exclude each other there, but not on a mount with
+    ``nolock`` / ``local_lock``, where the lock is only seen by one host. The parent directories
+    created for the lock are removed again if the body fails and leaves them empty."""
     import fcntl
 
     out = Path(out).absolute()
