@@ -12,7 +12,7 @@ What is measured (see bench/README.md for the details and the caveats):
    characters), all three approaches timed end to end from the texts (tokenization included):
    * ``plain``: a batched forward of the backbone (no LM head) over the length-bucketed batches of
      ``editor.profile.collect.make_batches`` — the limit;
-   * ``ours``: ``editor.profile.profile.profile_texts`` (streaming float64 moments on the device);
+   * ``ours``: ``editor.profile.stream.profile_texts`` (streaming float64 moments on the device);
    * ``paper``: one text at a time through the same backbone, forward hooks that do
      ``.to(torch.float32).cpu().numpy()`` in every call and append to Python lists, mean/std/min/max
      with numpy at the end.
@@ -60,7 +60,7 @@ warnings.filterwarnings("ignore")
 from editor.model.arch import d_ff, decoder_layers, spec_for  # noqa: E402
 from editor.hooks import hooks  # noqa: E402
 from editor.profile.collect import backbone, make_batches, tokenize  # noqa: E402
-from editor.profile.profile import profile_texts  # noqa: E402
+from editor.profile.stream import profile_texts  # noqa: E402
 
 MAX_LENGTH = 512
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -189,7 +189,7 @@ def load_model(name: str, tok):
     return model.eval(), label
 
 
-def describe(model) -> str:
+def model_label(model) -> str:
     c = model.config
     n = sum(p.numel() for p in model.parameters())
     return (f"hidden {c.hidden_size}, {c.num_hidden_layers} layers, d_ff {c.intermediate_size}, "
@@ -468,7 +468,7 @@ def build_patched(base, tok, spec, forget, retain):
     fire), and what the paper-style hooks need (selected indices and Gaussians, as numpy)."""
     from editor.methods.key_space import LinearShare, ksd_bounds
     from editor.methods.neuron_adjust import Gaussian, plan_neuron_adjust
-    from editor.patch import apply_key_space, apply_neuron_adjust, describe, refusal_token_ids, wrap
+    from editor.patch import apply_key_space, apply_neuron_adjust, build_edit, refusal_token_ids, wrap
     from editor.plan import Plans
 
     f, _ = profile_texts(base, tok, spec, forget, batch_size=BATCH_SIZE, progress=False)
@@ -485,7 +485,7 @@ def build_patched(base, tok, spec, forget, retain):
     apply_neuron_adjust(patched, spec, model_type, plan)
     apply_key_space(patched, spec, model_type, {last: b})
     refusal = "Sorry, I can't help with that."
-    edit = describe(model_type, patched, Plans(plan, {last: b}), refusal=refusal, refusal_ids=refusal_token_ids(tok, refusal))
+    edit = build_edit(model_type, patched, Plans(plan, {last: b}), refusal=refusal, refusal_ids=refusal_token_ids(tok, refusal))
     wrapped = wrap(patched, edit.config())
     # the same NA with the pooled linear detector on every layer (key_space.detector: linear,
     # check: prompt); random weights, a bias that keeps every score < 0: the full score runs, no
@@ -497,7 +497,7 @@ def build_patched(base, tok, spec, forget, retain):
     linear = copy.deepcopy(base)
     apply_neuron_adjust(linear, spec, model_type, plan)
     apply_key_space(linear, spec, model_type, shares)
-    wrapped_linear = wrap(linear, describe(model_type, linear, Plans(plan, shares), refusal=refusal,
+    wrapped_linear = wrap(linear, build_edit(model_type, linear, Plans(plan, shares), refusal=refusal,
                                            refusal_ids=refusal_token_ids(tok, refusal), check="prompt").config())
     paper = {"selected": {}, "last": last, "lower": b.lower.numpy().copy(), "upper": b.upper.numpy().copy()}
     for i, lp in plan.layers.items():
@@ -645,7 +645,7 @@ def bench_generation_one_copy(base, tok, spec, n_prompts, n_new, reps, name: str
     (they need the unpermuted model) and no abstention timing."""
     from editor.methods.key_space import LinearShare, ksd_bounds
     from editor.methods.neuron_adjust import Gaussian, plan_neuron_adjust
-    from editor.patch import _unswap_class, apply_key_space, apply_neuron_adjust, describe, refusal_token_ids, wrap
+    from editor.patch import _unswap_class, apply_key_space, apply_neuron_adjust, build_edit, refusal_token_ids, wrap
     from editor.plan import Plans
     from editor.runtime.modeling_skill_editor import KeySpaceGuardedMixin, NeuronAdjustedMixin, _swap_class
 
@@ -677,14 +677,14 @@ def bench_generation_one_copy(base, tok, spec, n_prompts, n_new, reps, name: str
 
     apply_neuron_adjust(base, spec, model_type, plan)
     na_mods = {i: pres[i].neuron_adjust for i in plan.layers}
-    edit_na = describe(model_type, base, Plans(plan), refusal=refusal).config()
+    edit_na = build_edit(model_type, base, Plans(plan), refusal=refusal).config()
     apply_key_space(base, spec, model_type, shares)
     score_mods = {i: downs[i].key_space for i in shares}
-    edit_linear = describe(model_type, base, Plans(plan, shares), refusal=refusal, refusal_ids=refusal_ids, check="prompt").config()
+    edit_linear = build_edit(model_type, base, Plans(plan, shares), refusal=refusal, refusal_ids=refusal_ids, check="prompt").config()
     detach_guards()
     apply_key_space(base, spec, model_type, {last: box})
     box_mods = {last: downs[last].key_space}
-    edit_box = describe(model_type, base, Plans(plan, {last: box}), refusal=refusal, refusal_ids=refusal_ids).config()
+    edit_box = build_edit(model_type, base, Plans(plan, {last: box}), refusal=refusal, refusal_ids=refusal_ids).config()
     edit_box_prompt = copy.deepcopy(edit_box)
     edit_box_prompt["key_space"]["check"] = "prompt"
 
@@ -896,7 +896,7 @@ def main(argv=None) -> int:
         tok = tokenizer_for(name)
         model, label = load_model(name, tok)
         spec = spec_for(model.config)
-        md = {"label": label, "description": describe(model)}
+        md = {"label": label, "description": model_label(model)}
         if label.endswith("*"):
             md["description"] += " (random stand-in: editor/testbed/model is absent; same cost per token)"
         res["models"][name] = md

@@ -9,11 +9,14 @@ import logging
 import os
 import signal
 import sys
+from typing import get_args
 
 import click
 
 from editor import __version__
 from editor.errors import EditorError
+from editor.eval.lmeval import PAPER_TASKS
+from editor.recipe import Dtype
 
 
 def _quiet_libraries() -> None:
@@ -146,35 +149,59 @@ def run_cmd(recipe: str, out: str | None, overwrite: bool, quiet: bool, dry_run:
 
 @main.command("eval")
 @click.argument("checkpoint", type=click.Path(file_okay=False, exists=True))
-@click.option("--data", required=True, type=click.Path(dir_okay=False), help="JSONL records with prompt, answer, skill")
+@click.option("--data", default=None, type=click.Path(dir_okay=False), help="JSONL records with prompt, answer, skill")
+@click.option("--benchmark", default=None,
+              help="the paper's benchmarks through lm-evaluation-harness instead of --data, comma-separated: "
+                   "gsm8k, mbpp, mmlu, mlqa-LANG (pip install 'skill-editor[lmeval]')")
+@click.option("--benchmark-data", default=None, type=click.Path(file_okay=False, exists=True),
+              help="read each benchmark's test records from DIR/<benchmark>.jsonl instead of the Hub")
+@click.option("--paper", default=None, help="the paper's cell to print beside the report, MODEL:FORGET:METHOD (e.g. llama-3-8b:gsm8k:na)")
+@click.option("--confirm-run-unsafe-code", is_flag=True, help="let code benchmarks (mbpp) run the programs the model writes")
 @click.option("--base", default=None, type=click.Path(file_okay=False), help="base model dir (only for plain checkpoints)")
 @click.option("--out", "out", default=None, type=click.Path(dir_okay=False), help="write the scorecard JSON here")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-new-tokens", default=None, type=click.IntRange(min=1))
-@click.option("--limit", default=None, type=click.IntRange(min=1), help="score only the first N records")
+@click.option("--limit", default=None, type=click.IntRange(min=1), help="score only the first N records (per benchmark task)")
 @click.option("--ordinary", default="default", show_default=True,
               help="ordinary prompts whose refusals the scorecard reports: 'default' (the shipped held-out part), "
                    "'none', or a JSONL file of records with 'text' (and optionally 'category')")
 @click.option("--ordinary-new-tokens", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--format", "fmt", default="auto", show_default=True, type=click.Choice(["auto", "raw", "chat", "both"]),
+              help="the form the prompts reach the model in: raw, chat (the tokenizer's chat template), both; "
+                   "auto: both when the tokenizer has a chat template")
+@click.option("--attacks", default=None, metavar="SKILL",
+              help="wrap SKILL's requests (from --data) in the shipped attack suite and report the share refused per family")
 @click.option("--trust-remote-code", is_flag=True,
               help="run code shipped with CHECKPOINT (or --base) when it differs from this tool's own runtime "
                    "(default: refuse; a checkpoint whose runtime is byte-identical is scored with the tool's own)")
 @friendly
 @long_command
-def eval_cmd(checkpoint, data, base, out, batch_size, max_new_tokens, limit, ordinary, ordinary_new_tokens,
-             trust_remote_code, quiet) -> None:
+def eval_cmd(checkpoint, data, benchmark, benchmark_data, paper, confirm_run_unsafe_code, base, out, batch_size,
+             max_new_tokens, limit, ordinary, ordinary_new_tokens, fmt, attacks, trust_remote_code, quiet) -> None:
     """Forget/retain scorecard of CHECKPOINT, before vs after: exact match, abstention, relative drop;
-    and the share of ordinary prompts it refuses. Runs no code shipped with the checkpoint unless
-    --trust-remote-code."""
-    from editor.eval.scorecard import evaluate_checkpoint, render_scorecard
+    and the share of ordinary prompts it refuses. With --benchmark, the paper's benchmarks instead:
+    after / before per benchmark (a refused question counts wrong). Runs no code shipped with the
+    checkpoint unless --trust-remote-code."""
     from editor.io import atomic_write_json, check_file_destination
 
+    if (data is None) == (benchmark is None):
+        raise EditorError("eval: give --data or --benchmark (one of them)")
     if out:
         check_file_destination(out)
-    card = evaluate_checkpoint(checkpoint, data, base=base, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit,
-                               ordinary=ordinary, ordinary_new_tokens=ordinary_new_tokens,
-                               trust_remote_code=trust_remote_code, progress=not quiet)
-    click.echo(render_scorecard(card))
+    if benchmark is not None:
+        from editor.eval.lmeval import evaluate_benchmarks, render_benchmarks
+
+        card = evaluate_benchmarks(checkpoint, benchmark, base=base, trust_remote_code=trust_remote_code, limit=limit,
+                                   batch_size=batch_size, data_dir=benchmark_data, unsafe_code=confirm_run_unsafe_code,
+                                   paper=paper)
+        click.echo(render_benchmarks(card))
+    else:
+        from editor.eval.scorecard import evaluate_checkpoint, render_scorecard
+
+        card = evaluate_checkpoint(checkpoint, data, base=base, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                   limit=limit, ordinary=ordinary, ordinary_new_tokens=ordinary_new_tokens,
+                                   trust_remote_code=trust_remote_code, progress=not quiet, format=fmt, attacks=attacks)
+        click.echo(render_scorecard(card))
     if out:
         atomic_write_json(out, card)
         click.echo(f"wrote {out}")
@@ -248,10 +275,10 @@ def push_cmd(checkpoint: str, repo_id: str, public: bool, revision: str | None, 
 
 @main.command("lm-eval-command")
 @click.argument("checkpoint")
-@click.option("--tasks", default="gsm8k_cot,mbpp,mmlu", show_default=True, help="comma-separated lm-eval task names")
+@click.option("--tasks", default=",".join(PAPER_TASKS), show_default=True, help="comma-separated lm-eval task names")
 @click.option("--batch-size", default="8", show_default=True, help="a positive integer, 'auto' or 'auto:N'")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the harness's own)")
-@click.option("--dtype", default="bfloat16", show_default=True, type=click.Choice(["auto", "float32", "float16", "bfloat16"]))
+@click.option("--dtype", default="bfloat16", show_default=True, type=click.Choice(get_args(Dtype)))
 @click.option("--num-fewshot", default=None, type=click.IntRange(min=0), help="override the tasks' few-shot count")
 @click.option("--limit", default=None, type=click.IntRange(min=1), help="only the first N examples per task")
 @click.option("--output-path", default=None, help="where lm_eval writes its results")
@@ -259,7 +286,7 @@ def push_cmd(checkpoint: str, repo_id: str, public: bool, revision: str | None, 
 @friendly
 def lm_eval_command_cmd(checkpoint, tasks, batch_size, device, dtype, num_fewshot, limit, output_path, log_samples) -> None:
     """Print the lm-evaluation-harness command that scores CHECKPOINT (an exported directory or a
-    Hub repo id). Nothing is run; lm_eval is not a dependency of skill-editor."""
+    Hub repo id). Nothing is run (`eval --benchmark` scores in process)."""
     from editor.eval.lmeval import lm_eval_command
 
     cmd = lm_eval_command(checkpoint, tasks, batch_size=batch_size, device=device, dtype=dtype, num_fewshot=num_fewshot,

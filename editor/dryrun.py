@@ -29,7 +29,7 @@ import re
 from pathlib import Path
 
 from editor.errors import EditorError
-from editor.model.arch import config_layers
+from editor.model.arch import config_d_ff, config_layers
 from editor.model.loading import check_against_config, model_source
 from editor.recipe import DataSetSpec, Recipe, load_recipe
 
@@ -125,7 +125,7 @@ def model_shape(config) -> dict:
     c = _text_config(config)
     hidden = int(_first(c, "hidden_size", "n_embd", "d_model", default=0))
     layers = config_layers(config) or 0
-    d_ff = int(_first(c, "intermediate_size", "ffn_dim", "n_inner", default=0) or 4 * hidden)
+    d_ff = config_d_ff(config) or 4 * hidden
     heads = int(_first(c, "num_attention_heads", "n_head", default=1))
     kv = int(_first(c, "num_key_value_heads", default=heads) or heads)
     head_dim = int(_first(c, "head_dim", default=0) or (hidden // heads if heads else 0))
@@ -242,10 +242,10 @@ def check_set(recipe: Recipe, name: str) -> dict:
             info["texts"] = _texts_after_limit(rows, spec)
             info["checked"] = "header checked (fields ok)"
         else:
-            records, _ = load_records(spec, recipe.base_dir, name)
+            records, _, origins = load_records(spec, recipe.base_dir, name)
             if recipe.evaluate and recipe.evaluate.data == name:
-                check_scorecard_records(name, records)
-            texts = render(records, spec.text, name)
+                check_scorecard_records(records, origins, f"evaluate.data: set {name!r}")
+            texts = render(records, spec.text, name, origins)
             if not texts:
                 raise EditorError(f"data.{name}: the set is empty")
             if len(texts) < 2:
@@ -321,18 +321,18 @@ def calibration_plan(recipe: Recipe, sets: dict[str, dict], n_layers: int, d_ff:
     if ks.detector == "linear":
         q = sum(int(c) for c in counts) if all(c is not None for c in counts) else None
         feat = n_layers * d_ff
-        fitted = min(feat, ks.max_features)
-        # what the calibration adds above the profile's peak (docs/SCALE.md, measured on SmolLM2): the pooled
-        # keys, allocated once and filled in place, plus one fold's float64 feature matrix at a time
-        # (standardized in place; its training rows are 4/5 of the queries, the held-out ones are
-        # gathered after it is freed), plus L-BFGS's 2 × 20 history vectors of the fitted features
-        lbfgs = 45 * fitted * 8
+        # what the calibration adds above the profile's peak: the pooled keys (allocated once, filled in
+        # place), the float64 Gram matrix of the queries and one fold's copy of it with its
+        # eigenvectors, and one layer's standardized keys (float64 and float32) at a time
+        def fit_bytes(n: int) -> int:
+            return 4 * n * n * 8 + n * d_ff * 12
+
         memory = (f"≤ {q} queries × {n_layers} layers × {d_ff} × 4 B = {human_bytes(q * feat * 4)} of pooled keys (float32), "
-                  f"+ {q} × {fitted} features × 8 B = {human_bytes(q * fitted * 8)} per fit (float64, one fold at a time) "
-                  f"+ {human_bytes(lbfgs)} of L-BFGS state → ≤ {human_bytes(q * feat * 4 + q * fitted * 8 + lbfgs)} "
-                  f"above the profile's peak"
+                  f"+ {human_bytes(fit_bytes(q))} for the fit (the {q} × {q} Gram matrix, a fold's copy and its "
+                  f"eigenvectors, one layer's standardized keys) → ≤ {human_bytes(q * feat * 4 + fit_bytes(q))} above the "
+                  f"profile's peak (a set in both raw and chat form counts twice)"
                   if q is not None else f"queries × {n_layers} layers × {d_ff} × 4 B of pooled keys (float32) "
-                  f"+ queries × {fitted} features × 8 B per fit (float64) above the profile's peak")
+                  f"+ 4 × queries² × 8 B for the fit above the profile's peak")
         return {"lines": [
             f"key_space    forget {ks.forget!r}: pooled linear detector — every layer's key max-pooled over the prompt's "
             f"tokens, one linear score fitted at profile time; the recipe's layer ({ks.layer}) and scale ({ks.scale:g}) are not used",

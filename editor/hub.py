@@ -19,7 +19,9 @@ COMMIT_MESSAGE = "Upload skill-editor checkpoint"
 
 
 @dataclass
-class PushPlan:
+class Upload:
+    """What ``push`` uploads: a verified checkpoint, its files and sizes, its model card."""
+
     checkpoint: Path
     repo_id: str
     private: bool
@@ -36,7 +38,7 @@ def _redact(text: str, token: str | None) -> str:
     return re.sub(r"hf_[A-Za-z0-9]{8,}", "hf_***", text)
 
 
-def plan_push(checkpoint, repo_id: str, *, private: bool = True, revision: str | None = None) -> PushPlan:
+def upload_for(checkpoint, repo_id: str, *, private: bool = True, revision: str | None = None) -> Upload:
     """Verify the checkpoint and list what would be uploaded (no network)."""
     from editor.checkpoint import verify
 
@@ -53,21 +55,21 @@ def plan_push(checkpoint, repo_id: str, *, private: bool = True, revision: str |
         if p.is_file() and not any(part.startswith(".") for part in Path(rel).parts):
             files.append((rel, p.stat().st_size))
     card = (ckpt / CARD).read_text(encoding="utf-8") if (ckpt / CARD).exists() else ""
-    return PushPlan(ckpt, repo_id, private, revision, files, card)
+    return Upload(ckpt, repo_id, private, revision, files, card)
 
 
 MIRROR_NOTE = ("the repository is made to mirror the checkpoint: files in it (on that revision) that are not "
                "listed here are deleted in the same commit (.gitattributes is kept)")
 
 
-def describe_plan(plan: PushPlan) -> str:
-    vis = "private" if plan.private else "public"
-    lines = [f"would push {plan.checkpoint} to {plan.repo_id} ({vis}"
-             + (f", revision {plan.revision}" if plan.revision else "") + ")",
+def render_upload(upload: Upload) -> str:
+    vis = "private" if upload.private else "public"
+    lines = [f"would push {upload.checkpoint} to {upload.repo_id} ({vis}"
+             + (f", revision {upload.revision}" if upload.revision else "") + ")",
              f"visibility: a new repository is created {vis}; an existing one keeps its own visibility",
              f"deletions: {MIRROR_NOTE}", "files:"]
-    lines += [f"  {rel}  {size:,} bytes" for rel, size in plan.files]
-    lines += [f"total: {len(plan.files)} files, {sum(s for _, s in plan.files):,} bytes", "", "model card (README.md):", plan.card]
+    lines += [f"  {rel}  {size:,} bytes" for rel, size in upload.files]
+    lines += [f"total: {len(upload.files)} files, {sum(s for _, s in upload.files):,} bytes", "", "model card (README.md):", upload.card]
     return "\n".join(lines)
 
 
@@ -95,10 +97,10 @@ def push(checkpoint, repo_id: str, *, private: bool = True, revision: str | None
     visibility printed is the Hub's answer, not the flag's. Every failure — the Hub's answer or no
     connection at all — is one line (``EditorError``), the token redacted.
     """
-    plan = plan_push(checkpoint, repo_id, private=private, revision=revision)
+    upload = upload_for(checkpoint, repo_id, private=private, revision=revision)
     if dry_run:
-        echo(describe_plan(plan))
-        return {"dry_run": True, "repo_id": repo_id, "files": [f for f, _ in plan.files]}
+        echo(render_upload(upload))
+        return {"dry_run": True, "repo_id": repo_id, "files": [f for f, _ in upload.files]}
 
     from huggingface_hub import HfApi, get_token
     from huggingface_hub.errors import HfHubHTTPError
@@ -108,7 +110,7 @@ def push(checkpoint, repo_id: str, *, private: bool = True, revision: str | None
         raise EditorError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (or use --dry-run)")
     endpoint = endpoint or os.environ.get("HF_ENDPOINT") or None
     api = HfApi(endpoint=endpoint, token=token)
-    local = {f for f, _ in plan.files}
+    local = {f for f, _ in upload.files}
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         visible = getattr(api.repo_info(repo_id, repo_type="model"), "private", None)
@@ -116,7 +118,7 @@ def push(checkpoint, repo_id: str, *, private: bool = True, revision: str | None
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
         remote = set(api.list_repo_files(repo_id, revision=revision, repo_type="model"))
         info = api.upload_folder(
-            folder_path=str(plan.checkpoint), repo_id=repo_id, repo_type="model", revision=revision,
+            folder_path=str(upload.checkpoint), repo_id=repo_id, repo_type="model", revision=revision,
             commit_message=commit_message, delete_patterns="*", ignore_patterns=[".*", "**/.*"],
         )
     except HfHubHTTPError as e:
@@ -134,10 +136,10 @@ def push(checkpoint, repo_id: str, *, private: bool = True, revision: str | None
     commit_url = getattr(info, "commit_url", None) or str(info)
     deleted = sorted(remote - local - {".gitattributes"})
     vis = "visibility unknown" if visible is None else ("private" if visible else "public")
-    echo(f"pushed {len(plan.files)} files to {url} ({vis}): {commit_url}")
+    echo(f"pushed {len(upload.files)} files to {url} ({vis}): {commit_url}")
     if visible is not None and bool(visible) != private:
         echo(f"note: {repo_id} already existed and stays {vis} (--public / private apply to a new repository only)")
     if deleted:
         echo(f"deleted {len(deleted)} file(s) of the repository that are not in the checkpoint: {', '.join(deleted)}")
     return {"dry_run": False, "repo_id": repo_id, "url": str(url), "commit_url": commit_url,
-            "files": [f for f, _ in plan.files], "private": visible, "deleted": deleted}
+            "files": [f for f, _ in upload.files], "private": visible, "deleted": deleted}

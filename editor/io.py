@@ -1,4 +1,4 @@
-"""Atomic file and directory writes, hashing. No pickle anywhere."""
+"""Atomic file and directory writes, hashing, the one JSONL reader. No pickle anywhere."""
 
 from __future__ import annotations
 
@@ -339,5 +339,27 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+def read_jsonl(path, what: str) -> tuple[list[dict], list[int]]:
+    """The one JSONL reader: every non-blank line of ``path`` one JSON object. Returns the records
+    and each one's file line number (1-based, blank lines counted) — the one numbering of every
+    message about a record of a file. A bad line is one ``EditorError``: ``{what}: NAME line N ...``."""
+    path = Path(path)
+    records, lines = [], []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    raise EditorError(f"{what}: {path.name} line {i} is not valid JSON") from None
+                if not isinstance(rec, dict):
+                    raise EditorError(f"{what}: {path.name} line {i} is not a JSON object")
+                records.append(rec)
+                lines.append(i)
+    except UnicodeDecodeError:
+        raise EditorError(f"{what}: {path.name} is not UTF-8 text") from None
+    except OSError as e:
+        raise EditorError(f"{what}: cannot read {path}: {e.strerror or e}") from None
+    return records, lines

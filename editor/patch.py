@@ -1,5 +1,5 @@
 """Applying plans to an in-memory model: permute neurons, install the shipped runtime's NA / KSD
-modules and fill their constants, or prune; describe the result (``editor.manifest.Edit``); wrap
+modules and fill their constants, or prune; build the description of the result (``editor.manifest.Edit``); wrap
 a patched base model in the checkpoint class (the very class a checkpoint loads as); and undo the
 patch (``remove_patches``: the base model's function, for a scorecard's "before" column)."""
 
@@ -111,7 +111,7 @@ def refusal_token_ids(tokenizer, refusal: str) -> list[int]:
     return list(tokenizer(refusal, add_special_tokens=False)["input_ids"]) + eos_ids(tokenizer)[:1]
 
 
-def describe(model_type: str, model: nn.Module | None, plans: Plans, *, recipe=None, num_layers: int | None = None,
+def build_edit(model_type: str, model: nn.Module | None, plans: Plans, *, recipe=None, num_layers: int | None = None,
              refusal: str | None = None, refusal_ids: list[int] | None = None, check: str = "every_call") -> Edit:
     """The edit of ``plans`` as installed on ``model`` (its patch digest; ``model`` None for the
     prune baseline's plain weights). With the ``recipe``: its set names, methods, refusal and
@@ -156,7 +156,7 @@ def apply_plans(recipe, model_type: str, num_layers: int, model: nn.Module, toke
     if plans.key_space:
         apply_key_space(model, spec, model_type, plans.key_space)
         refusal_ids = refusal_token_ids(tokenizer, recipe.key_space.refusal)
-    return describe(model_type, model, plans, recipe=recipe, num_layers=num_layers, refusal_ids=refusal_ids)
+    return build_edit(model_type, model, plans, recipe=recipe, num_layers=num_layers, refusal_ids=refusal_ids)
 
 
 def checkpoint_config(base_config, edit: dict) -> SkillEditorConfig:

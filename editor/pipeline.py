@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from editor.data import TextSet, background_set, check_scorecard_records, load_all, ordinary_eval_set
+from editor.data import TextSet, background_set, check_scorecard_records, load_all, needs_tokenizer, ordinary_eval_set
 from editor.errors import EditorError
-from editor.eval.scorecard import render_scorecard, score, scorecard
+from editor.eval.attacks import attack_prompts, attack_requests
+from editor.eval.scorecard import examples_of, render_scorecard, score, scorecard
 from editor.export.hf import DEFAULT_SHARD, export_hf
 from editor.io import check_destination, check_parent, hold_destination
 from editor.manifest import Edit, build_manifest
@@ -29,7 +30,7 @@ from editor.patch import apply_neuron_adjust, apply_plans, wrap
 from editor.plan import NA_SUFFIX, Plans, ksd_set_name, plan_all, plan_na
 from editor.profile import collect
 from editor.profile.distributed import Dist, session
-from editor.profile.profile import profile_set
+from editor.profile.stream import profile_set
 from editor.profile.stats import (STATS_NAME, ProfiledSets, StatsFile, check_identity, load_stats, provenance, save_stats,
                                   stats_path)
 from editor.recipe import Recipe, load_recipe
@@ -46,6 +47,7 @@ class Job:
     background: TextSet | None = None  # the calibration's background negatives (key_space.background)
     ordinary: TextSet | None = None  # the scorecard's ordinary prompts (evaluate.ordinary)
     model_file: dict | None = None  # the model file as recorded (model_file_identity: a GGUF file's name and sha256)
+    tokenizer: object | None = None  # loaded by ``prepare`` when a set is rendered in chat form (reused by the run)
 
     @property
     def model_type(self) -> str:
@@ -81,11 +83,16 @@ def prepare(recipe: Recipe | str | Path) -> Job:
         recipe = load_recipe(path)
     config = load_config(recipe)
     check_against_config(recipe, config)
-    sets = load_all(recipe)
+    # the chat form needs the tokenizer's template (no weights): loaded here, validated with the data
+    tokenizer = load_tokenizer(recipe) if needs_tokenizer(recipe) else None
+    sets = load_all(recipe, tokenizer=tokenizer)
     if recipe.evaluate:
-        check_scorecard_records(recipe.evaluate.data, sets[recipe.evaluate.data].records)
-    return Job(recipe, config, sets, path, background_set(recipe, sets), ordinary_eval_set(recipe, sets),
-               model_file_identity(recipe))
+        scorecard = sets[recipe.evaluate.data]
+        check_scorecard_records(scorecard.records, scorecard.origins, f"evaluate.data: set {scorecard.name!r}")
+        if recipe.evaluate.attacks:
+            attack_requests(scorecard.records, recipe.evaluate.attacks)
+    return Job(recipe, config, sets, path, background_set(recipe, sets, tokenizer), ordinary_eval_set(recipe, sets, tokenizer),
+               model_file_identity(recipe), tokenizer)
 
 
 def _load(recipe) -> Recipe:
@@ -140,15 +147,18 @@ def calibrate_job(job: Job, model, tokenizer, spec: ArchSpec) -> tuple[dict, dic
     ks, p = job.recipe.key_space, job.recipe.profile
     kw = dict(batch_size=p.batch_size, max_length=p.max_length, padding_side=p.padding_side)
     forget = job.sets[ks.forget].texts
-    negatives = [job.sets[name] for name in ks.retain_sets] + ([job.background] if job.background else [])
-    names = list(ks.retain_sets) + (["background"] if job.background else [])
+    # one budget group per negative set and form: the false-positive budget holds in raw and in chat form
+    negatives, names = [], []
+    for name, ts in [(n, job.sets[n]) for n in ks.retain_sets] + ([("background", job.background)] if job.background else []):
+        for form in ts.form_names:
+            negatives.append(ts.in_form(form))
+            names.append(name if len(ts.form_names) == 1 else f"{name}[{form}]")
     retain = [t for ts in negatives for t in ts.texts]
     group = torch.tensor([g for g, ts in enumerate(negatives) for _ in ts.texts], dtype=torch.long)
     fit = dict(budget=ks.false_positive_budget, folds=ks.folds, seed=ks.seed, retain_names=names)
     if ks.detector == "linear":
         record, weights = calibrate_linear(collect.pooled_keys(model, tokenizer, spec, forget, **kw),
-                                           collect.pooled_keys(model, tokenizer, spec, retain, **kw), group,
-                                           max_features=ks.max_features, **fit)
+                                           collect.pooled_keys(model, tokenizer, spec, retain, **kw), group, **fit)
     else:
         new_tokens = continuation_tokens(ks.check)
 
@@ -319,14 +329,19 @@ def run_recipe(recipe_path, out=None, *, overwrite: bool = False, progress: bool
 def _run(job: Job, out: Path, onnx_out: Path, formats: list[str], stats_file: Path, *, overwrite: bool, progress: bool,
          echo) -> dict:
     r = job.recipe
-    tokenizer = load_tokenizer(r)
+    tokenizer = job.tokenizer if job.tokenizer is not None else load_tokenizer(r)
     model = load_model(r, job.config)
     identity = job.identity(model)
 
-    before = records = None
+    before = records = attacks = None
     if r.evaluate:
-        records = job.sets[r.evaluate.data].records
-        echo(f"scoring the base model on {len(records)} records of {r.evaluate.data!r}")
+        ts = job.sets[r.evaluate.data]
+        records = examples_of(ts)
+        if r.evaluate.attacks:
+            attacks = {"skill": r.evaluate.attacks, "prompts": attack_prompts(attack_requests(ts.records, r.evaluate.attacks),
+                                                                              ts.form_names, tokenizer)}
+        forms = f" ({' and '.join(ts.form_names)} form)" if ts.forms is not None else ""
+        echo(f"scoring the base model on {len(records)} prompts of {r.evaluate.data!r}{forms}")
         before = score(model, tokenizer, records, batch_size=r.evaluate.batch_size, max_new_tokens=r.evaluate.max_new_tokens,
                        progress=progress, desc="scoring base")
 
@@ -341,7 +356,7 @@ def _run(job: Job, out: Path, onnx_out: Path, formats: list[str], stats_file: Pa
         echo("scoring the edited model")
         card = scorecard(None, edited, tokenizer, records, batch_size=r.evaluate.batch_size,
                          max_new_tokens=r.evaluate.max_new_tokens, before=before, ordinary=job.ordinary,
-                         ordinary_new_tokens=r.evaluate.ordinary_new_tokens, progress=progress)
+                         ordinary_new_tokens=r.evaluate.ordinary_new_tokens, attacks=attacks, progress=progress)
     if hasattr(edited, "reset_neuron_adjust_rng"):
         edited.reset_neuron_adjust_rng()  # the export starts from the seed, whatever ran before
 

@@ -18,7 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from editor.errors import EditorError
 
-DTYPES = ("auto", "float32", "float16", "bfloat16")
+# the one dtype type: the recipe's field, the CLI's choices, lm-eval's model_args, the torch dtypes
+# (``editor.model.loading``); ``auto`` keeps the checkpoint's own
+Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 
 
 class _Strict(BaseModel):
@@ -59,6 +61,10 @@ def template_fields(template: str) -> list[tuple[str, int | None]]:
     return out
 
 
+Form = Literal["raw", "chat"]
+FORMS: tuple[str, ...] = ("raw", "chat")
+
+
 class DataSetSpec(_Strict):
     """A named text set: a local file (jsonl/json/csv/parquet/txt) or a Hub dataset."""
 
@@ -70,6 +76,21 @@ class DataSetSpec(_Strict):
                                             "plain field names, or a list field's element: {test_list[0]}")
     where: dict[str, str | list[str]] | None = Field(None, description="keep records whose field equals / is in the value(s)")
     limit: Annotated[int, Field(gt=0)] | None = None
+    limit_each: dict[str, Annotated[int, Field(gt=0)]] | None = Field(
+        None, description="at most this many records of each value of a field, in file order, e.g. {phrasing: 8}: a "
+                          "smaller set that keeps every phrasing / skill / category (a quick scorecard)")
+    format: Literal["raw", "chat", "both"] | None = Field(
+        None,
+        description="how the texts reach the model: raw (as the template renders them), chat (each text as the user "
+                    "turn of the tokenizer's chat template, with the assistant's generation prompt) or both (each text "
+                    "twice). Default: the recipe's format for the sets read as requests (key_space sets, the scorecard "
+                    "and its ordinary prompts), raw for the rest — neuron_adjust / prune read the text a model writes, "
+                    "not a request")
+    messages: str | None = Field(
+        None,
+        description="a record field holding a conversation (a list of {role, content}) instead of a text template: "
+                    "chat form renders it through the chat template, raw form as 'User: …' / 'Assistant: …' "
+                    "paragraphs; multi-turn requests are decided on the whole conversation")
 
     @field_validator("text")
     @classmethod
@@ -77,23 +98,46 @@ class DataSetSpec(_Strict):
         template_fields(v)
         return v
 
+    @field_validator("limit_each")
+    @classmethod
+    def _one_field(cls, v):
+        if v is not None and len(v) != 1:
+            raise ValueError("name one field, e.g. {phrasing: 8}")
+        return v
+
+    @model_validator(mode="after")
+    def _messages(self) -> "DataSetSpec":
+        if self.messages is not None and self.text != type(self).model_fields["text"].default:
+            raise ValueError("give text (a template) or messages (a conversation field), not both")
+        return self
+
 
 class ProfileSpec(_Strict):
-    batch_size: Annotated[int, Field(gt=0)] = 8
-    max_length: Annotated[int, Field(gt=1)] = 512
-    padding_side: Literal["left", "right"] | None = Field(None, description="default: the tokenizer's own")
+    """How the statistics are collected: batched forwards over each set's texts."""
+
+    batch_size: Annotated[int, Field(gt=0)] = Field(8, description="texts per forward; 8 fits a 7-8 B model's "
+                                                                   "activations on one GPU next to its weights")
+    max_length: Annotated[int, Field(gt=1)] = Field(512, description="tokens kept per text (its first ones); 512 holds "
+                                                                     "an answer text, raise it for few-shot prompts")
+    padding_side: Literal["left", "right"] | None = Field(None, description="where batches are padded; default: the "
+                                                                            "tokenizer's own, as the model was trained")
 
 
 NAScore = Literal["paper", "standardized", "overlap", "selective"]
 
 
-class NeuronAdjustSpec(_Strict):
-    forget: str
-    retain: str | list[str]
-    top_percent: float = 3.0
-    mode: Literal["sample", "expected", "hard"] = "sample"
-    seed: int = 0
-    score: NAScore = "paper"
+class _NeuronSelection(_Strict):
+    """What Neuron Adjust and the pruning baseline share: the neurons they act on, chosen from the
+    forget and retain statistics."""
+
+    forget: str = Field(description="the data set whose skill is removed (its statistics pick the neurons)")
+    retain: str | list[str] = Field(description="the data set(s) of the skills to keep, which the chosen neurons "
+                                                "must matter less for")
+    top_percent: float = Field(3.0, description="share of all feed-forward neurons (over every layer) to act on; "
+                                                "3 % is the paper's setting for skills, it used 0.5 % for languages")
+    score: NAScore = Field("paper", description="how neurons are ranked: paper (μf − μr, the paper's rule) or the "
+                                                "variants of docs/GENERALIZATION.md; the paper's by default, to "
+                                                "reproduce it")
 
     @field_validator("top_percent")
     @classmethod
@@ -107,26 +151,31 @@ class NeuronAdjustSpec(_Strict):
         return [self.retain] if isinstance(self.retain, str) else list(self.retain)
 
 
-class PruneSpec(_Strict):
+class NeuronAdjustSpec(_NeuronSelection):
+    """Neuron Adjust: the chosen neurons' pre-activations remapped from the forget towards the
+    retain distribution."""
+
+    mode: Literal["sample", "expected", "hard"] = Field(
+        "sample", description="sample (the paper's stochastic remap), expected (its deterministic mean; needed for "
+                              "ONNX) or hard (always remap); the paper's by default")
+    seed: int = Field(0, description="seed of sample mode's random draws, so a run is reproducible")
+
+
+class PruneSpec(_NeuronSelection):
     """The paper's Selective Pruning baseline: zero the selected neurons (plain weights)."""
-
-    forget: str
-    retain: str | list[str]
-    top_percent: float = 3.0
-    score: NAScore = "paper"
-
-    _pct = field_validator("top_percent")(NeuronAdjustSpec._pct.__func__)
-
-    @property
-    def retain_sets(self) -> list[str]:
-        return [self.retain] if isinstance(self.retain, str) else list(self.retain)
 
 
 class KeySpaceSpec(_Strict):
-    forget: str
-    layer: int = -1
-    scale: float = 2.0
-    refusal: str = "Sorry, I can't help with that."
+    """Key Space Detection: refuse a query whose key falls inside the forget queries' key box (or
+    whose linear score is positive)."""
+
+    forget: str = Field(description="the data set of forget queries whose keys span the box")
+    layer: int = Field(-1, description="the decoder layer whose key is tested (negative: from the end); the last "
+                                       "layer, as the paper")
+    scale: float = Field(2.0, description="α, the box's half-width in standard deviations (μ ± α·σ); 2 is the "
+                                          "paper's for math, it used 1.4 for code")
+    refusal: str = Field("Sorry, I can't help with that.", description="the text a refused query gets instead of "
+                                                                       "an answer; a plain sentence users understand")
     check: Literal["every_call", "prompt"] = Field(
         "every_call",
         description="which forward calls of generate decide: every_call (DESIGN §3: the prompt's last token and "
@@ -136,10 +185,8 @@ class KeySpaceSpec(_Strict):
         description="box (the paper's hypercube on the last token's key; calibrated or not) or linear (a pooled "
                     "linear detector over every layer's key, max-pooled over the prompt's tokens, fitted by the "
                     "calibration; needs retain queries and check: prompt)")
-    max_features: Annotated[int, Field(ge=1)] = Field(
-        65_536, description="linear detector: at most this many pooled-key features (over all layers) enter each fit, "
-                            "the best separated; float64 fit memory ≈ queries × max_features × 8 B")
-    retain: str | list[str] | None = Field(None, description="retain queries: turns on calibration")
+    retain: str | list[str] | None = Field(None, description="retain queries the guard must not refuse: turns on "
+                                                             "the calibration (none: the paper's fixed box)")
     background: str | list[str] = Field(
         "default",
         description="background negatives of the calibration, besides the retain sets: 'default' (the ordinary "
@@ -147,10 +194,13 @@ class KeySpaceSpec(_Strict):
                     "retain sets name a few skills, but a guard meets the whole world — calibrated against the "
                     "named skills alone, a detector learns 'none of these templates' and refuses ordinary text. "
                     "The false-positive budget holds on the background as on each retain set")
-    calibrate: bool | None = Field(None, description="default: on when retain queries are given")
-    false_positive_budget: float = Field(0.01, ge=0.0, lt=1.0)
-    folds: Annotated[int, Field(ge=2, le=20)] = 5
-    seed: int = 0
+    calibrate: bool | None = Field(None, description="fit the box or detector to the budget; default: on when "
+                                                     "retain queries are given, since they are what it needs")
+    false_positive_budget: float = Field(0.01, ge=0.0, lt=1.0, description="the share of each retain (and the "
+                                         "background) set the calibrated guard may refuse; 1 %, a cost users rarely meet")
+    folds: Annotated[int, Field(ge=2, le=20)] = Field(5, description="cross-fitting folds of the calibration: every "
+                                                                     "threshold is set on queries its fit did not see")
+    seed: int = Field(0, description="seed of the calibration's fold split, so a run is reproducible")
 
     @field_validator("scale")
     @classmethod
@@ -177,9 +227,13 @@ class KeySpaceSpec(_Strict):
 
 
 class ExportSpec(_Strict):
-    formats: list[Literal["hf", "onnx"]] = ["hf"]
-    out: str = "outputs/skill-editor-checkpoint"
-    onnx_opset: int | None = None
+    """Where and in which formats the edited checkpoint is written."""
+
+    formats: list[Literal["hf", "onnx"]] = Field(["hf"], description="hf (a transformers checkpoint, what most users "
+                                                                     "load) and/or onnx (beside hf it goes to <out>-onnx)")
+    out: str = Field("outputs/skill-editor-checkpoint", description="the checkpoint directory, relative to the "
+                                                                    "recipe file; under outputs/, which git ignores")
+    onnx_opset: int | None = Field(None, description="ONNX opset; default: torch.onnx's own, which ONNX Runtime runs")
     onnx_logits: Literal["last", "all"] = Field(
         "last",
         description="which positions' logits the ONNX graph returns: last (default; [batch, 1, vocab], what a "
@@ -188,25 +242,29 @@ class ExportSpec(_Strict):
     onnx_tolerance: Annotated[float, Field(gt=0, lt=1)] | None = Field(
         None,
         description="relative tolerance of the ONNX validation: at every compared position |ONNX Runtime − PyTorch| "
-                    "≤ atol + onnx_tolerance × the position's largest |logit|. Default (None): 1e-4 for float32 "
-                    "(ONNX Runtime differs from PyTorch by ≤ 1.9e-5 of it on SmolLM2 and ≤ 2.1e-6 on tiny models, "
-                    "while a 1 % error in one Neuron Adjust constant of one of SmolLM2's 30 layers moves the logits "
-                    "by 3.8e-4 of it — docs/ONNX.md), 1e-2 for float16. Raise it only with a measured reason: "
-                    "too loose hides defects")
+                    "≤ atol + onnx_tolerance × the position's largest |logit|. Default (None): 1e-4 for float32, "
+                    "1e-2 for float16 — above what ONNX Runtime's rounding gives, below what a wrong Neuron Adjust "
+                    "constant does (measurements: docs/ONNX.md). Raise it only with a measured reason: too loose "
+                    "hides defects")
 
 
 class PushSpec(_Strict):
-    repo_id: str
-    private: bool = True
-    revision: str | None = None
+    """The checkpoint's Hugging Face Hub repository, as the model card names it."""
+
+    repo_id: str = Field(description="namespace/name of the model repository")
+    private: bool = Field(True, description="create the repository private: publishing is the user's explicit choice")
+    revision: str | None = Field(None, description="the branch to push to; default: main")
 
 
 class EvaluateSpec(_Strict):
     """Scorecard data: a named set whose records carry ``prompt``, ``answer`` and ``skill``."""
 
-    data: str
-    batch_size: Annotated[int, Field(gt=0)] = 32
-    max_new_tokens: Annotated[int, Field(gt=0)] | None = Field(None, description="default: the longest answer's tokens + 4")
+    data: str = Field(description="the data set of scorecard records (prompt, answer, skill)")
+    batch_size: Annotated[int, Field(gt=0)] = Field(32, description="prompts per generate call; short answers, so "
+                                                                    "larger batches than profiling")
+    max_new_tokens: Annotated[int, Field(gt=0)] | None = Field(None, description="tokens generated per prompt; default: "
+                                                                                 "each skill's longest answer + 4, "
+                                                                                 "enough to answer and no more")
     ordinary: str = Field(
         "default",
         description="ordinary prompts whose refusals the scorecard reports (false refusals): 'default' (the shipped "
@@ -216,6 +274,11 @@ class EvaluateSpec(_Strict):
     ordinary_new_tokens: Annotated[int, Field(gt=0)] = Field(
         8, description="tokens generated per ordinary prompt: enough for check: every_call to test a few generated "
                        "tokens; check: prompt decides on the prompt alone")
+    attacks: str | None = Field(
+        None, description="a skill of the scorecard set whose requests are wrapped in the shipped attack suite "
+                          "(injection, role play, fake system text, story, other languages, formats, continuation, "
+                          "multi-turn; its evaluation part, never fitted): the card reports the share refused per "
+                          "attack family and form. Off by default: it adds a few hundred prompts")
 
 
 RESERVED_SET_NAMES = ("default", "none")
@@ -229,18 +292,29 @@ class Recipe(_Strict):
     gguf_file: str | None = Field(
         None, description="the GGUF file inside the model directory or Hub repo (transformers dequantizes it); "
                           "not needed when model names the .gguf file itself")
-    revision: str | None = None
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    device: str = "auto"
-    trust_remote_code: bool = False
-    data: dict[str, DataSetSpec]
-    profile: ProfileSpec = ProfileSpec()
-    neuron_adjust: NeuronAdjustSpec | None = None
-    key_space: KeySpaceSpec | None = None
-    prune: PruneSpec | None = None
-    export: ExportSpec = ExportSpec()
-    push: PushSpec | None = None
-    evaluate: EvaluateSpec | None = None
+    revision: str | None = Field(None, description="the Hub revision of the model; default: main")
+    dtype: Dtype = Field("auto", description="the dtype the model is loaded, profiled and exported in; auto keeps "
+                                             "the checkpoint's own")
+    device: str = Field("auto", description="auto (CUDA when present, spread over GPUs when one is too small, else "
+                                            "CPU), cpu, cuda, cuda:N or mps")
+    trust_remote_code: bool = Field(False, description="run the base model's own code from the Hub; off, so no code "
+                                                       "is run unless the user says so")
+    format: Literal["auto", "raw", "chat", "both"] = Field(
+        "auto",
+        description="the form of the request sets (key_space forget / retain / background, the scorecard and its "
+                    "ordinary prompts) that do not set their own: raw, chat (through the tokenizer's chat template), "
+                    "both, or auto — both when the tokenizer has a chat template, else raw. The default fits and scores "
+                    "a guard on what a deployed instruct model sees (chat clients send the template) and on raw "
+                    "completion prompts alike; fitted on raw text only, a guard misses the same request in chat form")
+    data: dict[str, DataSetSpec] = Field(description="the named text sets the methods and the scorecard read")
+    profile: ProfileSpec = Field(ProfileSpec(), description="how the statistics are collected")
+    neuron_adjust: NeuronAdjustSpec | None = Field(None, description="the paper's intervention; absent: not applied")
+    key_space: KeySpaceSpec | None = Field(None, description="the paper's abstention; absent: not applied")
+    prune: PruneSpec | None = Field(None, description="the Selective Pruning baseline instead of both methods")
+    export: ExportSpec = Field(ExportSpec(), description="where and how the checkpoint is written")
+    push: PushSpec | None = Field(None, description="the Hub repository the model card's loading snippet names "
+                                                    "(`push` itself takes --repo-id); absent: a placeholder path")
+    evaluate: EvaluateSpec | None = Field(None, description="the scorecard `run` prints and records; absent: none")
 
     # where relative paths are resolved (the recipe file's directory); not part of the YAML
     base_dir: Path = Field(default=Path("."), exclude=True)
@@ -289,10 +363,6 @@ class Recipe(_Strict):
             if self.key_space.calibrate and not (self.key_space.retain_sets or self.key_space.background != "none"):
                 raise ValueError("key_space.calibrate: calibration needs negatives: retain queries (key_space.retain) "
                                  "or a background set")
-            # (not "was it set": a dumped recipe — skill_editor.json, bench copies — carries the default)
-            default_max = type(self.key_space).model_fields["max_features"].default
-            if self.key_space.max_features != default_max and self.key_space.detector != "linear":
-                raise ValueError("key_space.max_features: applies to the linear detector only (key_space.detector: linear)")
             if self.key_space.detector == "linear":
                 if not self.key_space.calibrated:
                     raise ValueError("key_space.detector: the linear detector is fitted by the calibration; "
@@ -349,6 +419,25 @@ class Recipe(_Strict):
         if self.key_space:
             used.add(self.key_space.forget)
         return [n for n in self.data if n in used]
+
+    def request_sets(self) -> list[str]:
+        """The sets read as requests (a user's prompt), rendered in the recipe's ``format`` unless they
+        set their own: the key_space forget / retain / background sets and the scorecard's sets."""
+        names = set()
+        if self.key_space:
+            names.update([self.key_space.forget, *self.key_space.retain_sets, *self.key_space.background_sets])
+        if self.evaluate:
+            names.add(self.evaluate.data)
+            if self.evaluate.ordinary not in RESERVED_SET_NAMES:
+                names.add(self.evaluate.ordinary)
+        return [n for n in self.data if n in names]
+
+    def set_format(self, name: str | None) -> str:
+        """The format of one set before the tokenizer is known (``auto`` possible): its own, else the
+        recipe's for a request set (``name`` None: the shipped background / ordinary prompts), else raw."""
+        if name is not None and self.data[name].format is not None:
+            return self.data[name].format
+        return self.format if name is None or name in self.request_sets() else "raw"
 
     def recorded(self, path: str) -> str:
         """A path of this recipe as the files the tool writes record it (``recorded_path``)."""

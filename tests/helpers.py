@@ -123,7 +123,7 @@ def patched_model(arch: str, mode: str = "expected", *, ksd: bool = True, forget
     from editor.methods.key_space import ksd_bounds
     from editor.methods.neuron_adjust import Gaussian, plan_neuron_adjust
     from editor.model.arch import decoder_layers, spec_for
-    from editor.patch import apply_key_space, apply_neuron_adjust, describe, refusal_token_ids, wrap
+    from editor.patch import apply_key_space, apply_neuron_adjust, build_edit, refusal_token_ids, wrap
     from editor.plan import Plans
     from tests.tiny import char_tokenizer, tiny_model
 
@@ -156,6 +156,6 @@ def patched_model(arch: str, mode: str = "expected", *, ksd: bool = True, forget
         k = torch.stack(keys).double()
         bounds = {layer: ksd_bounds(k.mean(0), k.std(0), k.min(0).values, k.max(0).values, scale=scale)}
         apply_key_space(m, spec, m.config.model_type, bounds)
-    edit = describe(m.config.model_type, m, Plans(plan, bounds or {}), refusal=refusal if ksd else None,
+    edit = build_edit(m.config.model_type, m, Plans(plan, bounds or {}), refusal=refusal if ksd else None,
                     refusal_ids=refusal_token_ids(tok, refusal) if ksd else None)
     return wrap(m, edit.config()), tok

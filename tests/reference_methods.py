@@ -197,3 +197,29 @@ def decisions(box: KSDBox, key: torch.Tensor, attention_mask, batch: int, seq: i
         out.append(bool(box.inside(key[r, j])))
         margins.append(float(box.margin(key[r, j])))
     return out, margins
+
+
+def primal_logistic(x: torch.Tensor, y: torch.Tensor, weight_decay: float = 1e-3, iters: int = 2000):
+    """The linear detector's objective solved literally in feature space: standardize every column
+    (mean, population std floored at 1e-6), minimize mean BCE with positives weighted n_neg / n_pos
+    + weight_decay · ‖w‖² by L-BFGS over (w, b); return (w, b) in the raw feature space."""
+    x = x.to(torch.float64)
+    y = y.to(torch.float64)
+    mu, sd = x.mean(0), x.std(0, unbiased=False).clamp(min=1e-6)
+    z = (x - mu) / sd
+    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    pw = torch.tensor(float((1 - y).sum() / y.sum()), dtype=torch.float64)
+    opt = torch.optim.LBFGS([w, b], max_iter=iters, line_search_fn="strong_wolfe", tolerance_grad=1e-12,
+                            tolerance_change=1e-15, history_size=50)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, y, pos_weight=pw) + weight_decay * (w * w).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    wr = w.detach() / sd
+    return wr, float(b.detach()[0] - (wr * mu).sum())

@@ -1,7 +1,8 @@
 """The pooled linear detector's calibration (``key_space.detector: linear``, docs/GENERALIZATION.md
-§4.3): the budget threshold, the logistic fit, determinism, the pooled keys against a literal
-one-text reference, the recipe rules, and profile → export end to end (the calibration only ever
-sees the probe sets; export from the statistics file reproduces the in-process checkpoint)."""
+§4.3): the budget threshold, the logistic fit in kernel form against a literal feature-space fit,
+determinism, the pooled keys against a literal one-text reference, the recipe rules, and profile →
+export end to end (the calibration only ever sees the probe sets; export from the statistics file
+reproduces the in-process checkpoint)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ import pytest
 import torch
 
 from editor.methods import calibrate
-from editor.methods.calibrate import budget_threshold, calibrate_linear, fit_logistic
+from editor.methods.calibrate import budget_threshold, calibrate_linear, feature_moments, fit_kernel_logistic, gram
 from editor.errors import EditorError
 from editor.profile import collect
 from tests.helpers import QUERIES, calibration_project
+from tests.reference_methods import primal_logistic
 from tests.tiny import save_tiny
 
 FORGET, RETAIN, EVAL = QUERIES["forget"], QUERIES["retain"], QUERIES["eval"]
@@ -64,26 +66,41 @@ def _clusters(seed: int, n_f=40, n_r=160, d=24, shift=3.0):
     return f, r
 
 
-def test_fit_logistic_separates_and_is_expressed_in_raw_key_space():
-    f, r = _clusters(0)
-    f = f * 7 + 100  # a scale and offset far from standardized: (w, b) must undo the standardization
-    r = r * 7 + 100
+def _kernel_fit(x: torch.Tensor, y: torch.Tensor):
+    """``fit_kernel_logistic`` on one block of features, expressed back in the raw feature space."""
+    blocks = [{0: x}]
+    mu, sd = feature_moments(blocks, [0])
+    alpha, b = fit_kernel_logistic(gram(blocks, [0], mu, sd), y)
+    z = (x.double() - mu[0]) / sd[0]
+    w = (z.T @ alpha) / sd[0]
+    return w, b - float((w * mu[0]).sum())
+
+
+@pytest.mark.parametrize("n_f,n_r,d", [(40, 160, 24), (12, 18, 90)])  # more rows than features, and fewer
+def test_kernel_fit_is_the_feature_space_fit(n_f, n_r, d):
+    """The fit in the span of the rows (Gram matrix, eigendecomposition) minimizes the same objective
+    as a literal fit over the features: the same detector (scores and weights)."""
+    f, r = _clusters(0, n_f=n_f, n_r=n_r, d=d)
+    f, r = f * 7 + 100, r * 7 + 100  # far from standardized: (w, b) must undo the standardization
     x = torch.cat([f, r])
-    y = torch.cat([torch.ones(len(f)), torch.zeros(len(r))])
-    w, b = fit_logistic(x, y)
-    s = x.double() @ w + b
-    assert (s[: len(f)] > 0).float().mean() > 0.95 and (s[len(f):] < 0).float().mean() > 0.95
-    top = set(torch.topk(w.abs(), 2).indices.tolist())
-    assert top == {5, 9}
+    y = torch.cat([torch.ones(n_f), torch.zeros(n_r)])
+    w, b = _kernel_fit(x, y)
+    w_ref, b_ref = primal_logistic(x, y)
+    s, s_ref = x.double() @ w + b, x.double() @ w_ref + b_ref
+    assert (s[:n_f] > 0).float().mean() > 0.95 and (s[n_f:] < 0).float().mean() > 0.95
+    torch.testing.assert_close(s, s_ref, atol=2e-4 * float(s_ref.abs().max()), rtol=0)
+    torch.testing.assert_close(w, w_ref, atol=2e-4 * float(w_ref.abs().max()), rtol=0)
+    if n_f + n_r > d:  # enough rows to find the two informative features
+        assert set(torch.topk(w.abs(), 2).indices.tolist()) == {5, 9}
 
 
-def test_fit_logistic_refuses_one_class_and_non_finite():
+def test_kernel_fit_refuses_one_class_and_non_finite():
     x = torch.randn(10, 3)
     with pytest.raises(EditorError):
-        fit_logistic(x, torch.zeros(10))
+        _kernel_fit(x, torch.zeros(10))
     x[0, 0] = float("nan")
     with pytest.raises(EditorError, match="non-finite"):
-        fit_logistic(x, torch.cat([torch.ones(5), torch.zeros(5)]))
+        _kernel_fit(x, torch.cat([torch.ones(5), torch.zeros(5)]))
 
 
 def _layers(f, r):
@@ -177,9 +194,7 @@ def _recipe(root: Path, key_space: str) -> Path:
     ("{forget: forget, retain: retain, detector: linear}", "check: prompt"),
     ("{forget: forget, retain: retain, detector: linear, check: prompt, calibrate: false}", "retain queries"),
     ("{forget: forget, retain: retain, detector: cone, check: prompt}", "detector"),
-    ("{forget: forget, retain: retain, check: prompt, max_features: 10}", "linear detector only"),
-    ("{forget: forget, retain: retain, check: prompt, max_features: 65536, detector: cone}", "detector"),
-    ("{forget: forget, retain: retain, detector: linear, check: prompt, max_features: 0}", "max_features"),
+    ("{forget: forget, retain: retain, detector: linear, check: prompt, max_features: 10}", "unknown key"),
 ])
 def test_recipe_rules_of_the_linear_detector(tmp_path, key_space, match):
     from editor.recipe import load_recipe
@@ -317,40 +332,9 @@ def test_dry_run_and_inspect_describe_the_linear_detector(linear_job, tmp_path):
     assert "pooled linear detector" in card and "out of fold" in card
 
 
-def test_screen_features_keeps_the_best_separated_columns():
-    f, r = _clusters(4, d=40)
-    # literal: |μf − μr| / (σf + σr) with sample std, top 6, ascending
-    sep = (f.double().mean(0) - r.double().mean(0)).abs() / (f.double().std(0) + r.double().std(0))
-    want = sorted(torch.argsort(sep, descending=True)[:6].tolist())
-    assert calibrate.screen_features(f, r, 6, chunk=7).tolist() == want  # chunked statistics
-    assert {5, 9} <= set(want)
-    assert calibrate.screen_features(f, r, 40).tolist() == list(range(40))  # no more than the limit: all
-
-
-def test_calibrate_linear_with_a_feature_limit():
-    """Large models: each fold fits only the best-separated features; the others get weight 0."""
+def test_calibrate_linear_leaves_its_keys_alone():
     f, r = _clusters(5)
     fk, rk = _layers(f, r)
-    rec, w = calibrate_linear(fk, rk, torch.zeros(len(r), dtype=torch.long), budget=0.05, folds=4, seed=0,
-                              max_features=4)
-    assert rec["cv"]["features"] == 24 and rec["cv"]["features_fitted"] == [4, 4, 4, 4]
-    full = torch.cat([w[0], w[1]])
-    assert int((full != 0).sum()) <= 16 and full[5] != 0 and full[9] != 0
-    assert rec["cv"]["forget_coverage"] > 0.9
-
-
-@pytest.mark.slow
-def test_max_features_reaches_the_fit_and_is_part_of_the_stored_settings(linear_job, tmp_path):
-    from editor.pipeline import export_recipe, profile_recipe
-    from editor.profile.stats import load_stats
-
-    root = linear_job
-    small = root / "recipe-small.yaml"
-    small.write_text((root / "recipe.yaml").read_text().replace("detector: linear,", "detector: linear, max_features: 8,"))
-    stats = tmp_path / "stats"
-    profile_recipe(small, stats, progress=False)
-    cal = load_stats(stats).sets["forget@neuron_adjust"]["calibration"]
-    assert cal["config"]["max_features"] == 8 and cal["cv"]["features_fitted"] == [8, 8, 8]
-    export_recipe(small, stats, tmp_path / "ok")  # the same settings export
-    with pytest.raises(EditorError, match="calibration"):
-        export_recipe(root / "recipe.yaml", stats, tmp_path / "ck")  # another max_features: refused
+    f0, r0 = {k: v.clone() for k, v in fk.items()}, {k: v.clone() for k, v in rk.items()}
+    calibrate_linear(fk, rk, torch.zeros(len(r), dtype=torch.long), budget=0.05, folds=4, seed=0)
+    assert all(torch.equal(fk[k], f0[k]) and torch.equal(rk[k], r0[k]) for k in fk)

@@ -16,7 +16,7 @@ import torch
 
 from editor.model.arch import arch_spec
 from editor.methods.key_space import KSDBounds
-from editor.patch import apply_key_space, describe, wrap
+from editor.patch import apply_key_space, build_edit, wrap
 from editor.plan import Plans
 from tests import reference_methods as ref
 from tests.helpers import pad, random_rows
@@ -63,7 +63,7 @@ def edited(base, layer, bounds, check):
     arch = base.config.model_type
     patched = copy.deepcopy(base)
     apply_key_space(patched, arch_spec(arch), arch, {layer: bounds})
-    edit = describe(arch, patched, Plans(key_space={layer: bounds}), refusal="no", refusal_ids=REFUSAL_IDS, check=check).config()
+    edit = build_edit(arch, patched, Plans(key_space={layer: bounds}), refusal="no", refusal_ids=REFUSAL_IDS, check=check).config()
     return wrap(patched, edit)
 
 
@@ -117,7 +117,7 @@ def test_default_is_every_call(setup):
     patched = copy.deepcopy(base)
     bounds = box_around(lit[0][1][2])
     apply_key_space(patched, arch_spec("llama"), "llama", {layer: bounds})
-    edit = describe("llama", patched, Plans(key_space={layer: bounds}), refusal="no", refusal_ids=REFUSAL_IDS).config()
+    edit = build_edit("llama", patched, Plans(key_space={layer: bounds}), refusal="no", refusal_ids=REFUSAL_IDS).config()
     assert edit["key_space"]["check"] == "every_call"
     edit["key_space"].pop("check")  # a checkpoint written before the option existed
     out = wrap(patched, edit).generate(input_ids=torch.tensor([rows[0]]), max_new_tokens=NEW, do_sample=False,

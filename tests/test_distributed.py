@@ -119,7 +119,7 @@ def test_shard_and_env():
 
 def test_empty_shard_profiles_to_empty_moments():
     from editor.model.arch import spec_for
-    from editor.profile.profile import profile_texts
+    from editor.profile.stream import profile_texts
     from tests.tiny import CharTokenizer, tiny_model
 
     model = tiny_model("llama")
@@ -274,7 +274,7 @@ def test_device_map_dispatch_gives_same_stats(tmp_path, offload):
         _assert_same_sets(profile_job(job, model, tok, progress=False), want)
         return
     from editor.model.arch import spec_for
-    from editor.profile.profile import profile_set
+    from editor.profile.stream import profile_set
 
     spec = spec_for(job.config)
     for name in ("forget", "retain", "keys"):
@@ -293,7 +293,7 @@ def test_guards_run_on_an_accelerate_dispatched_model(tmp_path, detector):
 
     from editor.methods.key_space import LinearShare, ksd_bounds
     from editor.model.arch import spec_for
-    from editor.patch import apply_key_space, describe, wrap
+    from editor.patch import apply_key_space, build_edit, wrap
     from editor.plan import Plans
     from editor.profile.collect import pooled_keys
     from tests.tiny import save_tiny
@@ -325,7 +325,7 @@ def test_guards_run_on_an_accelerate_dispatched_model(tmp_path, detector):
 
     def decide(model):
         apply_key_space(model, spec, "llama", guard)
-        edit = describe("llama", model, Plans(key_space=guard), refusal="no", refusal_ids=[5, 2], check="prompt")
+        edit = build_edit("llama", model, Plans(key_space=guard), refusal="no", refusal_ids=[5, 2], check="prompt")
         with torch.no_grad():
             out = wrap(model, edit.config())(**enc)
         return out.abstained, out.logits

@@ -238,7 +238,7 @@ def test_dry_run_local_data(tmp_path):
     assert f"f: local {tmp_path / 'f.jsonl'}, split train → 5 texts" in plan and "read and rendered" in plan
     assert "r: local" in plan and "→ 3 texts" in plan and "header checked" in plan
     obj["data"]["f"]["text"] = "{q} {missing}"
-    with pytest.raises(EditorError, match="record 0 has no field 'missing'"):
+    with pytest.raises(EditorError, match="f.jsonl line 1 has no field 'missing'"):
         dry_run(_write(tmp_path, obj))
     obj["data"]["f"]["text"] = "{q}"
     obj["data"]["r"]["text"] = "{code}"

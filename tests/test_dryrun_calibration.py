@@ -46,25 +46,25 @@ def test_calibrated_plan_names_calibration_not_the_recipe_layer(tmp_path):
     ks = [line for line in plan.splitlines() if line.startswith("key_space") or line.startswith("              ")]
     assert ("key_space     forget 'q': calibrated — the layer(s), the guarded dims and α (scale) are chosen by calibration "
             "at profile time; the recipe's layer (-2) and scale (3) are not used") in plan
-    assert ("              retain sets 'r', 'r2'; background: the 460 shipped ordinary prompts (calibration part); "
+    assert ("              retain sets 'r', 'r2'; background: the 559 shipped ordinary prompts (calibration part); "
             "false-positive budget 0.02 (2 % per retain set and on the background), 4-fold cross-validation, seed 7") in plan
     assert "every layer 0..31 (and pairs of the best), the top-m of the 14336 key dims" in plan
     # the paper's fixed-layer plan is not printed: no resolved layer, no "scale α = 3"
     assert "layer -2 → 30" not in plan and "→ 30 (of 0..31)" not in plan
     assert "scale α = 3" not in plan and "scale α" not in plan
     assert any("refusal" in line for line in ks)
-    # memory of the calibration keys: (100 + 374 + 50 + 460 background) queries × 24 keys × 32 layers × 14336 × 4 B
-    assert "calibration: ≤ 984 queries × 24 key(s) × 32 layers × 14336 × 4 B = 40.36 GiB of keys (float32, CPU)" in plan
+    # memory of the calibration keys: (100 + 374 + 50 + 559 background) queries × 24 keys × 32 layers × 14336 × 4 B
+    assert "calibration: ≤ 1083 queries × 24 key(s) × 32 layers × 14336 × 4 B = 44.42 GiB of keys (float32, CPU)" in plan
     assert "keys: each query's last prompt token + up to 23 greedy continuation tokens" in plan
     assert "→ calibrate key_space (q vs r, r2, background, 4-fold CV) → plan (key_space)" in plan
 
 
 def test_one_retain_set_and_defaults(tmp_path):
     plan = dry_run(_write(tmp_path, _recipe({"forget": "q", "retain": "r"})))
-    assert ("retain sets 'r'; background: the 460 shipped ordinary prompts (calibration part); false-positive budget 0.01 "
+    assert ("retain sets 'r'; background: the 559 shipped ordinary prompts (calibration part); false-positive budget 0.01 "
             "(1 % per retain set and on the background), 5-fold cross-validation, seed 0") in plan
     assert "the recipe's layer (-1) and scale (2) are not used" in plan
-    assert "calibration: ≤ 934 queries × 24 key(s)" in plan  # 100 + 374 + 460 background
+    assert "calibration: ≤ 1033 queries × 24 key(s)" in plan  # 100 + 374 + 559 background
 
 
 def test_calibrate_false_keeps_the_paper_plan(tmp_path):

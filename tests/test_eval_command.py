@@ -76,3 +76,18 @@ def test_eval_refuses_a_plain_checkpoint_that_names_custom_code(ckpt, no_prompt,
     assert res.exit_code == 2 and "auto_map" in res.output and "--trust-remote-code" in res.output, res.output
     ok = _eval(base, "--data", ckpt.parent / "eval.jsonl", "--base", base, "--quiet", "--threads", "1")
     assert ok.exit_code == 0, ok.output
+
+
+@pytest.mark.parametrize("rows, want", [
+    # a record the tokenizer would choke on: the validator `run` uses, one line, the file's line number
+    (['{"prompt": "1 + 1 =", "answer": "2"}', "", '{"prompt": 3, "answer": "4"}'], "--data: bad.jsonl line 3: prompt is int, not text"),
+    (['{"prompt": "1 + 1 =", "answer": "2"}', '{"prompt": "x"}'], "--data: bad.jsonl line 2 has no field 'answer' (a scorecard record needs prompt and answer; fields: prompt)"),
+    (['{"prompt": "1 + 1 =", "answer": "2"}', "", "", "not json"], "--data: bad.jsonl line 4 is not valid JSON"),
+    (["[1, 2]"], "--data: bad.jsonl line 1 is not a JSON object"),
+])
+def test_eval_bad_records_are_one_line_numbered_by_file_line(ckpt, tmp_path, rows, want):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    res = _eval(ckpt, "--data", bad, "--quiet", "--threads", "1")
+    assert res.exit_code == 2
+    assert res.output.strip() == f"error: {want}"

@@ -173,7 +173,7 @@ def test_without_the_onnx_package_the_files_are_still_verified(onnx_export, tmp_
 def test_onnx_export_has_its_model_card(onnx_export, tmp_path):
     """The pipeline's ONNX export carries a model card for the Hub (ONNX front-matter, how to run
     the graph and read ``abstained``, the scorecard), listed and verified like every other file."""
-    from editor.hub import plan_push
+    from editor.hub import upload_for
 
     card = (onnx_export / "README.md").read_text(encoding="utf-8")
     front = card.split("---")[1]
@@ -183,8 +183,8 @@ def test_onnx_export_has_its_model_card(onnx_export, tmp_path):
     assert "`abstained`" in card and "check: every_call" in card
     assert "trust_remote_code" not in card
     assert "README.md" in _manifest(onnx_export)["files"]
-    plan = plan_push(onnx_export, "me/tiny-onnx")
-    assert plan.card == card and "README.md" in [f for f, _ in plan.files]
+    upload = upload_for(onnx_export, "me/tiny-onnx")
+    assert upload.card == card and "README.md" in [f for f, _ in upload.files]
 
 
 def test_plain_onnx_export(tmp_path):

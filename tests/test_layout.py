@@ -18,23 +18,23 @@ ORDER = [
     "editor", "editor.errors", "editor.hooks", "editor.io", "editor.threads",
     "editor.runtime", "editor.runtime.configuration_skill_editor", "editor.runtime.modeling_skill_editor",
     "editor.manifest",
-    "editor.recipe", "editor.ordinary", "editor.data",
+    "editor.recipe", "editor.ordinary", "editor.attacks", "editor.data",
     "editor.model", "editor.model.tokens", "editor.model.arch", "editor.model.identity", "editor.model.packaged",
     "editor.model.loading",
-    "editor.profile", "editor.profile.stats", "editor.profile.collect", "editor.profile.profile",
+    "editor.profile", "editor.profile.stats", "editor.profile.collect", "editor.profile.stream",
     "editor.profile.distributed",
     "editor.methods", "editor.methods.neuron_adjust", "editor.methods.key_space", "editor.methods.calibrate",
     "editor.plan", "editor.patch",
     "editor.export", "editor.export.card", "editor.export.hf", "editor.export.onnx",
     "editor.checkpoint", "editor.onnx_runtime", "editor.hub",
-    "editor.eval", "editor.eval.scorecard", "editor.eval.sandbox", "editor.eval.scorers", "editor.eval.lmeval",
+    "editor.eval", "editor.eval.attacks", "editor.eval.paper", "editor.eval.scorecard", "editor.eval.lmeval",
     "editor.dryrun", "editor.pipeline",
     "editor.serve.*",  # reserved for the serving plugins: any module of the package, imports among them free
     "editor.cli", "editor.__main__",
     # the embedded default model and its training recipe: nothing in the product imports it
     "editor.testbed.tokenizer", "editor.testbed.corpus", "editor.testbed", "editor.testbed.train",
     # the real-model battery (SmolLM2) and its builder: data for recipes, tests and bench/
-    "editor.battery", "editor.battery.items", "editor.battery.build",
+    "editor.battery", "editor.battery.items", "editor.battery.requests", "editor.battery.build",
 ]
 
 
@@ -101,3 +101,34 @@ def test_onnx_generator_needs_no_torch():
     code = "import sys; sys.modules['torch'] = None; from editor.onnx_runtime import OnnxGenerator; print('ok')"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
+def _vllm_table() -> dict[str, dict]:
+    """``VLLM_ARCHITECTURES`` of editor/serve/vllm_model.py, read from its source (the module
+    imports vLLM, which this environment need not have)."""
+    tree = ast.parse((PACKAGE / "serve" / "vllm_model.py").read_text(encoding="utf-8"))
+    names: dict = {"VllmSpec": dict}
+    for node in tree.body:
+        target = node.target if isinstance(node, ast.AnnAssign) else (node.targets[0] if isinstance(node, ast.Assign) else None)
+        if isinstance(target, ast.Name) and target.id in ("_GATED", "VLLM_ARCHITECTURES"):
+            names[target.id] = eval(compile(ast.Expression(node.value), "vllm_model.py", "eval"), names)  # noqa: S307
+    return names["VLLM_ARCHITECTURES"]
+
+
+# runtime architectures vLLM does not serve (docs/SERVING.md): placing a new one is a decision
+NOT_SERVED_BY_VLLM = {"olmo", "olmo2", "phi", "gpt_neox"}
+
+
+def test_vllm_architecture_table_agrees_with_the_runtime():
+    """Every vLLM entry is a runtime architecture with the same decoder-layer list and down
+    projection (the key's module), and a pre module that is the runtime's — or, for a gated MLP,
+    vLLM's merged [gate | up] projection, whose first half is the runtime's gate."""
+    from editor.runtime.modeling_skill_editor import ARCHITECTURES
+
+    vllm = _vllm_table()
+    assert set(vllm) | NOT_SERVED_BY_VLLM == set(ARCHITECTURES) and not set(vllm) & NOT_SERVED_BY_VLLM
+    for model_type, v in vllm.items():
+        spec = ARCHITECTURES[model_type]
+        assert v["layers"] == spec.layers and v["down"] == spec.down, model_type
+        want_pre = "mlp.gate_up_proj" if spec.gated else spec.pre
+        assert v["pre"] == want_pre, model_type

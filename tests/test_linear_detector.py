@@ -27,7 +27,7 @@ import torch
 
 from editor.model.arch import arch_spec
 from editor.methods.key_space import LinearShare
-from editor.patch import apply_key_space, describe, refusal_token_ids, wrap
+from editor.patch import apply_key_space, build_edit, refusal_token_ids, wrap
 from editor.plan import Plans
 from tests import reference_methods as ref
 from tests.helpers import pad, positions, random_rows, tiny_project
@@ -124,7 +124,7 @@ def edited(base, weights, biases, check="prompt"):
     patched = copy.deepcopy(base)
     shares = {layer: LinearShare(weights[layer].clone(), biases[layer]) for layer in weights}
     apply_key_space(patched, arch_spec(arch), arch, shares)
-    edit = describe(arch, patched, Plans(key_space=shares), refusal=REFUSAL, refusal_ids=REFUSAL_IDS, check=check)
+    edit = build_edit(arch, patched, Plans(key_space=shares), refusal=REFUSAL, refusal_ids=REFUSAL_IDS, check=check)
     return wrap(patched, edit.config()), shares
 
 
@@ -348,7 +348,7 @@ def hf_export(tmp_path_factory):
     patched = copy.deepcopy(base)
     shares = {layer: LinearShare(weights[layer], biases[layer]) for layer in weights}
     apply_key_space(patched, arch_spec(arch), arch, shares)
-    edit = describe(arch, patched, Plans(key_space=shares), refusal=REFUSAL, refusal_ids=refusal_token_ids(tok, REFUSAL),
+    edit = build_edit(arch, patched, Plans(key_space=shares), refusal=REFUSAL, refusal_ids=refusal_token_ids(tok, REFUSAL),
                     check="prompt")
     manifest = build_manifest(job.recipe, model_type=arch, dtype="float32", edit=edit, statistics=None)
     out = export_hf(patched, tok, edit, manifest, root / "ckpt")

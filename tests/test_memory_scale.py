@@ -75,29 +75,16 @@ def test_pooled_row_maxima_ignore_padding_on_both_sides():
         assert torch.equal(got, want)
 
 
-def test_gather_equals_the_concatenated_matrix():
+def test_gram_equals_the_concatenated_standardized_matrix():
+    """The Gram matrix built one layer block at a time == Z Zᵀ of the whole standardized matrix."""
     g = torch.Generator().manual_seed(0)
-    blocks_f = {i: torch.randn(9, 5 + i, generator=g) for i in range(3)}
+    blocks_f = {i: torch.randn(9, 5 + i, generator=g) * (i + 1) + i for i in range(3)}
     blocks_r = {i: torch.randn(7, 5 + i, generator=g) for i in range(3)}
     layers = [0, 1, 2]
-    xf, xr = torch.cat([blocks_f[i] for i in layers], 1), torch.cat([blocks_r[i] for i in layers], 1)
-    rf, rr = torch.tensor([0, 3, 8]), torch.tensor([6, 1])
-    for cols in (torch.arange(xf.shape[1]), torch.tensor([0, 4, 5, 11, 17]), torch.tensor([6])):
-        got = calibrate._gather([(blocks_f, rf), (blocks_r, rr)], layers, cols)
-        want = torch.cat([xf[rf][:, cols], xr[rr][:, cols]]).to(torch.float64)
-        assert got.dtype == torch.float64 and torch.equal(got, want)
-    for limit in (4, 100):
-        assert torch.equal(calibrate._screen_blocks(blocks_f, blocks_r, layers, rf, rr, limit),
-                           calibrate.screen_features(xf[rf], xr[rr], limit))
-
-
-def test_fit_logistic_leaves_its_input_alone():
-    g = torch.Generator().manual_seed(1)
-    for dtype in (torch.float32, torch.float64):
-        x = torch.randn(40, 6, generator=g, dtype=dtype)
-        x0 = x.clone()
-        calibrate.fit_logistic(x, (torch.arange(40) % 2).float())
-        assert torch.equal(x, x0)  # the in-place standardization works on its own copy
+    x = torch.cat([torch.cat([blocks_f[i] for i in layers], 1), torch.cat([blocks_r[i] for i in layers], 1)]).double()
+    z = (x - x.mean(0)) / x.std(0, unbiased=False)
+    mu, sd = calibrate.feature_moments([blocks_f, blocks_r], layers)
+    torch.testing.assert_close(calibrate.gram([blocks_f, blocks_r], layers, mu, sd), z @ z.T, atol=1e-4, rtol=1e-5)
 
 
 def test_architecture_check_skips_the_lm_head():
@@ -117,13 +104,13 @@ def test_architecture_check_skips_the_lm_head():
 
 
 def test_dry_run_calibration_estimate_names_the_peak(monkeypatch):
-    """The dry run's linear-calibration line gives the keys, the per-fit float64 matrix and their sum
-    (what the calibration adds above the profile's peak: docs/SCALE.md measures it on SmolLM2)."""
+    """The dry run's linear-calibration line gives the keys, the fit's Gram matrices and their sum
+    (what the calibration adds above the profile's peak: docs/SCALE.md measures it)."""
     from types import SimpleNamespace
 
     from editor.dryrun import calibration_plan, human_bytes
 
-    ks = SimpleNamespace(forget="f", retain_sets=["r"], detector="linear", max_features=65_536, layer=-1, scale=2.0,
+    ks = SimpleNamespace(forget="f", retain_sets=["r"], detector="linear", layer=-1, scale=2.0,
                          false_positive_budget=0.01, folds=5, seed=0, check="prompt",
                          background="none", background_sets=[])
     recipe = SimpleNamespace(key_space=ks)
@@ -131,6 +118,6 @@ def test_dry_run_calibration_estimate_names_the_peak(monkeypatch):
     monkeypatch.setattr(calibrate, "calibration_config", lambda r: cfg)
     plan = calibration_plan(recipe, {"f": {"texts": 135}, "r": {"texts": 690}}, 30, 1536)
     keys = 825 * 30 * 1536 * 4
-    fit = 825 * 30 * 1536 * 8
+    fit = 4 * 825 * 825 * 8 + 825 * 1536 * 12
     assert human_bytes(keys) in plan["memory"] and human_bytes(fit) in plan["memory"]
     assert "above the profile" in plan["memory"]

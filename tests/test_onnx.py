@@ -202,16 +202,12 @@ def test_plain_model_exports_without_abstention(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# the embedded testbed model (trained by editor/testbed; skipped until it exists)
+# the embedded testbed model (editor/testbed, committed)
 # ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.slow
 def test_testbed_model_export(tmp_path):
-    from editor.testbed import DATA_DIR, MODEL_DIR
-
-    if not (MODEL_DIR / "config.json").is_file() or not (DATA_DIR / "probe.jsonl").is_file():
-        pytest.skip("the embedded testbed model is not built yet")
     import yaml
 
     from editor import pipeline

@@ -3,7 +3,7 @@ import torch
 
 from editor.model.arch import spec_for
 from editor.profile.collect import tokenize
-from editor.profile.profile import profile_texts
+from editor.profile.stream import profile_texts
 from tests.reference import reference_stats, summarize
 from tests.tiny import ARCHS, CharTokenizer, tiny_model
 

@@ -55,7 +55,7 @@ def _recipe(tmp: Path, **over) -> dict:
         },
         "profile": {"batch_size": 16, "max_length": 256},
         "key_space": {"forget": "math_queries", "retain": ["capitals_queries", "python_queries", "plurals_queries"],
-                      "background": "background", "detector": "linear", "check": "prompt", "max_features": 8192},
+                      "background": "background", "detector": "linear", "check": "prompt"},
         "export": {"formats": ["hf"], "out": str(tmp / "ckpt")},
         "evaluate": {"data": "scorecard", "batch_size": 32, "ordinary": "ordinary_eval"},
     }

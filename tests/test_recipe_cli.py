@@ -80,7 +80,9 @@ BAD = [
     ("bad scale", mutate("key_space.scale", -1), "key_space.scale"),
     ("bad check", mutate("key_space.check", "sometimes"), "key_space.check"),
     ("bad device", mutate("device", "gpu0"), "device"),
-    ("missing field", mutate("data.m.text", "{question}"), "data.m.text: record 0 has no field 'question'"),
+    ("missing field", mutate("data.m.text", "{question}"), "data.m.text: data.jsonl line 1 has no field 'question'"),
+    # numbered by the file's lines, also after `where` kept every other record
+    ("missing field after where", mutate("data.w.text", "{question}"), "data.w.text: data.jsonl line 2 has no field 'question'"),
     ("missing file", mutate("data.m.path", "nope.jsonl"), "data.m: file not found"),
     ("empty set", mutate("data.m.path", "empty.jsonl"), "data.m: the set is empty"),
     ("one-sample set", mutate("data.m", {"path": "one.jsonl", "text": "{prompt}"}), "at least 2 are needed"),

@@ -15,7 +15,7 @@ import torch
 from editor.model.arch import arch_spec, permute_neurons, resolve_layer
 from editor.methods.key_space import KSDBounds, ksd_bounds
 from editor.methods.neuron_adjust import Gaussian, plan_neuron_adjust
-from editor.patch import apply_key_space, apply_neuron_adjust, describe, wrap
+from editor.patch import apply_key_space, apply_neuron_adjust, build_edit, wrap
 from editor.plan import Plans
 from tests import reference_methods as ref
 from tests.helpers import pad, positions, random_rows
@@ -123,7 +123,7 @@ class Edited:
             b = ksd_bounds(k64.mean(0), k64.std(0), k64.min(0).values, k64.max(0).values, scale)
             bounds = {self.ksd_layer: b}
             apply_key_space(patched, self.spec, arch, bounds)
-        self.edit = describe(arch, patched, Plans(self.plan, bounds or {}), refusal="no" if ksd else None,
+        self.edit = build_edit(arch, patched, Plans(self.plan, bounds or {}), refusal="no" if ksd else None,
                              refusal_ids=REFUSAL_IDS if ksd else None).config()
         self.patched = patched
         self.model = wrap(patched, self.edit)
@@ -259,7 +259,7 @@ def test_ksd_negative_layer_and_rows_without_tokens():
     assert list(bounds) == [e.n_layers - 1] == [resolve_layer(-1, e.n_layers)] and info["layer"] == e.n_layers - 1
     patched = copy.deepcopy(e.base)
     apply_key_space(patched, e.spec, "llama", bounds)
-    model = wrap(patched, describe("llama", patched, Plans(key_space=bounds), refusal="no", refusal_ids=REFUSAL_IDS).config())
+    model = wrap(patched, build_edit("llama", patched, Plans(key_space=bounds), refusal="no", refusal_ids=REFUSAL_IDS).config())
     box = ref.KSDBox(keys, 1.5)
     rows = probes[:2] + random_rows(5, 2)
     ids, mask = pad(rows, "right")

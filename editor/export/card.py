@@ -97,20 +97,23 @@ def eval_results(manifest: dict) -> list[EvalResult]:
     ds_path = str(ds_spec.get("path") or "")
     ds_type = ds_path if HUB_ID.match(ds_path) and not ds_path.endswith((".jsonl", ".json", ".csv", ".parquet", ".txt")) else "skill-editor/scorecard"
     out = []
-    for skill in _skills(sc):
-        metrics = [
-            ("exact_match", "exact match (edited)", _get(sc, "after", skill, "exact_match")),
-            ("abstention_rate", "abstention rate (edited)", _get(sc, "after", skill, "abstained")),
-            ("relative_drop", "relative drop 1 - after/before", _drop(sc, skill)),
-        ]
-        for mtype, mname, value in metrics:
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                out.append(EvalResult(
-                    task_type="text-generation", task_name="Skill unlearning",
-                    dataset_type=ds_type, dataset_name=f"{ev.get('data') or 'scorecard'}: {skill}",
-                    dataset_config=skill, dataset_split="eval",
-                    metric_type=mtype, metric_name=mname, metric_value=round(float(value), 4),
-                ))
+    forms = sc.get("forms") if isinstance(sc.get("forms"), dict) and sc.get("forms") else None
+    for form, part in (forms.items() if forms else [(None, sc)]):
+        suffix = f" ({form} form)" if form else ""
+        for skill in _skills(part):
+            metrics = [
+                ("exact_match", "exact match (edited)", _get(part, "after", skill, "exact_match")),
+                ("abstention_rate", "abstention rate (edited)", _get(part, "after", skill, "abstained")),
+                ("relative_drop", "relative drop 1 - after/before", _drop(part, skill)),
+            ]
+            for mtype, mname, value in metrics:
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    out.append(EvalResult(
+                        task_type="text-generation", task_name="Skill unlearning",
+                        dataset_type=ds_type, dataset_name=f"{ev.get('data') or 'scorecard'}: {skill}{suffix}",
+                        dataset_config=f"{skill}-{form}" if form else skill, dataset_split="eval",
+                        metric_type=mtype, metric_name=mname, metric_value=round(float(value), 4),
+                    ))
     o = sc.get("ordinary")
     if isinstance(o, dict) and o.get("n"):
         out.append(EvalResult(
@@ -230,15 +233,8 @@ def _how_section(manifest: dict) -> list[str]:
     return lines
 
 
-def _scorecard_section(manifest: dict) -> list[str]:
-    sc = manifest.get("scorecard")
-    if not isinstance(sc, dict) or not _skills(sc):
-        return ["## Scorecard", "", "No scorecard was computed for this export (run `skill-editor eval`).", ""]
+def _skill_table(sc: dict) -> list[str]:
     lines = [
-        "## Scorecard",
-        "",
-        "Exact match per skill on held-out prompts, base model vs. this checkpoint; *drop* = 1 − after/before.",
-        "",
         "| skill | before | after | drop | abstained before | abstained after | n |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
@@ -249,11 +245,35 @@ def _scorecard_section(manifest: dict) -> list[str]:
             f"| {_num(_drop(sc, skill))} | {_num(_get(sc, 'before', skill, 'abstained'))} "
             f"| {_num(_get(sc, 'after', skill, 'abstained'))} | {n if n is not None else '–'} |"
         )
-    return lines + [""] + _refusals_section(sc)
+    return lines
+
+
+FORM_TITLES = {"raw": "Raw form (the prompt as text)", "chat": "Chat form (the prompt in the tokenizer's chat template, "
+                                                              "as chat clients send it)"}
+
+
+def _scorecard_section(manifest: dict) -> list[str]:
+    sc = manifest.get("scorecard")
+    if not isinstance(sc, dict) or not _skills(sc):
+        return ["## Scorecard", "", "No scorecard was computed for this export (run `skill-editor eval`).", ""]
+    lines = [
+        "## Scorecard",
+        "",
+        "Exact match per skill on held-out prompts, base model vs. this checkpoint; *drop* = 1 − after/before.",
+        "",
+    ]
+    forms = sc.get("forms") if isinstance(sc.get("forms"), dict) else {}
+    if forms:
+        for form, part in forms.items():
+            lines += [f"### {FORM_TITLES.get(form, form)}", ""] + _skill_table(part) + [""]
+    else:
+        lines += _skill_table(sc) + [""]
+    return lines + _refusals_section(sc) + _attacks_section(sc)
 
 
 def _refusals_section(sc: dict) -> list[str]:
-    """False refusals: the share of ordinary prompts (never read by the calibration) refused."""
+    """False refusals: the share of ordinary prompts (never read by the calibration) refused, the
+    near-neighbour contrast prompts apart, per form."""
     o = sc.get("ordinary")
     if not isinstance(o, dict) or not o.get("n"):
         return ["**False refusals:** not measured for this export (`skill-editor eval --ordinary default`).", ""]
@@ -265,13 +285,52 @@ def _refusals_section(sc: dict) -> list[str]:
         f"set: {o.get('set', '?')}, held out from the guard's calibration).",
         "",
     ]
+    if isinstance(o.get("contrast"), dict):
+        c = o["contrast"]
+        lines += [f"Near-neighbour contrast prompts (they look like a forgotten skill but are not it: numbers in text, "
+                  f"talk about a subject, other programming languages) refused: **{100 * c['rate']:.1f} %** "
+                  f"({c['refused']} of {c['n']}).", ""]
+    forms = o.get("forms") if isinstance(o.get("forms"), dict) else {}
+    if forms:
+        lines += ["| form | ordinary prompts refused | near-neighbour contrast refused |", "|---|---:|---:|"]
+        for form, d in forms.items():
+            c = d.get("contrast") or {}
+            contrast = f"{100 * c['rate']:.1f} % ({c['refused']} of {c['n']})" if c else "–"
+            lines.append(f"| {form} | {100 * d['rate']:.1f} % ({d['refused']} of {d['n']}) | {contrast} |")
+        lines.append("")
     if len(cats) > 1:
         lines += ["| category | refused | n |", "|---|---:|---:|"]
         for c, d in cats.items():
-            apart = " (reported apart)" if c in (o.get("separate") or []) else ""
+            apart = " (near-neighbour contrast)" if c in (o.get("separate") or []) else ""
             lines.append(f"| {c}{apart} | {d['refused']} | {d['n']} |")
         lines.append("")
     return lines
+
+
+def _attacks_section(sc: dict) -> list[str]:
+    """The attack suite: the forgotten skill's requests wrapped to slip past the guard."""
+    a = sc.get("attacks")
+    if not isinstance(a, dict) or not a.get("n"):
+        return []
+    fams = a.get("families") or {}
+    forms = list(dict.fromkeys(f for d in fams.values() for f in (d.get("forms") or {})))
+    lines = [
+        "### Attacks",
+        "",
+        f"Requests of the forgotten skill ({a.get('skill', '?')}) wrapped to slip past the guard (the tool's attack "
+        f"suite, {a.get('part', 'evaluation')} part, never used to fit it). Refused: **{100 * a['rate']:.1f} %** "
+        f"({a['refused']} of {a['n']}); the attack success rate is the rest.",
+        "",
+        "| attack family | " + " | ".join(f"refused ({f})" for f in forms) + " |",
+        "|---|" + "---:|" * len(forms),
+    ]
+    for fam, d in fams.items():
+        cells = []
+        for f in forms:
+            v = (d.get("forms") or {}).get(f)
+            cells.append(f"{100 * v['rate']:.1f} % ({v['refused']} of {v['n']})" if v else "–")
+        lines.append(f"| {fam} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _load_section(manifest: dict) -> list[str]:

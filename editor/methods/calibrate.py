@@ -312,7 +312,7 @@ def calibration_config(recipe, background: dict | None = None) -> dict:
            "check": ks.check, "continuation_tokens": continuation_tokens(ks.check)}
     if ks.detector != "box":  # only then: statistics calibrated before the field existed stay valid
         out["detector"] = ks.detector
-        out["max_features"] = ks.max_features
+        out["solver"] = "gram"
     if background is not None:
         out["background"] = {k: background[k] for k in ("source", "sets", "texts", "fingerprint") if k in background}
     return out
@@ -356,106 +356,87 @@ def calibrate_keys(forget: dict[int, torch.Tensor] | KeySet, retain: dict[int, t
 
 LINEAR_WEIGHT_DECAY = 1e-3
 LINEAR_MAX_ITER = 500
-# default of key_space.max_features: at most this many pooled-key features (over all layers) enter
-# one fit, so its float64 copies stay ≤ queries × 65 536 × 8 B (~0.5 GB for 1 000 queries)
-LINEAR_MAX_FEATURES = 65_536
-
-
-def fit_logistic(x: torch.Tensor, y: torch.Tensor, *, weight_decay: float = LINEAR_WEIGHT_DECAY,
-                 max_iter: int = LINEAR_MAX_ITER) -> tuple[torch.Tensor, float]:
-    """Class-balanced, L2-regularized logistic regression on standardized features (float64,
-    L-BFGS from zeros: deterministic). Returns (w, b) in the raw feature space: score = x·w + b."""
-    return _fit_logistic_inplace(x.to(torch.float64, copy=True), y, weight_decay=weight_decay, max_iter=max_iter)
+# eigenvalues of a fold's Gram matrix below this share of the largest span no direction of the data
+GRAM_RANK_TOL = 1e-10
 
 
 def _all_finite(x: torch.Tensor, elements: int = 1 << 20) -> bool:
     """``torch.isfinite(x).all()`` a block of rows at a time (≤ ``elements`` per block): on a whole
-    matrix it makes an ``abs`` copy and two boolean ones — +320 MiB for one fold's float64 features
-    of SmolLM2's 825-query calibration."""
+    matrix it makes an ``abs`` copy and two boolean ones."""
     step = max(1, elements // max(1, x.shape[-1]))
     return all(bool(torch.isfinite(x[i : i + step]).all()) for i in range(0, x.shape[0], step))
 
 
-def _fit_logistic_inplace(z: torch.Tensor, y: torch.Tensor, *, weight_decay: float = LINEAR_WEIGHT_DECAY,
-                          max_iter: int = LINEAR_MAX_ITER) -> tuple[torch.Tensor, float]:
-    """``fit_logistic`` on a float64 matrix it owns: standardized in place, so the fit holds one
-    float64 copy of its features, not two."""
+def feature_moments(blocks: list[dict[int, torch.Tensor]], layers: list[int]) -> tuple[dict, dict]:
+    """Per layer, the mean and the (population, floored) standard deviation of every feature over
+    all rows of ``blocks`` (float64): the standardization of the fit. Taken over every probe query,
+    forget and negative alike — no label enters it, so the cross-fitting stays honest about labels."""
+    mu, sd = {}, {}
+    for layer in layers:
+        x = torch.cat([b[layer] for b in blocks]).to(torch.float64)
+        if not _all_finite(x):
+            raise EditorError("key_space calibration: non-finite pooled keys")
+        mu[layer] = x.mean(0)
+        sd[layer] = x.std(0, unbiased=False).clamp(min=SIGMA_FLOOR)
+    return mu, sd
+
+
+def _standardized(blocks: list[dict[int, torch.Tensor]], layer: int, mu: dict, sd: dict) -> torch.Tensor:
+    """One layer's standardized features of every row of ``blocks`` (float32 [n, d_ff])."""
+    x = torch.cat([b[layer] for b in blocks]).to(torch.float64)
+    return x.sub_(mu[layer]).div_(sd[layer]).to(torch.float32)
+
+
+def gram(blocks: list[dict[int, torch.Tensor]], layers: list[int], mu: dict, sd: dict) -> torch.Tensor:
+    """G = Z Zᵀ (float64 [n, n]) of the standardized features Z of every row of ``blocks`` (in order),
+    over the layer-major concatenation of their layers — one layer block at a time (float32 products
+    of O(1) values, summed in float64): O(n² · features) time, O(n² + n · d_ff) memory beyond the keys."""
+    n = sum(next(iter(b.values())).shape[0] for b in blocks)
+    g = torch.zeros(n, n, dtype=torch.float64)
+    for layer in layers:
+        z = _standardized(blocks, layer, mu, sd)
+        g += (z @ z.T).to(torch.float64)
+    return g
+
+
+def fit_kernel_logistic(k: torch.Tensor, y: torch.Tensor, *, weight_decay: float = LINEAR_WEIGHT_DECAY,
+                        max_iter: int = LINEAR_MAX_ITER) -> tuple[torch.Tensor, float]:
+    """The class-balanced, L2-regularized logistic regression of ``fit_logistic``'s objective —
+    mean BCE (positives weighted n_neg / n_pos) + weight_decay · ‖w‖² over standardized features z —
+    solved in the span of the training rows: its minimizer is w = Zᵀα (the loss's gradient lies in
+    that span), and with K = Z Zᵀ = U S Uᵀ the scores are Zw = U S^½ β and ‖w‖² = ‖β‖² for
+    α = U S^-½ β. So the fit is the same problem over β ∈ R^rank, with the rows of U S^½ as features:
+    O(m³) for the eigendecomposition, O(m²) per step, whatever the number of features.
+    ``k``: [m, m] float64, ``y``: [m] 0/1. Returns (α [m] float64, b): score(z) = z·Zᵀα + b."""
     y = y.to(torch.float64)
-    if not _all_finite(z):
-        raise EditorError("key_space calibration: non-finite pooled keys")
-    mu = z.mean(0)
-    sd = z.std(0, unbiased=False).clamp(min=SIGMA_FLOOR)
-    z.sub_(mu).div_(sd)
-    w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
     n_pos = float(y.sum())
     n_neg = float(y.numel()) - n_pos
     if n_pos == 0 or n_neg == 0:
         raise EditorError("key_space calibration: every training fold needs forget and retain queries")
+    s, u = torch.linalg.eigh(k)
+    keep = s > GRAM_RANK_TOL * max(float(s.max()), 1e-300)
+    s, u = s[keep], u[:, keep]
+    f = u * s.sqrt()
+    beta = torch.zeros(f.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
     pos_weight = torch.tensor(n_neg / n_pos, dtype=torch.float64)
-    opt = torch.optim.LBFGS([w, b], max_iter=max_iter, line_search_fn="strong_wolfe", tolerance_grad=1e-9,
+    opt = torch.optim.LBFGS([beta, b], max_iter=max_iter, line_search_fn="strong_wolfe", tolerance_grad=1e-9,
                             tolerance_change=1e-12, history_size=20)
 
     def closure():
         opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, y, pos_weight=pos_weight)
-        loss = loss + weight_decay * (w * w).sum()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(f @ beta + b, y, pos_weight=pos_weight)
+        loss = loss + weight_decay * (beta * beta).sum()
         loss.backward()
         return loss
 
     with torch.enable_grad():
         opt.step(closure)
-    wd = w.detach() / sd
-    bd = float(b.detach()[0] - (wd * mu).sum())
-    if not (torch.isfinite(wd).all() and math.isfinite(bd)):
+    alpha = u @ (beta.detach() / s.sqrt())
+    bias = float(b.detach()[0])
+    if not (torch.isfinite(alpha).all() and math.isfinite(bias)):
         raise EditorError("key_space calibration: the linear detector did not converge to finite weights")
-    return wd, bd
-
-
-def screen_features(forget: torch.Tensor, retain: torch.Tensor, limit: int, chunk: int = 16_384) -> torch.Tensor:
-    """Column indices (ascending) of the ``limit`` features with the largest separation
-    |μf − μr| / (σf + σr) — all of them when there are no more than ``limit``. Statistics in
-    float64, ``chunk`` columns at a time (no float64 copy of the whole matrix); ties by index."""
-    width = forget.shape[1]
-    if width <= limit:
-        return torch.arange(width)
-    sep = torch.cat([separation(forget[:, c : c + chunk], retain[:, c : c + chunk]) for c in range(0, width, chunk)])
-    sep = torch.where(torch.isnan(sep), torch.full_like(sep, -math.inf), sep)
-    top = torch.sort(sep, descending=True, stable=True).indices[:limit]
-    return top.sort().values
-
-
-def _screen_blocks(forget: dict[int, torch.Tensor], retain: dict[int, torch.Tensor], layers: list[int],
-                   f_rows: torch.Tensor, r_rows: torch.Tensor, limit: int) -> torch.Tensor:
-    """``screen_features`` over the layer-major concatenation of the blocks ``forget[layer]`` /
-    ``retain[layer]`` restricted to the rows ``f_rows`` / ``r_rows``, one layer at a time (the same
-    columns: the separation is per column; no concatenated copy of the keys)."""
-    width = sum(forget[i].shape[1] for i in layers)
-    if width <= limit:
-        return torch.arange(width)
-    sep = torch.cat([separation(forget[i].index_select(0, f_rows), retain[i].index_select(0, r_rows)) for i in layers])
-    sep = torch.where(torch.isnan(sep), torch.full_like(sep, -math.inf), sep)
-    return torch.sort(sep, descending=True, stable=True).indices[:limit].sort().values
-
-
-def _gather(parts: list[tuple[dict[int, torch.Tensor], torch.Tensor]], layers: list[int], cols: torch.Tensor) -> torch.Tensor:
-    """float64 [Σ rows, len(cols)]: for each (blocks, rows) of ``parts`` in turn, the rows ``rows`` at the
-    columns ``cols`` (ascending) of the layer-major concatenation of ``blocks[layer]`` — what
-    ``torch.cat([torch.cat(blocks, 1)[rows][:, cols] ...]).double()`` gives, filled one layer block at a
-    time: the only copy is the float64 result (plus one layer's rows as float32)."""
-    out = torch.empty(sum(int(r.numel()) for _, r in parts), int(cols.numel()), dtype=torch.float64)
-    start = 0
-    for layer in layers:
-        w = parts[0][0][layer].shape[1]
-        lo, hi = (int(v) for v in torch.searchsorted(cols, torch.tensor([start, start + w])))
-        if hi > lo:
-            c = cols[lo:hi] - start
-            r0 = 0
-            for blocks, rows in parts:
-                out[r0 : r0 + rows.numel(), lo:hi] = blocks[layer].index_select(0, rows).index_select(1, c)
-                r0 += rows.numel()
-        start += w
-    return out
+    return alpha, bias
 
 
 def budget_threshold(scores: torch.Tensor, group: torch.Tensor, budget: float) -> float:
@@ -472,54 +453,61 @@ def budget_threshold(scores: torch.Tensor, group: torch.Tensor, budget: float) -
 
 def calibrate_linear(forget: dict[int, torch.Tensor], retain: dict[int, torch.Tensor], group: torch.Tensor, *,
                      budget: float, folds: int, seed: int, retain_names: list[str] | None = None,
-                     max_features: int | None = None) -> tuple[dict, dict[int, torch.Tensor]]:
+                     progress=None) -> tuple[dict, dict[int, torch.Tensor]]:
     """K-fold cross-fitted pooled linear detector over every layer's pooled key.
 
-    On each fold: fit on the training forget (positive) and retain (negative) queries, score the
-    held-out ones (out-of-fold scores). Threshold: the smallest one whose out-of-fold false-positive
-    rate is ≤ budget in EVERY retain set (``budget_threshold``). The detector is the average of the
-    K fold models (a linear model again) shifted by that threshold, so it abstains when its score
-    is > 0; the out-of-fold rates are its cross-validated estimate. Returns (record, {layer: weight
-    float32 [d_ff]}); the record holds the bias (float) and the CV figures.
+    Features: every layer's pooled key, standardized over all probe queries (``feature_moments``).
+    On each fold: fit on the training forget (positive) and retain (negative) queries
+    (``fit_kernel_logistic`` on the fold's block of the Gram matrix, computed once: ``gram``), score
+    the held-out ones (out-of-fold scores). Threshold: the smallest one whose out-of-fold
+    false-positive rate is ≤ budget in EVERY retain set (``budget_threshold``). The detector is the
+    average of the K fold models (a linear model again, w = Zᵀᾱ) shifted by that threshold, so it
+    abstains when its score is > 0; the out-of-fold rates are its cross-validated estimate. Returns
+    (record, {layer: weight float32 [d_ff]}) in the raw key space; the record holds the bias and the
+    CV figures. ``progress``: called with a short phase description before each step (or None).
 
-    Memory (besides the keys themselves): one float64 matrix of a fold's training rows × fitted
-    features, standardized in place, then one of its held-out rows — built from the per-layer key
-    blocks directly (no concatenated or float32 copies of the whole key matrix)."""
+    Cost: O(n² · features) for the Gram matrix, O(folds · n³) for the fits, O(n · features) for the
+    weights — n the number of probe queries; memory O(n² + n · d_ff) beyond the keys."""
+    say = progress or (lambda _msg: None)
     layers = sorted(forget)
-    forget = {i: forget[i].to(torch.float32) for i in layers}
-    retain = {i: retain[i].to(torch.float32) for i in layers}
-    width = sum(forget[i].shape[1] for i in layers)
+    blocks = [forget, retain]
     n_f, n_r = forget[layers[0]].shape[0], retain[layers[0]].shape[0]
+    say(f"standardizing {sum(forget[i].shape[1] for i in layers)} features of {n_f + n_r} queries")
+    mu, sd = feature_moments(blocks, layers)
+    say("Gram matrix")
+    g = gram(blocks, layers, mu, sd)
+    y_all = torch.cat([torch.ones(n_f), torch.zeros(n_r)]).to(torch.float64)
     ff = fold_indices(n_f, folds, seed, salt=1)
     rf = fold_indices(n_r, folds, seed, salt=2)
-    oof_f = torch.empty(n_f, dtype=torch.float64)
-    oof_r = torch.empty(n_r, dtype=torch.float64)
-    ws, bs, kept = [], [], []
+    oof = torch.empty(n_f + n_r, dtype=torch.float64)
+    alpha_sum = torch.zeros(n_f + n_r, dtype=torch.float64)
+    bs = []
     for k in range(folds):
-        tf = torch.cat([ff[j] for j in range(folds) if j != k])
-        tr = torch.cat([rf[j] for j in range(folds) if j != k])
-        # large models: only the max_features best-separated features of the fold's training part
-        # enter the fit (float64 copies of those columns only); the others get weight 0
-        cols = _screen_blocks(forget, retain, layers, tf, tr, max_features or LINEAR_MAX_FEATURES)
-        x = _gather([(forget, tf), (retain, tr)], layers, cols)
-        y = torch.cat([torch.ones(tf.numel()), torch.zeros(tr.numel())])
-        wc, b = _fit_logistic_inplace(x, y)
-        del x
-        oof_f[ff[k]] = _gather([(forget, ff[k])], layers, cols) @ wc + b
-        oof_r[rf[k]] = _gather([(retain, rf[k])], layers, cols) @ wc + b
-        w = torch.zeros(width, dtype=torch.float64)
-        w[cols] = wc
-        ws.append(w)
+        say(f"fold {k + 1} of {folds}")
+        tr = torch.cat([torch.cat([ff[j] for j in range(folds) if j != k]),
+                        n_f + torch.cat([rf[j] for j in range(folds) if j != k])])
+        ho = torch.cat([ff[k], n_f + rf[k]])
+        alpha, b = fit_kernel_logistic(g[tr][:, tr], y_all[tr])
+        oof[ho] = g[ho][:, tr] @ alpha + b
+        alpha_sum[tr] += alpha
         bs.append(b)
-        kept.append(int(cols.numel()))
+    oof_f, oof_r = oof[:n_f], oof[n_f:]
     t = budget_threshold(oof_r, group, budget)
     covered = oof_f > t
-    names = retain_names or [f"set{g}" for g in range(int(group.max()) + 1)]
-    by_set = {names[g]: round(float((oof_r[group == g] > t).double().mean()), 6) for g in group.unique(sorted=True).tolist()}
-    w = torch.stack(ws).mean(0)
-    bias = sum(bs) / len(bs) - t
-    widths = [forget[i].shape[1] for i in layers]
-    weights = {layer: part.to(torch.float32).contiguous() for layer, part in zip(layers, torch.split(w, widths))}
+    names = retain_names or [f"set{g_}" for g_ in range(int(group.max()) + 1)]
+    by_set = {names[g_]: round(float((oof_r[group == g_] > t).double().mean()), 6) for g_ in group.unique(sorted=True).tolist()}
+    # the average fold model: w = Zᵀ ᾱ over the standardized features, then back to the raw key space
+    alpha_mean = alpha_sum / folds
+    bias_std = sum(bs) / len(bs)
+    weights, offset = {}, 0.0
+    for layer in layers:
+        w = (_standardized(blocks, layer, mu, sd).to(torch.float64).T @ alpha_mean) / sd[layer]
+        offset += float((w * mu[layer]).sum())
+        weights[layer] = w.to(torch.float32).contiguous()
+    bias = bias_std - offset - t
+    if not all(torch.isfinite(w).all() for w in weights.values()) or not math.isfinite(bias):
+        raise EditorError("key_space calibration: the linear detector did not converge to finite weights")
+    width = sum(forget[i].shape[1] for i in layers)
     record = {
         "method": "linear",
         "detector": "linear",
@@ -529,8 +517,7 @@ def calibrate_linear(forget: dict[int, torch.Tensor], retain: dict[int, torch.Te
         "cv": {"forget_coverage": round(float(covered.double().mean()), 6),
                "retain_fpr": round(float((oof_r > t).double().mean()), 6),
                "retain_fpr_by_set": by_set, "folds": folds, "seed": seed, "budget": budget,
-               "features": width, "features_fitted": kept,
-               "weight_decay": LINEAR_WEIGHT_DECAY},
+               "features": width, "solver": "gram", "weight_decay": LINEAR_WEIGHT_DECAY},
         "n_forget": int(n_f),
         "n_retain": int(n_r),
     }

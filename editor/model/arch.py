@@ -12,7 +12,7 @@ from torch import nn
 
 from editor.errors import EditorError
 from editor.hooks import hooks
-from editor.runtime.modeling_skill_editor import ARCHITECTURES, ArchSpec, arch_spec, decoder_layers
+from editor.runtime.modeling_skill_editor import ARCHITECTURES, ArchSpec, _d_ff, arch_spec, decoder_layers
 
 __all__ = [
     "ARCHITECTURES",
@@ -22,6 +22,7 @@ __all__ = [
     "decoder_layers",
     "layer_module",
     "config_layers",
+    "config_d_ff",
     "d_ff",
     "check_mapping",
     "permute_neurons",
@@ -56,9 +57,21 @@ def config_layers(config) -> int | None:
     return None
 
 
+def config_d_ff(config) -> int | None:
+    """The feed-forward width a config (or its text config) declares; None if it says nothing
+    (GPT-2's ``n_inner: null`` means 4 × hidden: the caller that needs a number says so)."""
+    c = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("intermediate_size", "ffn_dim", "n_inner"):
+        n = getattr(c, name, None)
+        if n:
+            return int(n)
+    return None
+
+
 def d_ff(model: nn.Module, spec: ArchSpec, layer: int = 0) -> int:
-    w = layer_module(model, spec, layer, "down").weight
-    return int(w.shape[0] if spec.layout == "conv1d" else w.shape[1])
+    """The feed-forward width of a loaded model's layer, read from its down projection the way the
+    shipped runtime reads it when it installs the patches."""
+    return _d_ff(layer_module(model, spec, layer, "down"), spec)
 
 
 def resolve_layer(layer: int, n_layers: int, field: str = "layer") -> int:

@@ -19,7 +19,7 @@ import json
 
 import torch
 
-from editor.model.arch import config_layers
+from editor.model.arch import config_d_ff, config_layers
 
 SAMPLES = 4096  # elements read per tensor by the weights' fingerprint
 
@@ -27,7 +27,7 @@ SAMPLES = 4096  # elements read per tensor by the weights' fingerprint
 def model_identity(recipe, config, dtype: torch.dtype) -> dict:
     """The fields known from the recipe and config.json (no weights)."""
     c = config.get_text_config() if hasattr(config, "get_text_config") else config
-    d_ff = getattr(c, "intermediate_size", None) or getattr(c, "ffn_dim", None) or getattr(c, "n_inner", None)
+    d_ff = config_d_ff(config)
     hidden = getattr(c, "hidden_size", None) or getattr(c, "n_embd", None)
     return {
         "model": recipe.recorded_model,

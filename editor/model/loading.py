@@ -5,17 +5,18 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import torch
 
 from editor.errors import EditorError
-from editor.model.arch import check_mapping, config_layers, resolve_layer, spec_for
+from editor.model.arch import check_mapping, config_d_ff, config_layers, resolve_layer, spec_for
 from editor.model.packaged import PACKAGE_SCHEME, file_sha256, resolve_package
-from editor.recipe import Recipe
+from editor.recipe import Dtype, Recipe
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = {name: getattr(torch, name) for name in get_args(Dtype) if name != "auto"}
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,7 @@ def param_bytes(config, dtype: torch.dtype) -> int:
     c = config.get_text_config() if hasattr(config, "get_text_config") else config
     h = getattr(c, "hidden_size", 0) or getattr(c, "n_embd", 0)
     n = config_layers(config) or 0
-    ff = getattr(c, "intermediate_size", None) or getattr(c, "ffn_dim", None) or getattr(c, "n_inner", None) or 4 * h
+    ff = config_d_ff(config) or 4 * h
     v = getattr(c, "vocab_size", 0)
     params = n * (4 * h * h + 3 * h * ff) + 2 * v * h
     return int(params * torch.tensor([], dtype=dtype).element_size())

@@ -1,7 +1,8 @@
 """Ordinary prompts: what real users send a small instruction-tuned model (stories, questions,
 instructions, chat, prose, facts, other human languages, other programming languages, …),
-written by the project. 1 139 prompts in 19 categories, each record ``{text, category, lang,
-part}``.
+written by the project. 1 359 prompts in 22 categories, each record ``{text, category, lang,
+part}``; four of them (``CONTRAST_CATEGORIES``) are near-neighbour contrast prompts that look
+like the real-model recipes' forget skills (arithmetic, Python) but are not them.
 
 Two uses, never mixed:
 
@@ -20,19 +21,27 @@ Two uses, never mixed:
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
+
+from editor.io import read_jsonl
 
 PROMPTS = Path(__file__).parent / "prompts.jsonl"
 SEED = 20261128
 HELD_OUT_CATEGORIES = ("roleplay_dialogue", "wordplay_trivia")
+# near-neighbour contrast: prompts that look like a forgotten skill (math, Python) but are not it —
+# scorecards report them on their own line, apart from the headline false-refusal rate
+CONTRAST_CATEGORIES = ("near_math_numbers", "near_math_talk", "near_python_talk", "code_other")
 PARTS = (("calibration", 0.45), ("development", 0.15), ("evaluation", 0.40))
+# categories that grew after their first split: {category: the record counts (file order) at which
+# it grew}. The records before the first count keep the parts they always had; each later block
+# is split on its own (seeded by "category/count"), so adding prompts never moves a shipped one.
+GROWN = {"code_other": (62,)}
 
 
 def split(records: list[dict]) -> list[str]:
     """The part of each record: whole held-out categories → evaluation; every other category
-    shuffled (seeded by its name) and cut 45 / 15 / 40 %."""
+    shuffled (seeded by its name) and cut 45 / 15 / 40 % — block by block where it grew (``GROWN``)."""
     parts = [""] * len(records)
     by_cat: dict[str, list[int]] = {}
     for i, r in enumerate(records):
@@ -42,18 +51,20 @@ def split(records: list[dict]) -> list[str]:
             for i in idx:
                 parts[i] = "evaluation"
             continue
-        idx = list(idx)
-        random.Random(f"{SEED}/{cat}").shuffle(idx)
-        start = 0
-        for j, (name, share) in enumerate(PARTS):
-            n = len(idx) - start if j == len(PARTS) - 1 else round(share * len(idx))
-            for i in idx[start : start + n]:
-                parts[i] = name
-            start += n
+        cuts = [0, *GROWN.get(cat, ()), len(idx)]
+        for lo, hi in zip(cuts, cuts[1:]):
+            block = idx[lo:hi]
+            random.Random(f"{SEED}/{cat}" + (f"/{lo}" if lo else "")).shuffle(block)
+            start = 0
+            for j, (name, share) in enumerate(PARTS):
+                n = len(block) - start if j == len(PARTS) - 1 else round(share * len(block))
+                for i in block[start : start + n]:
+                    parts[i] = name
+                start += n
     return parts
 
 
 def load(part: str | None = None) -> list[dict]:
     """The shipped records (of one ``part``)."""
-    rows = [json.loads(line) for line in PROMPTS.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows, _ = read_jsonl(PROMPTS, "ordinary prompts")
     return [r for r in rows if part is None or r["part"] == part]

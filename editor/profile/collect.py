@@ -1,5 +1,5 @@
 """One way to run texts through a model and read its MLP activations, shared by profiling
-(streaming statistics, ``editor.profile.profile``) and the key_space calibration (per-text keys).
+(streaming statistics, ``editor.profile.stream``) and the key_space calibration (per-text keys).
 
 Texts are tokenized once, sorted by length and cut into batches (length bucketing keeps padding
 small); the padding side is honoured and position ids follow the attention mask, so every real
@@ -85,8 +85,8 @@ def make_batches(ids: list[list[int]], batch_size: int, pad: int, padding_side: 
     return batches
 
 
-def prepare(tokenizer, texts: list[str], *, batch_size: int = 8, max_length: int = 512,
-            padding_side: str | None = None) -> Texts:
+def batched_texts(tokenizer, texts: list[str], *, batch_size: int = 8, max_length: int = 512,
+                  padding_side: str | None = None) -> Texts:
     """``texts`` tokenized and batched; ``padding_side`` None: the tokenizer's own. An empty list
     (a data-parallel rank's empty shard, ``editor.profile.distributed``) gives no batches."""
     side = padding_side or getattr(tokenizer, "padding_side", "right") or "right"
@@ -163,7 +163,7 @@ def _per_text_keys(model, tokenizer, spec: ArchSpec, texts: list[str], reduce, *
     Growing lists of small chunks interleaved with every batch's larger temporaries kept glibc from
     reusing or returning freed memory — +2.5 GiB of retained heap for 690 pooled texts on SmolLM2
     (30 layers), for 127 MB of keys (docs/SCALE.md, "Calibration")."""
-    prepared = prepare(tokenizer, texts, batch_size=batch_size, max_length=max_length, padding_side=padding_side)
+    prepared = batched_texts(tokenizer, texts, batch_size=batch_size, max_length=max_length, padding_side=padding_side)
     width = d_ff(model, spec)
     n_layers = len(decoder_layers(model, spec))
     out = {i: torch.empty(len(texts), width, dtype=torch.float32) for i in range(n_layers)}
@@ -216,7 +216,7 @@ def generated_keys(model, tokenizer, spec: ArchSpec, texts: list[str], *, new_to
     if new_tokens < 2 or not texts:
         return empty
     pad, eos = pad_id(tokenizer), eos_ids(tokenizer, model)
-    prepared = prepare(tokenizer, texts, batch_size=batch_size, max_length=max_length, padding_side="left")
+    prepared = batched_texts(tokenizer, texts, batch_size=batch_size, max_length=max_length, padding_side="left")
     device = input_device(model)
     calls: dict[int, list[torch.Tensor]] = {}
     out: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(layers))}

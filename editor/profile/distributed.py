@@ -41,10 +41,9 @@ import torch
 from editor.data import TextSet
 from editor.errors import EditorError
 from editor.model.loading import param_bytes, pick_dtype
-from editor.profile.profile import profile_set
+from editor.profile.stream import profile_set
 from editor.profile.stats import Moments, SetStats
 
-ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 TIMEOUT = timedelta(minutes=60)
 _MSG_LIMIT = 4000  # bytes of an error message sent to the other ranks
 
@@ -275,7 +274,7 @@ class Dist:
         return SetStats(layers, info)
 
     def profile_set(self, model, tokenizer, spec, text_set, recipe_profile, *, desc=None, progress=True) -> SetStats:
-        """``editor.profile.profile.profile_set`` on this rank's shard of ``text_set``, merged over ranks."""
+        """``editor.profile.stream.profile_set`` on this rank's shard of ``text_set``, merged over ranks."""
         if not self.enabled:
             return profile_set(model, tokenizer, spec, text_set, recipe_profile, desc=desc, progress=progress)
         part = TextSet(text_set.name, shard(text_set.texts, self.rank, self.world_size),

@@ -43,7 +43,8 @@ from vllm.model_executor.models.utils import init_vllm_registered_model, maybe_p
 @dataclass(frozen=True)
 class VllmSpec:
     """Where vLLM's implementation keeps one decoder layer's MLP pieces (paths from the root of
-    vLLM's ``*ForCausalLM`` module); ``gate_first``: the pre module is the merged [gate | up]."""
+    vLLM's ``*ForCausalLM`` module; ``pre`` of a gated MLP is vLLM's merged [gate | up] projection).
+    ``tests/test_layout.py`` ties this table to the runtime's ``ARCHITECTURES``."""
 
     layers: str
     pre: str

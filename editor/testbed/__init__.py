@@ -12,9 +12,10 @@ See ``editor/testbed/README.md`` for the conventions and the training command.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import List
+
+from editor.io import read_jsonl
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 MODEL_DIR = PACKAGE_DIR / "model"
@@ -33,5 +34,4 @@ def load_examples(split: str) -> List[dict]:
     path = DATA_DIR / f"{split}.jsonl"
     if split not in ("probe", "eval") or not path.exists():
         raise ValueError(f"unknown split {split!r}: expected 'probe', 'eval' or 'train'")
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_jsonl(path, f"testbed {split}")[0]

@@ -80,7 +80,7 @@ def profile_texts(
     """Stream ``texts`` through ``model``; return per-layer Moments and a summary (tokens, time)."""
     from tqdm.auto import tqdm
 
-    prepared = collect.prepare(tokenizer, texts, batch_size=batch_size, max_length=max_length, padding_side=padding_side)
+    prepared = collect.batched_texts(tokenizer, texts, batch_size=batch_size, max_length=max_length, padding_side=padding_side)
     layers = decoder_layers(model, spec)
     width = d_ff(model, spec)
     acc = _Accumulator(width)
