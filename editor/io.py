@@ -149,19 +149,20 @@ def _hook(point: str) -> None:
 
 
 @contextmanager
-def hold_destination(out, *, clean: bool = True) -> Iterator[Path]:
+def hold_destination(out, *, clean: bool = True, wait: bool = False) -> Iterator[Path]:
     """Hold the one-writer lock of ``out`` (re-entrant within the process) while the body runs, and
     first clean up what a killed writer left beside it (``recover``).
 
     The lock is ``flock`` on ``.<name>.lock`` beside the destination, taken without waiting:
     another process holding it means another export to the same place is running, and this one is
-    refused. The kernel releases the lock when its holder dies, however it dies, so a crash leaves
-    no stale lock. On NFS, Linux maps ``flock`` to the server's byte-range locks (NFSv4, or NFSv3
-    with the lock manager): writers on different hosts exclude each other there, but not on a
-    mount with ``nolock`` / ``local_lock``, where the lock is only seen by one host. The parent
-    directories created for the lock are removed again if the body fails and leaves them empty.
-    A lock file that is there before this process creates it was left by a killed writer: taking
-    it over is reported (a warning). ``clean=False``: no ``recover`` (the caller's own)."""
+    refused — or, with ``wait``, waits for it (a cache that every process fills the same way). The
+    kernel releases the lock when its holder dies, however it dies, so a crash leaves no stale lock.
+    On NFS, Linux maps ``flock`` to the server's byte-range locks (NFSv4, or NFSv3 with the lock
+    manager): writers on different hosts exclude each other there, but not on a mount with
+    ``nolock`` / ``local_lock``, where the lock is only seen by one host. The parent directories
+    created for the lock are removed again if the body fails and leaves them empty. A lock file that
+    is there before this process creates it was left by a killed writer: taking it over is reported
+    (a warning). ``clean=False``: no ``recover`` (the caller's own)."""
     import fcntl
 
     out = Path(out).absolute()
@@ -189,7 +190,13 @@ def hold_destination(out, *, clean: bool = True) -> Iterator[Path]:
         except OSError as e:
             raise EditorError(f"cannot write {out}: cannot create its lock file {path} there ({e.strerror})") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not wait:
+                    raise
+                log.warning("waiting for another process writing %s (it holds %s)", out, path)
+                fcntl.flock(fd, fcntl.LOCK_EX)
         except BlockingIOError:
             os.close(fd)
             raise EditorError(f"another process is writing {out} (it holds {path}); wait for it to finish") from None

