@@ -150,7 +150,78 @@ def designs(task: str, probe: list[dict]) -> dict[str, dict]:
         d["allreq-both-contrast"] = dict(forget=FEWSHOT[task] + requests, kept=all_kept, forms=["raw", "chat"],
                                          contrast=True, pool="max")
         d["allreq-both-contrast-maxmean"] = dict(d["allreq-both-contrast"], pool="max+mean")
+        d["allreq-both-cgroup"] = dict(d["allreq-both-contrast"], contrast_group=True)
+        d["allreq-both-cgroup-monotone"] = dict(d["allreq-both-cgroup"], monotone=True)
+        for keep in (4096, 65536):
+            d[f"allreq-both-cgroup-monotone-k{keep}"] = dict(d["allreq-both-cgroup-monotone"], keep=keep)
+        for wd in (1e-2, 1e-4):
+            d[f"allreq-both-cgroup-monotone-wd{wd:g}"] = dict(d["allreq-both-cgroup-monotone"], wd=wd)
+        probe_req = {"math": ["math/ask", "math/word", "math/multi"], "python": ["python/write", "python/howto"]}[task]
+        d["part-both-cgroup"] = dict(d["allreq-both-cgroup"], forget=FEWSHOT[task] + probe_req)
+        d["part-both-cgroup-monotone"] = dict(d["part-both-cgroup"], monotone=True)
+        d["requests-both-cgroup"] = dict(d["requests-both-contrast"], contrast_group=True)
+        d["requests-both-cgroup-monotone"] = dict(d["requests-both-cgroup"], monotone=True)
     return d
+
+
+def calibrate_monotone(forget, retain, group, *, budget, folds, seed, retain_names=None, keep=16384, wd=1e-3):
+    """Experimental: the pooled linear detector with non-negative weights (more text never lowers the
+    score: a request inside a long story still scores as high), on the ``keep`` features whose mean is
+    most above the negatives' (standardized separation); L-BFGS-B with bounds (scipy)."""
+    import math
+
+    import numpy as np
+    from scipy.optimize import minimize
+
+    from editor.methods.calibrate import budget_threshold, fold_indices
+
+    layers = sorted(forget)
+    xf = torch.cat([forget[i] for i in layers], 1).double()
+    xr = torch.cat([retain[i] for i in layers], 1).double()
+    x = torch.cat([xf, xr])
+    mu, sd = x.mean(0), x.std(0, unbiased=False).clamp(min=1e-6)
+    sep = (xf.mean(0) - xr.mean(0)) / (xf.std(0) + xr.std(0)).clamp(min=1e-6)
+    cols = torch.sort(sep, descending=True).indices[:keep]
+    cols = cols[sep[cols] > 0]
+    z = ((x[:, cols] - mu[cols]) / sd[cols]).numpy()
+    n_f, n_r = xf.shape[0], xr.shape[0]
+    y = np.concatenate([np.ones(n_f), np.zeros(n_r)])
+    ff, rf = fold_indices(n_f, folds, seed, salt=1), fold_indices(n_r, folds, seed, salt=2)
+    oof = np.empty(n_f + n_r)
+    ws, bs = [], []
+    for k in range(folds):
+        tr = np.concatenate([torch.cat([ff[j] for j in range(folds) if j != k]).numpy(),
+                             n_f + torch.cat([rf[j] for j in range(folds) if j != k]).numpy()])
+        ho = np.concatenate([ff[k].numpy(), n_f + rf[k].numpy()])
+        zt, yt = z[tr], y[tr]
+        pw = (1 - yt).sum() / yt.sum()
+        cw = np.where(yt == 1, pw, 1.0) / len(yt)
+
+        def fg(p):
+            w, b = p[:-1], p[-1]
+            s = zt @ w + b
+            l = np.logaddexp(0, -s) * yt + np.logaddexp(0, s) * (1 - yt)
+            g = (1 / (1 + np.exp(-s)) - yt) * cw
+            return float((cw * l).sum() + wd * (w @ w)), np.concatenate([zt.T @ g + 2 * wd * w, [g.sum()]])
+
+        p0 = np.zeros(z.shape[1] + 1)
+        res = minimize(fg, p0, jac=True, method="L-BFGS-B", bounds=[(0, None)] * z.shape[1] + [(None, None)],
+                       options={"maxiter": 500})
+        w, b = res.x[:-1], res.x[-1]
+        oof[ho] = z[ho] @ w + b
+        ws.append(w)
+        bs.append(b)
+    oof_f, oof_r = torch.from_numpy(oof[:n_f]), torch.from_numpy(oof[n_f:])
+    t = budget_threshold(oof_r, group, budget)
+    w = torch.from_numpy(np.mean(ws, 0))
+    wfull = torch.zeros(x.shape[1], dtype=torch.float64)
+    wfull[cols] = w / sd[cols]
+    bias = float(np.mean(bs)) - float((wfull * mu).sum()) - t
+    widths = [forget[i].shape[1] for i in layers]
+    weights = {layer: part.float() for layer, part in zip(layers, torch.split(wfull, widths))}
+    rec = {"bias": bias, "cv": {"forget_coverage": float((oof_f > t).double().mean()), "features": int(cols.numel())},
+           "n_forget": n_f, "n_retain": n_r}
+    return rec, weights
 
 
 def main(argv=None) -> None:
@@ -233,14 +304,21 @@ def main(argv=None) -> None:
                 rows = [r["prompt"] for r in probe if r["skill"] == skill and r["phrasing"] in d["kept"]]
                 if rows:
                     neg_groups.append((f"{skill}[{form}]", render(rows, form, tok)))
-            bg = [r["text"] for r in ord_cal if d["contrast"] or r["category"] not in ordinary.CONTRAST_CATEGORIES]
+            contrast = ordinary.CONTRAST_CATEGORIES
+            if d.get("contrast_group"):
+                bg = [r["text"] for r in ord_cal if r["category"] not in contrast]
+                near = [r["text"] for r in ord_cal if r["category"] in contrast]
+                neg_groups.append((f"contrast[{form}]", render(near, form, tok)))
+            else:
+                bg = [r["text"] for r in ord_cal if d["contrast"] or r["category"] not in contrast]
             neg_groups.append((f"background[{form}]", render(bg, form, tok)))
         fk = pooled(keys(forget_texts), d["pool"])
         neg = [pooled(keys(t), d["pool"]) for _, t in neg_groups]
         rk = {i: torch.cat([n[i] for n in neg]) for i in fk}
         group = torch.cat([torch.full((len(t),), g, dtype=torch.long) for g, (_, t) in enumerate(neg_groups)])
-        rec, w = calibrate_linear(fk, rk, group, budget=args.budget, folds=5, seed=0,
-                                  retain_names=[n for n, _ in neg_groups])
+        extra = {k: d[k] for k in ("keep", "wd") if k in d}
+        fit = calibrate_monotone if d.get("monotone") else calibrate_linear
+        rec, w = fit(fk, rk, group, budget=args.budget, folds=5, seed=0, retain_names=[n for n, _ in neg_groups], **extra)
         fit_s = time.time() - t0
         rows = {}
         for label, kind, k, form in dev_keys:

@@ -359,6 +359,27 @@ def ordinary_set(part: str, name: str, forms: list[str] | None = None, tokenizer
     return in_forms(name, texts, records, info, forms or ["raw"], tokenizer)
 
 
+def subset(ts: TextSet, keep: list[int], name: str) -> TextSet:
+    """The texts ``keep`` (indices) of ``ts`` as a set of their own."""
+    texts = [ts.texts[i] for i in keep]
+    return TextSet(name, texts, [ts.records[i] for i in keep], {**ts.info, "texts": len(texts), "fingerprint": fingerprint(texts)},
+                   [ts.origins[i] for i in keep] if ts.origins else [], [ts.forms[i] for i in keep] if ts.forms else None)
+
+
+def contrast_split(ts: TextSet) -> list[tuple[str, TextSet]]:
+    """Negatives with near-neighbour contrast prompts (records whose ``category`` is one of
+    ``editor.ordinary.CONTRAST_CATEGORIES``) as two budget groups, (``""``, the rest) and
+    (``"contrast"``, those): a guard must keep its false-positive budget on the look-alikes on their
+    own, not let the bulk of ordinary text absorb them. A set without them: [("", ts)]."""
+    from editor.ordinary import CONTRAST_CATEGORIES
+
+    near = [i for i, r in enumerate(ts.records) if isinstance(r, dict) and r.get("category") in CONTRAST_CATEGORIES]
+    if not near or len(near) == len(ts.texts):
+        return [("", ts)]
+    rest = [i for i in range(len(ts.texts)) if i not in set(near)]
+    return [("", subset(ts, rest, ts.name)), ("contrast", subset(ts, near, f"{ts.name}:contrast"))]
+
+
 def _union(name: str, parts: list[TextSet]) -> TextSet:
     texts = [t for p in parts for t in p.texts]
     records = [r for p in parts for r in p.records]

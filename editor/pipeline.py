@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from editor.data import TextSet, background_set, check_scorecard_records, load_all, needs_tokenizer, ordinary_eval_set
+from editor.data import (TextSet, background_set, check_scorecard_records, contrast_split, load_all, needs_tokenizer,
+                         ordinary_eval_set)
 from editor.errors import EditorError
 from editor.eval.attacks import attack_prompts, attack_requests
 from editor.eval.scorecard import examples_of, render_scorecard, score, scorecard
@@ -150,9 +151,13 @@ def calibrate_job(job: Job, model, tokenizer, spec: ArchSpec, *,
     ks, p = job.recipe.key_space, job.recipe.profile
     kw = dict(batch_size=p.batch_size, max_length=p.max_length, padding_side=p.padding_side, progress=progress)
     forget = job.sets[ks.forget].texts
-    # one budget group per negative set and form: the false-positive budget holds in raw and in chat form
+    # one budget group per negative set and form — the false-positive budget holds in raw and in chat
+    # form —, and the background's near-neighbour contrast prompts a group of their own (contrast_split)
     negatives, names = [], []
-    for name, ts in [(n, job.sets[n]) for n in ks.retain_sets] + ([("background", job.background)] if job.background else []):
+    sources = [(n, job.sets[n]) for n in ks.retain_sets]
+    if job.background:
+        sources += [("contrast" if part else "background", ts) for part, ts in contrast_split(job.background)]
+    for name, ts in sources:
         for form in ts.form_names:
             negatives.append(ts.in_form(form))
             names.append(name if len(ts.form_names) == 1 else f"{name}[{form}]")
@@ -165,7 +170,7 @@ def calibrate_job(job: Job, model, tokenizer, spec: ArchSpec, *,
             pooled_f = collect.pooled_keys(model, tokenizer, spec, forget, desc="keys: forget queries", **kw)
             pooled_r = collect.pooled_keys(model, tokenizer, spec, retain, desc=f"keys: {which}", **kw)
         with stage("calibration fit"), bar(progress, ks.folds, "fitting the detector", "fold") as shown:
-            record, weights = calibrate_linear(pooled_f, pooled_r, group, on_fold=shown.update, **fit)
+            record, weights = calibrate_linear(pooled_f, pooled_r, group, weights=ks.weights, on_fold=shown.update, **fit)
     else:
         new_tokens = continuation_tokens(ks.check)
 

@@ -185,6 +185,12 @@ class KeySpaceSpec(_Strict):
         description="box (the paper's hypercube on the last token's key; calibrated or not) or linear (a pooled "
                     "linear detector over every layer's key, max-pooled over the prompt's tokens, fitted by the "
                     "calibration; needs retain queries and check: prompt)")
+    weights: Literal["signed", "nonnegative"] = Field(
+        "signed",
+        description="linear detector: signed weights (any sign), or nonnegative — every weight ≥ 0, so the score never "
+                    "drops when text is added: a forget request buried in a long story or followed by more turns still "
+                    "scores as high, at the cost of subtracting look-alike evidence (e.g. another programming language). "
+                    "Default signed, the detector as first fitted; the real-model recipes choose nonnegative")
     retain: str | list[str] | None = Field(None, description="retain queries the guard must not refuse: turns on "
                                                              "the calibration (none: the paper's fixed box)")
     background: str | list[str] = Field(
@@ -363,6 +369,8 @@ class Recipe(_Strict):
             if self.key_space.calibrate and not (self.key_space.retain_sets or self.key_space.background != "none"):
                 raise ValueError("key_space.calibrate: calibration needs negatives: retain queries (key_space.retain) "
                                  "or a background set")
+            if self.key_space.weights != "signed" and self.key_space.detector != "linear":
+                raise ValueError("key_space.weights: applies to the linear detector only (key_space.detector: linear)")
             if self.key_space.detector == "linear":
                 if not self.key_space.calibrated:
                     raise ValueError("key_space.detector: the linear detector is fitted by the calibration; "

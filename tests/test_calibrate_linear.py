@@ -338,3 +338,63 @@ def test_calibrate_linear_leaves_its_keys_alone():
     f0, r0 = {k: v.clone() for k, v in fk.items()}, {k: v.clone() for k, v in rk.items()}
     calibrate_linear(fk, rk, torch.zeros(len(r), dtype=torch.long), budget=0.05, folds=4, seed=0)
     assert all(torch.equal(fk[k], f0[k]) and torch.equal(rk[k], r0[k]) for k in fk)
+
+
+# ---------------------------------------------------------------------------------------------
+# non-negative weights (key_space.weights: nonnegative)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_nonnegative_fit_is_the_bounded_optimum():
+    """L-BFGS-B's answer satisfies the optimality conditions of the bounded problem, checked literally:
+    at a free weight (> 0) the gradient is 0, at a weight held at 0 it is ≥ 0 (it would only rise)."""
+    from editor.methods.calibrate import fit_nonnegative_logistic
+
+    f, r = _clusters(3, n_f=40, n_r=120, d=12)
+    x = torch.cat([f, r]).double()
+    z = (x - x.mean(0)) / x.std(0, unbiased=False)
+    y = torch.cat([torch.ones(40), torch.zeros(120)]).double()
+    w, b = fit_nonnegative_logistic(z, y)
+    assert (w >= 0).all() and w[5] > 0 and w[9] == 0  # feature 9 is lower for the forget side: no weight
+    wt = w.clone().requires_grad_(True)
+    bt = torch.tensor([b], dtype=torch.float64, requires_grad=True)
+    pw = torch.tensor(120 / 40, dtype=torch.float64)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ wt + bt, y, pos_weight=pw) + 1e-3 * (wt * wt).sum()
+    gw, gb = torch.autograd.grad(loss, [wt, bt])
+    assert abs(float(gb)) < 1e-5
+    free = w > 1e-8
+    assert gw[free].abs().max() < 1e-5 and (gw[~free] > -1e-5).all()
+
+
+def test_nonnegative_detector_never_drops_when_text_is_added():
+    """With non-negative weights a max-pooled score is monotone: pooling more tokens (a story around
+    the request) can only raise it — unlike signed weights, which the same added text can pull down."""
+    f, r = _clusters(6, n_f=60, n_r=240, d=24)
+    f[:, 9] += 6.0  # the forget side higher in two features (a non-negative detector reads only rises)
+    f[:, 17] += 3.0
+    fk, rk = _layers(f, r)
+    group = torch.zeros(len(r), dtype=torch.long)
+    rec, w = calibrate_linear(fk, rk, group, budget=0.02, folds=4, seed=0, weights="nonnegative")
+    assert rec["weights"] == "nonnegative" and all((w[i] >= 0).all() for i in w)
+    assert rec["cv"]["forget_coverage"] > 0.9 and rec["cv"]["retain_fpr"] <= 0.02 + 1e-12
+    g = torch.Generator().manual_seed(1)
+    request = {i: fk[i][:10] for i in fk}
+    story = {i: torch.randn(10, 12, generator=g) * 3 for i in fk}
+    pooled = {i: torch.maximum(request[i], story[i]) for i in fk}  # max-pool over request + story tokens
+    score = lambda k: sum(k[i].double() @ w[i].double() for i in w) + rec["bias"]  # noqa: E731
+    assert (score(pooled) >= score(request) - 1e-9).all()
+    rec_s, w_s = calibrate_linear(fk, rk, group, budget=0.02, folds=4, seed=0)
+    assert any((w_s[i] < 0).any() for i in w_s)  # the signed detector has weights the story can pull down
+
+
+def test_weights_field_is_for_the_linear_detector():
+    from editor.recipe import parse_recipe
+
+    base = {"model": "m", "data": {"f": {"path": "f.jsonl"}, "r": {"path": "r.jsonl"}}}
+    with pytest.raises(EditorError, match="key_space.weights: applies to the linear detector only"):
+        parse_recipe({**base, "key_space": {"forget": "f", "retain": "r", "weights": "nonnegative"}})
+    r = parse_recipe({**base, "key_space": {"forget": "f", "retain": "r", "detector": "linear", "check": "prompt",
+                                              "weights": "nonnegative"}})
+    assert calibrate.calibration_config(r)["weights"] == "nonnegative"
+    r2 = parse_recipe({**base, "key_space": {"forget": "f", "retain": "r", "detector": "linear", "check": "prompt"}})
+    assert "weights" not in calibrate.calibration_config(r2)  # statistics fitted before the field stay valid

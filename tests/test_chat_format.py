@@ -262,3 +262,19 @@ def test_limit_each_keeps_every_group(tmp_path):
     p.write_text("model: m\ndata:\n  s: {path: d.jsonl, text: '{prompt}', limit_each: {skill: 1}}\n")
     with pytest.raises(EditorError, match="no field 'skill'"):
         load_set(load_recipe(p), "s")
+
+
+def test_the_backgrounds_contrast_prompts_are_a_budget_group_of_their_own():
+    from editor import ordinary
+    from editor.data import contrast_split, ordinary_set
+
+    bg = ordinary_set("calibration", "@background")
+    parts = contrast_split(bg)
+    assert [p for p, _ in parts] == ["", "contrast"]
+    rest, near = parts[0][1], parts[1][1]
+    assert len(rest.texts) + len(near.texts) == len(bg.texts)
+    assert {r["category"] for r in near.records} == set(ordinary.CONTRAST_CATEGORIES)
+    assert not {r["category"] for r in rest.records} & set(ordinary.CONTRAST_CATEGORIES)
+    plain = ordinary_set("calibration", "x")
+    plain.records = [{"category": "story"}] * len(plain.records)
+    assert [p for p, _ in contrast_split(plain)] == [""]

@@ -106,12 +106,17 @@ def dims_grid(width: int) -> list[int]:
 # ---------------------------------------------------------------------------------------------
 
 
-def separation(forget: torch.Tensor, retain: torch.Tensor) -> torch.Tensor:
-    """|μf − μr| / (σf + σr) per dimension (σ: sample std, floored), float64."""
+def separation_signed(forget: torch.Tensor, retain: torch.Tensor) -> torch.Tensor:
+    """(μf − μr) / (σf + σr) per dimension (σ: sample std, floored), float64."""
     f, r = forget.to(torch.float64), retain.to(torch.float64)
     sf = f.std(0, unbiased=True).clamp(min=SIGMA_FLOOR) if f.shape[0] > 1 else torch.full_like(f[0], SIGMA_FLOOR)
     sr = r.std(0, unbiased=True).clamp(min=SIGMA_FLOOR) if r.shape[0] > 1 else torch.full_like(r[0], SIGMA_FLOOR)
-    return (f.mean(0) - r.mean(0)).abs() / (sf + sr)
+    return (f.mean(0) - r.mean(0)) / (sf + sr)
+
+
+def separation(forget: torch.Tensor, retain: torch.Tensor) -> torch.Tensor:
+    """|μf − μr| / (σf + σr) per dimension (σ: sample std, floored), float64."""
+    return separation_signed(forget, retain).abs()
 
 
 def rank_dims(forget: torch.Tensor, retain: torch.Tensor) -> torch.Tensor:
@@ -314,6 +319,8 @@ def calibration_config(recipe, background: dict | None = None) -> dict:
     if ks.detector != "box":  # only then: statistics calibrated before the field existed stay valid
         out["detector"] = ks.detector
         out["solver"] = "gram"
+        if ks.weights != "signed":  # only then: statistics fitted before the field existed stay valid
+            out["weights"] = ks.weights
     if background is not None:
         out["background"] = {k: background[k] for k in ("source", "sets", "texts", "fingerprint") if k in background}
     return out
@@ -440,6 +447,73 @@ def fit_kernel_logistic(k: torch.Tensor, y: torch.Tensor, *, weight_decay: float
     return alpha, bias
 
 
+# non-negative weights: the features a fold fits on — those whose mean is most above the negatives'
+# (standardized separation > 0), at most this many (on the dev splits 4 096 to 65 536 decided the same)
+MONOTONE_FEATURES = 8192
+
+
+def fit_nonnegative_logistic(z: torch.Tensor, y: torch.Tensor, *, weight_decay: float = LINEAR_WEIGHT_DECAY,
+                             max_iter: int = LINEAR_MAX_ITER) -> tuple[torch.Tensor, float]:
+    """``fit_kernel_logistic``'s objective (mean BCE, positives weighted n_neg / n_pos, + weight_decay ·
+    ‖w‖²) over standardized features ``z`` [m, k] with every weight ≥ 0 (the bias free): a convex
+    problem with bounds, solved by L-BFGS-B (scipy) from zeros — deterministic. Returns (w [k] float64, b)."""
+    import numpy as np
+    from scipy.optimize import minimize
+
+    yt = y.to(torch.float64).numpy()
+    n_pos = float(yt.sum())
+    n_neg = float(yt.size) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise EditorError("key_space calibration: every training fold needs forget and retain queries")
+    zt = z.to(torch.float32).numpy()
+    cw = np.where(yt == 1, n_neg / n_pos, 1.0) / yt.size
+
+    def loss_grad(p):
+        w, b = p[:-1], p[-1]
+        s = (zt @ w.astype(np.float32)).astype(np.float64) + b
+        loss = cw * (yt * np.logaddexp(0.0, -s) + (1 - yt) * np.logaddexp(0.0, s))
+        g = cw * (0.5 * (1.0 + np.tanh(0.5 * s)) - yt)  # cw · (σ(s) − y), σ without overflow
+        gw = (zt.T @ g.astype(np.float32)).astype(np.float64) + 2 * weight_decay * w
+        return float(loss.sum() + weight_decay * (w @ w)), np.concatenate([gw, [g.sum()]])
+
+    k = zt.shape[1]
+    res = minimize(loss_grad, np.zeros(k + 1), jac=True, method="L-BFGS-B", bounds=[(0.0, None)] * k + [(None, None)],
+                   options={"maxiter": max_iter, "ftol": 1e-12, "gtol": 1e-9})
+    w, b = torch.from_numpy(res.x[:-1].copy()), float(res.x[-1])
+    if not (torch.isfinite(w).all() and math.isfinite(b)):
+        raise EditorError("key_space calibration: the linear detector did not converge to finite weights")
+    return w, b
+
+
+def _positive_columns(blocks: list[dict[int, torch.Tensor]], layers: list[int], pos: torch.Tensor, neg: torch.Tensor,
+                      limit: int) -> torch.Tensor:
+    """The ``limit`` columns (of the layer-major concatenation) whose separation (μ_pos − μ_neg) /
+    (σ_pos + σ_neg) over the rows ``pos`` / ``neg`` is largest and > 0, ascending; one layer at a time."""
+    seps = []
+    for layer in layers:
+        x = torch.cat([b[layer] for b in blocks])
+        seps.append(separation_signed(x.index_select(0, pos), x.index_select(0, neg)))
+    sep = torch.cat(seps)
+    order = torch.sort(torch.where(torch.isnan(sep), torch.full_like(sep, -math.inf), sep), descending=True, stable=True).indices
+    top = order[:limit]
+    return top[sep[top] > 0].sort().values
+
+
+def _standardized_columns(blocks: list[dict[int, torch.Tensor]], layers: list[int], cols: torch.Tensor, mu: dict,
+                          sd: dict) -> torch.Tensor:
+    """float32 [n, len(cols)]: the standardized features ``cols`` (ascending, layer-major) of every row."""
+    out, start = [], 0
+    for layer in layers:
+        w = blocks[0][layer].shape[1]
+        lo, hi = (int(v) for v in torch.searchsorted(cols, torch.tensor([start, start + w])))
+        if hi > lo:
+            c = cols[lo:hi] - start
+            x = torch.cat([b[layer].index_select(1, c) for b in blocks]).to(torch.float64)
+            out.append(((x - mu[layer][c]) / sd[layer][c]).to(torch.float32))
+        start += w
+    return torch.cat(out, 1) if out else torch.zeros(sum(next(iter(b.values())).shape[0] for b in blocks), 0)
+
+
 def budget_threshold(scores: torch.Tensor, group: torch.Tensor, budget: float) -> float:
     """The smallest threshold t such that, in every retain set g, at most ⌊budget·n_g⌋ scores are
     > t (a false positive is a score above the threshold)."""
@@ -454,9 +528,15 @@ def budget_threshold(scores: torch.Tensor, group: torch.Tensor, budget: float) -
 
 def calibrate_linear(forget: dict[int, torch.Tensor], retain: dict[int, torch.Tensor], group: torch.Tensor, *,
                      budget: float, folds: int, seed: int, retain_names: list[str] | None = None,
-                     on_fold: Callable[[], None] | None = None) -> tuple[dict, dict[int, torch.Tensor]]:
+                     weights: str = "signed", on_fold: Callable[[], None] | None = None
+                     ) -> tuple[dict, dict[int, torch.Tensor]]:
     """K-fold cross-fitted pooled linear detector over every layer's pooled key (``on_fold()`` is
     called after each fold's fit: the caller's progress bar).
+
+    ``weights``: ``signed`` (any sign: the fit in kernel form below) or ``nonnegative`` — every weight
+    ≥ 0 (``fit_nonnegative_logistic`` on the fold's ``MONOTONE_FEATURES`` features most above the
+    negatives): the score is then monotone in every pooled key, so more text — a long story around a
+    request, a conversation after it — never lowers it; signed weights let unrelated text subtract.
 
     Features: every layer's pooled key, standardized over all probe queries (``feature_moments``).
     On each fold: fit on the training forget (positive) and retain (negative) queries
@@ -473,21 +553,35 @@ def calibrate_linear(forget: dict[int, torch.Tensor], retain: dict[int, torch.Te
     layers = sorted(forget)
     blocks = [forget, retain]
     n_f, n_r = forget[layers[0]].shape[0], retain[layers[0]].shape[0]
+    if weights not in ("signed", "nonnegative"):
+        raise ValueError(f"weights must be signed or nonnegative, got {weights!r}")
     mu, sd = feature_moments(blocks, layers)
-    g = gram(blocks, layers, mu, sd)
+    width = sum(forget[i].shape[1] for i in layers)
     y_all = torch.cat([torch.ones(n_f), torch.zeros(n_r)]).to(torch.float64)
     ff = fold_indices(n_f, folds, seed, salt=1)
     rf = fold_indices(n_r, folds, seed, salt=2)
     oof = torch.empty(n_f + n_r, dtype=torch.float64)
     alpha_sum = torch.zeros(n_f + n_r, dtype=torch.float64)
-    bs = []
+    w_sum = torch.zeros(width, dtype=torch.float64)  # nonnegative: the fold models' standardized weights
+    g = gram(blocks, layers, mu, sd) if weights == "signed" else None
+    bs, kept = [], []
     for k in range(folds):
         tr = torch.cat([torch.cat([ff[j] for j in range(folds) if j != k]),
                         n_f + torch.cat([rf[j] for j in range(folds) if j != k])])
         ho = torch.cat([ff[k], n_f + rf[k]])
-        alpha, b = fit_kernel_logistic(g[tr][:, tr], y_all[tr])
-        oof[ho] = g[ho][:, tr] @ alpha + b
-        alpha_sum[tr] += alpha
+        if g is not None:
+            alpha, b = fit_kernel_logistic(g[tr][:, tr], y_all[tr])
+            oof[ho] = g[ho][:, tr] @ alpha + b
+            alpha_sum[tr] += alpha
+        else:
+            # the fold's features: chosen on its training rows only, so the out-of-fold scores stay honest
+            cols = _positive_columns(blocks, layers, tr[tr < n_f], tr[tr >= n_f], MONOTONE_FEATURES)
+            z = _standardized_columns(blocks, layers, cols, mu, sd)
+            w, b = fit_nonnegative_logistic(z[tr], y_all[tr])
+            oof[ho] = z[ho].to(torch.float64) @ w + b
+            w_sum[cols] += w
+            kept.append(int(cols.numel()))
+            del z
         bs.append(b)
         if on_fold is not None:
             on_fold()
@@ -499,15 +593,18 @@ def calibrate_linear(forget: dict[int, torch.Tensor], retain: dict[int, torch.Te
     # the average fold model: w = Zᵀ ᾱ over the standardized features, then back to the raw key space
     alpha_mean = alpha_sum / folds
     bias_std = sum(bs) / len(bs)
-    weights, offset = {}, 0.0
+    out, offset, start = {}, 0.0, 0
     for layer in layers:
-        w = (_standardized(blocks, layer, mu, sd).to(torch.float64).T @ alpha_mean) / sd[layer]
+        if g is not None:
+            w = (_standardized(blocks, layer, mu, sd).to(torch.float64).T @ alpha_mean) / sd[layer]
+        else:
+            w = w_sum[start : start + sd[layer].numel()] / folds / sd[layer]
+        start += sd[layer].numel()
         offset += float((w * mu[layer]).sum())
-        weights[layer] = w.to(torch.float32).contiguous()
+        out[layer] = w.to(torch.float32).contiguous()
     bias = bias_std - offset - t
-    if not all(torch.isfinite(w).all() for w in weights.values()) or not math.isfinite(bias):
+    if not all(torch.isfinite(w).all() for w in out.values()) or not math.isfinite(bias):
         raise EditorError("key_space calibration: the linear detector did not converge to finite weights")
-    width = sum(forget[i].shape[1] for i in layers)
     record = {
         "method": "linear",
         "detector": "linear",
@@ -517,8 +614,10 @@ def calibrate_linear(forget: dict[int, torch.Tensor], retain: dict[int, torch.Te
         "cv": {"forget_coverage": round(float(covered.double().mean()), 6),
                "retain_fpr": round(float((oof_r > t).double().mean()), 6),
                "retain_fpr_by_set": by_set, "folds": folds, "seed": seed, "budget": budget,
-               "features": width, "solver": "gram", "weight_decay": LINEAR_WEIGHT_DECAY},
+               "features": width, "weight_decay": LINEAR_WEIGHT_DECAY,
+               **({"solver": "gram"} if g is not None else {"solver": "l-bfgs-b", "features_fitted": kept})},
+        "weights": weights,
         "n_forget": int(n_f),
         "n_retain": int(n_r),
     }
-    return record, weights
+    return record, out
