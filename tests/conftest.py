@@ -5,6 +5,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# GGUF models are read from their file, no dequantized copy written to the user's cache (tests/test_dequantized.py
+# turns the copies on, in a temporary cache)
+os.environ.setdefault("SKILL_EDITOR_DEQUANTIZED", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

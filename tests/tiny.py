@@ -88,3 +88,49 @@ def save_tiny(arch: str, path, seed: int = 0, dtype=torch.float32, **overrides):
     model.save_pretrained(path)
     char_tokenizer().save_pretrained(path)
     return model
+
+
+def tiny_gguf(path, seed: int = 0, hidden: int = 32, layers: int = 2, d_ff: int = 48, heads: int = 4, vocab: int = 64):
+    """A tiny float32 Llama written as a GGUF file (``gguf.GGUFWriter``; byte tokens with a SentencePiece
+    vocabulary), which transformers reads as it reads a real one: a GGUF model input in milliseconds."""
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(layers)
+    w.add_context_length(64)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(d_ff)
+    w.add_head_count(heads)
+    w.add_head_count_kv(heads)
+    w.add_rope_dimension_count(hidden // heads)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(vocab - 3)])
+    w.add_token_scores([0.0] * vocab)
+    w.add_token_types([2, 3, 3] + [6] * (vocab - 3))
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+
+    def rand(*shape):
+        return (rng.standard_normal(shape) * 0.1).astype(np.float32)
+
+    w.add_tensor("token_embd.weight", rand(vocab, hidden))
+    w.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    w.add_tensor("output.weight", rand(vocab, hidden))
+    for i in range(layers):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(hidden, np.float32))
+        for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            w.add_tensor(f"blk.{i}.{name}.weight", rand(hidden, hidden))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(hidden, np.float32))
+        w.add_tensor(f"blk.{i}.ffn_gate.weight", rand(d_ff, hidden))
+        w.add_tensor(f"blk.{i}.ffn_up.weight", rand(d_ff, hidden))
+        w.add_tensor(f"blk.{i}.ffn_down.weight", rand(hidden, d_ff))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -11,6 +11,7 @@ import torch
 
 from editor.errors import EditorError
 from editor.manifest import EDIT_KEY, is_patched_config
+from editor.model import dequantized
 from editor.model.arch import check_mapping, config_d_ff, config_layers, resolve_layer, spec_for
 from editor.model.packaged import PACKAGE_SCHEME, file_sha256, resolve_package
 from editor.recipe import Dtype, Recipe
@@ -184,15 +185,24 @@ def load_model(recipe: Recipe, config=None, *, device: str | None = None):
         # one accelerator: load the weights straight onto it (a one-device map adds no dispatch
         # hooks) instead of materialising them on the host and copying them over with .to()
         kwargs["device_map"] = {"": place["device"]}
+    # a GGUF file: its dequantized copy in the cache when there is one (editor.model.dequantized)
+    copy = dequantized.lookup(src.local_file, dtype) if src.gguf_file and src.local_file is not None else None
     try:
-        model = AutoModelForCausalLM.from_pretrained(src.ref, **kwargs)
+        if copy is not None:
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("gguf_file", "revision")}
+            model = AutoModelForCausalLM.from_pretrained(str(copy), **kwargs)
+            dequantized.as_read_from_file(model, copy, src.ref)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(src.ref, **kwargs)
     except (OSError, ValueError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise EditorError(f"model: cannot load {recipe.model!r}: {first}") from None
     if place["device"] and "device_map" not in kwargs:
         model.to(place["device"])
-    if src.gguf_file:
+    if src.gguf_file and copy is None:
         _dequantized(model)
+        if src.local_file is not None:
+            dequantized.store(model, src.local_file, dtype)
     model.eval()
     check_mapping(model, spec, config.model_type)
     return model

@@ -29,7 +29,7 @@ from editor.io import atomic_save_safetensors
 STATS_NAME = "stats.safetensors"
 STATS_FORMAT = "skill-editor/stats"
 STATS_VERSION = "1"
-_CPU_CHUNK = 1 << 18  # elements per row chunk in Moments.of on CPU (2 MiB of float64)
+_CPU_CHUNK = 1 << 17  # elements per row chunk in Moments.of on CPU (1 MiB of float64: in L2)
 
 
 @dataclass
@@ -54,35 +54,51 @@ class Moments:
         )
 
     @classmethod
-    def of(cls, x: torch.Tensor) -> "Moments":
-        """Moments of the rows of ``x`` [N, d] (any float dtype), computed in float64.
+    def of(cls, x: torch.Tensor, index: torch.Tensor | None = None, scratch: "Scratch | None" = None) -> "Moments":
+        """Moments of the rows of ``x`` [N, d] (any float dtype) — of its rows ``index`` when given,
+        never gathered all at once — computed in float64.
 
-        Two passes (mean, then the sum of squared deviations) on float64 temporaries that are
-        modified in place; on CPU the rows go in chunks of ~``_CPU_CHUNK`` elements so those
-        temporaries stay in cache (bench/README.md: 3-8x faster than whole-tensor float64 ops).
-        ``amin``/``amax`` rather than ``aminmax(dim=0)``, which is ~5x slower on CPU.
+        On CPU the rows go in cache-sized chunks (~``_CPU_CHUNK`` elements), each read from memory
+        once: gathered, copied to float64, summed, then its squared deviations from its own mean
+        summed in place, while it is in cache. The total's mean is the sum of the chunks' sums over
+        N (as one pass over all the rows would give it); its M2 is the chunks' M2 plus each chunk's
+        count × (its mean − the mean)² (exact; float64 rounding only). ``scratch`` keeps those
+        temporaries from call to call: fresh ~1 MiB buffers per chunk cost more in page faults than
+        the arithmetic (docs/SCALE.md: ~1.4-3× faster than two passes over the gathered rows). Other
+        devices: the rows at once. ``amin``/``amax`` rather than ``aminmax(dim=0)`` (~5x slower on CPU).
         """
-        n, d = x.shape[0], x.shape[1]
+        n, d = (x.shape[0] if index is None else index.shape[0]), x.shape[1]
         if not n:
             lo = torch.full((d,), float("inf"), device=x.device)
             z = torch.zeros(d, dtype=torch.float64, device=x.device)
             return cls(torch.tensor(0, dtype=torch.int64, device=x.device), z, z.clone(), lo, -lo)
-        rows = n if x.device.type != "cpu" else max(1, _CPU_CHUNK // max(d, 1))
-        if rows >= n:
-            xd = x.to(torch.float64, copy=True)  # a private copy: the in-place ops never touch x
+        if x.device.type != "cpu":
+            rows = x if index is None else x.index_select(0, index)
+            xd = rows.to(torch.float64, copy=True)  # a private copy: the in-place ops never touch x
             mean = xd.mean(0)
             m2 = xd.sub_(mean).square_().sum(0)
-        else:
-            mean = torch.zeros(d, dtype=torch.float64, device=x.device)
-            for i in range(0, n, rows):
-                mean += x[i : i + rows].to(torch.float64).sum(0)
-            mean /= n
-            m2 = torch.zeros_like(mean)
-            for i in range(0, n, rows):
-                m2 += x[i : i + rows].to(torch.float64, copy=True).sub_(mean).square_().sum(0)
-        lo = x.amin(0).to(torch.float32)
-        hi = x.amax(0).to(torch.float32)
-        return cls(torch.tensor(n, dtype=torch.int64, device=x.device), mean, m2, lo, hi)
+            return cls(torch.tensor(n, dtype=torch.int64, device=x.device), mean, m2,
+                       rows.amin(0).to(torch.float32), rows.amax(0).to(torch.float32))
+        step = max(1, _CPU_CHUNK // max(d, 1))
+        chunks = (n + step - 1) // step
+        rows, wide, sums, m2s, los, his = (scratch if scratch is not None else Scratch()).buffers(min(step, n), d, x.dtype, chunks)
+        for c, i in enumerate(range(0, n, step)):
+            k = min(step, n - i)
+            chunk = x[i : i + k] if index is None else torch.index_select(x, 0, index[i : i + k], out=rows[:k])
+            torch.amin(chunk, 0, out=los[c])
+            torch.amax(chunk, 0, out=his[c])
+            xd = wide[:k]
+            xd.copy_(chunk)
+            torch.sum(xd, 0, out=sums[c])
+            torch.sum(xd.sub_(sums[c], alpha=1.0 / k).square_(), 0, out=m2s[c])  # around the chunk's own mean
+        sums, m2 = sums[:chunks], m2s[:chunks].sum(0)
+        mean = sums.sum(0).div_(n)
+        if chunks > 1:  # the chunks' means around the total's: sum over chunks of k (mean_c - mean)^2
+            sizes = torch.full((chunks,), float(step), dtype=torch.float64)
+            sizes[-1] = n - step * (chunks - 1)
+            m2 += torch.mv(sums.div_(sizes[:, None]).sub_(mean).square_().T, sizes)
+        return cls(torch.tensor(n, dtype=torch.int64), mean, m2, los[:chunks].amin(0).to(torch.float32),
+                   his[:chunks].amax(0).to(torch.float32))
 
     def merge_(self, other: "Moments") -> "Moments":
         """Chan et al. parallel merge, in place (both on the same device)."""
@@ -108,6 +124,27 @@ class Moments:
     def finite(self) -> bool:
         return bool(torch.isfinite(self.mean).all() and torch.isfinite(self.m2).all()
                     and torch.isfinite(self.min).all() and torch.isfinite(self.max).all())
+
+
+class Scratch:
+    """The reusable CPU temporaries of ``Moments.of``: one chunk of rows (in the activations' dtype and
+    in float64) and the chunks' means and sizes; allocated on first use and when they must grow."""
+
+    def __init__(self):
+        self._buf: dict = {}  # (what, dtype) -> a buffer
+
+    def _get(self, key, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        t = self._buf.get((key, dtype))
+        if t is None or t.shape[1:] != shape[1:] or t.shape[0] < shape[0]:
+            t = self._buf[(key, dtype)] = torch.empty(shape, dtype=dtype)
+        return t
+
+    def buffers(self, k: int, d: int, dtype: torch.dtype, chunks: int) -> tuple[torch.Tensor, ...]:
+        """(rows [≥ k, d] in ``dtype``, rows [≥ k, d] float64; per chunk [≥ chunks, d]: sums and M2
+        (float64), min and max (``dtype``))."""
+        return (self._get("rows", (k, d), dtype), self._get("wide", (k, d), torch.float64),
+                self._get("sums", (chunks, d), torch.float64), self._get("m2", (chunks, d), torch.float64),
+                self._get("min", (chunks, d), dtype), self._get("max", (chunks, d), dtype))
 
 
 @dataclass

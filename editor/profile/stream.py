@@ -17,7 +17,7 @@ import torch
 from editor.errors import EditorError
 from editor.model.arch import ArchSpec, d_ff, decoder_layers
 from editor.profile import collect
-from editor.profile.stats import Moments, SetStats
+from editor.profile.stats import Moments, Scratch, SetStats
 from editor.progress import bar
 
 
@@ -30,6 +30,7 @@ class _Accumulator:
         self.key: dict[int, Moments] = {}
         self._batch: collect.Batch | None = None
         self._dev_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._scratch: dict[str, Scratch] = {}  # Moments.of's temporaries, per device
 
     def _indices(self, batch: collect.Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if batch is not self._batch:
@@ -40,8 +41,8 @@ class _Accumulator:
             self._dev_cache[str(device)] = got
         return got
 
-    def _merge(self, store: dict[int, Moments], layer: int, rows: torch.Tensor) -> None:
-        m = Moments.of(rows)
+    def _merge(self, store: dict[int, Moments], layer: int, x: torch.Tensor, rows: torch.Tensor) -> None:
+        m = Moments.of(x.reshape(-1, self.width), rows, self._scratch.setdefault(str(x.device), Scratch()))
         if layer in store:
             store[layer].merge_(m)
         else:
@@ -49,11 +50,11 @@ class _Accumulator:
 
     def add_pre(self, layer: int, x: torch.Tensor, batch: collect.Batch) -> None:
         real, _ = self._indices(batch, x.device)
-        self._merge(self.pre, layer, x.reshape(-1, self.width).index_select(0, real))
+        self._merge(self.pre, layer, x, real)
 
     def add_key(self, layer: int, x: torch.Tensor, batch: collect.Batch) -> None:
         _, last = self._indices(batch, x.device)
-        self._merge(self.key, layer, x.reshape(-1, self.width).index_select(0, last))
+        self._merge(self.key, layer, x, last)
 
     def check_finite(self, layer_names: dict[int, str]) -> None:
         for kind, store in (("pre-activation", self.pre), ("key", self.key)):
