@@ -187,9 +187,10 @@ class KeySpaceSpec(_Strict):
                     "calibration; needs retain queries and check: prompt)")
     weights: Literal["signed", "nonnegative"] = Field(
         "signed",
-        description="linear detector: signed weights (any sign), or nonnegative — every weight ≥ 0, so the score never "
-                    "drops when text is added: a forget request buried in a long story or followed by more turns still "
-                    "scores as high, at the cost of subtracting look-alike evidence (e.g. another programming language). "
+        description="linear detector: signed weights (any sign), or nonnegative — every weight ≥ 0, so no feature counts "
+                    "against the skill: text appended after a forget request never lowers its score, and a story or "
+                    "fake system text around it adds nothing negative; the cost: look-alike evidence (e.g. another "
+                    "programming language) cannot be subtracted either. "
                     "Default signed, the detector as first fitted; the real-model recipes choose nonnegative")
     retain: str | list[str] | None = Field(None, description="retain queries the guard must not refuse: turns on "
                                                              "the calibration (none: the paper's fixed box)")
