@@ -113,7 +113,7 @@ def test_dry_run_calibration_estimate_names_the_peak(monkeypatch):
 
     ks = SimpleNamespace(forget="f", retain_sets=["r"], detector="linear", layer=-1, scale=2.0,
                          false_positive_budget=0.01, folds=5, seed=0, check="prompt",
-                         background="none", background_sets=[])
+                         background="none", background_sets=[], weights="signed")
     recipe = SimpleNamespace(key_space=ks, set_format=lambda name: "raw")
     cfg = {"retain": ["r"], "false_positive_budget": 0.01, "folds": 5, "seed": 0, "continuation_tokens": 0}
     monkeypatch.setattr(calibrate, "calibration_config", lambda r: cfg)
@@ -124,3 +124,10 @@ def test_dry_run_calibration_estimate_names_the_peak(monkeypatch):
     memory = calibration_memory(est)
     assert human_bytes(keys) in memory and human_bytes(fit) in memory
     assert "above the profile" in memory
+    # non-negative weights: no Gram matrix; the fold's screened features instead
+    ks.weights = "nonnegative"
+    est = calibration_estimate(recipe, {"f": {"texts": 135}, "r": {"texts": 690}}, 30, 1536)
+    fit = 825 * 1536 * 12 + 825 * calibrate.MONOTONE_FEATURES * 16 + 30 * 1536 * 16
+    assert (est.keys_bytes, est.fit_bytes) == (keys, fit)
+    memory = calibration_memory(est)
+    assert human_bytes(fit) in memory and "screened features" in memory and "Gram" not in memory

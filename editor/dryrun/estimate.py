@@ -284,6 +284,7 @@ class CalibrationEstimate:
     recipe's ``layer`` / ``scale`` are not the plan."""
 
     detector: str
+    weights: str  # the linear detector's: signed | nonnegative
     retain: list[str]
     budget: float
     folds: int
@@ -308,12 +309,22 @@ class CalibrationEstimate:
 
     @property
     def fit_bytes(self) -> int | None:
-        """linear: the fit in kernel form (``calibrate_linear``) — the float64 Gram matrix of the queries,
-        a fold's copy of it and its eigendecomposition (4 × queries² × 8 B), and one layer's
-        standardized keys at a time (float64 and float32: queries × d_ff × 12 B)."""
+        """linear, signed: the fit in kernel form (``calibrate_linear``) — the float64 Gram matrix of the
+        queries, a fold's copy of it and its eigendecomposition (4 × queries² × 8 B), and one layer's
+        standardized keys at a time (float64 and float32: queries × d_ff × 12 B). nonnegative: no Gram
+        matrix; one layer's keys and its screening copy (queries × d_ff × 12 B), the fold's screened
+        features (``MONOTONE_FEATURES`` of them: float32, a training copy and one layer's float64
+        standardization, queries × k × 16 B) and the fold models' summed weights (float64, two
+        copies)."""
         if self.queries is None:
             return None
-        return 4 * self.queries * self.queries * 8 + self.queries * self.d_ff * 12
+        q = self.queries
+        if self.weights == "nonnegative":
+            from editor.methods.calibrate import MONOTONE_FEATURES
+
+            k = min(MONOTONE_FEATURES, self.n_layers * self.d_ff)
+            return q * self.d_ff * 12 + q * k * 16 + self.n_layers * self.d_ff * 16
+        return 4 * q * q * 8 + q * self.d_ff * 12
 
 
 def forms_of(fmt: str, chat: bool | None = None) -> int:
@@ -367,7 +378,7 @@ def calibration_estimate(recipe: Recipe, sets: dict[str, dict], n_layers: int, d
         counts += [texts(n) for n in ks.background_sets]
     queries = sum(int(c) for c in counts) if all(c is not None for c in counts) else None
     return CalibrationEstimate(
-        detector=ks.detector, retain=retain, budget=float(cfg["false_positive_budget"]), folds=int(cfg["folds"]),
+        detector=ks.detector, weights=ks.weights, retain=retain, budget=float(cfg["false_positive_budget"]), folds=int(cfg["folds"]),
         seed=cfg["seed"], continuation_tokens=int(cfg["continuation_tokens"]),
         background=ks.background if ks.background in ("default", "none") else "sets",
         background_sets=list(ks.background_sets), n_background=n_bg, queries=queries, n_layers=n_layers, d_ff=d_ff,

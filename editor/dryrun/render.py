@@ -54,9 +54,11 @@ def calibration_lines(out: Lines, plan: DryRun) -> None:
     background = _background(c, c.background_sets)
     budget_on = "per retain set and on the background" if c.background != "none" else "per retain set"
     if c.detector == "linear":
+        weights = ("non-negative weights (no feature counts against the skill)" if c.weights == "nonnegative"
+                   else "signed weights")
         out.row("key_space", f"forget {ks.forget!r}: pooled linear detector — every layer's key max-pooled over the prompt's "
-                             f"tokens, one linear score fitted at profile time; the recipe's layer ({ks.layer}) and scale "
-                             f"({ks.scale:g}) are not used")
+                             f"tokens, one linear score with {weights} fitted at profile time; the recipe's layer "
+                             f"({ks.layer}) and scale ({ks.scale:g}) are not used")
         out.more(f"retain sets {retain}; {background}; false-positive budget {c.budget:g} ({c.budget * 100:g} % {budget_on}, "
                  f"out of fold), {c.folds}-fold cross-fitting, seed {c.seed}; check {ks.check}")
         return
@@ -74,13 +76,16 @@ def calibration_memory(c: CalibrationEstimate) -> str:
     """What the calibration holds above the profile's peak (docs/SCALE.md measures it on SmolLM2)."""
     q, n_layers, d_ff = c.queries, c.n_layers, c.d_ff
     if c.detector == "linear":
+        nonneg = c.weights == "nonnegative"
         if q is None:
+            fit = "queries × (d_ff × 12 B + screened features × 16 B)" if nonneg else "4 × queries² × 8 B"
             return (f"queries × {n_layers} layers × {d_ff} × 4 B of pooled keys (float32) "
-                    f"+ 4 × queries² × 8 B for the fit above the profile's peak")
+                    f"+ {fit} for the fit above the profile's peak")
+        what = ("one layer's keys and its screening copy, the fold's screened features, the summed weights" if nonneg
+                else f"the {q} × {q} Gram matrix, a fold's copy and its eigenvectors, one layer's standardized keys")
         return (f"≤ {q} queries × {n_layers} layers × {d_ff} × 4 B = {human_bytes(c.keys_bytes)} of pooled keys (float32), "
-                f"+ {human_bytes(c.fit_bytes)} for the fit (the {q} × {q} Gram matrix, a fold's copy and its "
-                f"eigenvectors, one layer's standardized keys) → ≤ {human_bytes(c.keys_bytes + c.fit_bytes)} above the "
-                f"profile's peak (a set in raw and chat form counts twice)")
+                f"+ {human_bytes(c.fit_bytes)} for the fit ({what}) → ≤ {human_bytes(c.keys_bytes + c.fit_bytes)} above "
+                f"the profile's peak (a set in raw and chat form counts twice)")
     per = f"{max(1, c.continuation_tokens)} key(s)"
     if q is None:
         return f"per query ≤ {per} × {n_layers} layers × {d_ff} × 4 B of keys (float32, CPU); query counts known at run time"

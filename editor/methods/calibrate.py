@@ -535,8 +535,9 @@ def calibrate_linear(forget: dict[int, torch.Tensor], retain: dict[int, torch.Te
 
     ``weights``: ``signed`` (any sign: the fit in kernel form below) or ``nonnegative`` — every weight
     ≥ 0 (``fit_nonnegative_logistic`` on the fold's ``MONOTONE_FEATURES`` features most above the
-    negatives): the score is then monotone in every pooled key, so more text — a long story around a
-    request, a conversation after it — never lowers it; signed weights let unrelated text subtract.
+    negatives): the score is then monotone in every pooled key — text appended after a request never
+    lowers it (a causal model's earlier keys stay, a max only grows) and text around it adds nothing
+    negative; signed weights let unrelated text (a long story) subtract.
 
     Features: every layer's pooled key, standardized over all probe queries (``feature_moments``).
     On each fold: fit on the training forget (positive) and retain (negative) queries
