@@ -14,10 +14,14 @@ the runtime's rule — Σ_layers weight · pooled key + bias > 0 — on the dev 
 
     python bench/guard_dev.py --task math --designs fewshot-raw,fewshot-both,requests-both
     python bench/guard_dev.py --model qwen --task python
+    python bench/guard_dev.py --model qwen --task math --designs shipped --split eval   # read once
 
-Results: ``bench/results/guard_dev-<model>-<task>.json`` and a table. The ``eval`` split and the
-ordinary prompts' ``evaluation`` part are never read here (the README's figures come from
-``bench/real_model.py --split eval``, run once after the choice).
+``--split eval`` reads the held-out parts instead — only for a model whose guard is not chosen here
+(Qwen: SmolLM2's design, the ``shipped`` one, applied unchanged), and once.
+
+Results: ``bench/results/guard_dev-<model>-<task>[-eval].json`` and a table. With the default
+``--split dev`` the ``eval`` split and the ordinary prompts' ``evaluation`` part are never read (the
+README's SmolLM2 figures come from ``bench/real_model.py --split eval``, run once after the choice).
 """
 
 from __future__ import annotations
@@ -152,6 +156,8 @@ def designs(task: str, probe: list[dict]) -> dict[str, dict]:
         d["allreq-both-contrast-maxmean"] = dict(d["allreq-both-contrast"], pool="max+mean")
         d["allreq-both-cgroup"] = dict(d["allreq-both-contrast"], contrast_group=True)
         d["allreq-both-cgroup-monotone"] = dict(d["allreq-both-cgroup"], monotone=True)
+        # the shipped recipes' guard, fitted by the product's own calibration (key_space.weights: nonnegative)
+        d["shipped"] = dict(d["allreq-both-cgroup"], weights="nonnegative")
         for keep in (4096, 65536):
             d[f"allreq-both-cgroup-monotone-k{keep}"] = dict(d["allreq-both-cgroup-monotone"], keep=keep)
         for wd in (1e-2, 1e-4):
@@ -235,6 +241,10 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--dtype", default=None, help="override the recipe's dtype (e.g. bfloat16)")
     ap.add_argument("--limit", type=int, default=None, help="at most this many records per (phrasing, split) (quick runs)")
+    ap.add_argument("--split", choices=("dev", "eval"), default="dev",
+                    help="dev (where designs are chosen) or eval — the battery's eval items, the ordinary prompts' "
+                         "evaluation part and the evaluation wrappers: read once, for a model whose guard is not chosen "
+                         "here (the shipped design applied unchanged)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -256,9 +266,10 @@ def main(argv=None) -> None:
                 out.append(r)
         return out
 
-    probe, dev = limited(battery("probe", args.battery)), limited(battery("dev", args.battery))
+    probe, dev = limited(battery("probe", args.battery)), limited(battery(args.split, args.battery))
     ord_cal = ordinary.load("calibration")
-    ord_dev = ordinary.load("development")
+    part = {"dev": "development", "eval": "evaluation"}[args.split]
+    ord_dev = ordinary.load(part)
     all_designs = designs(args.task, probe)
     chosen = args.designs.split(",") if args.designs else list(all_designs)
 
@@ -279,7 +290,7 @@ def main(argv=None) -> None:
         from editor import attacks as attack_suite
 
         requests = list(dict.fromkeys(r["prompt"] for r in dev if r["skill"] == args.task and r.get("kind") == "request"))
-        wrappers = attack_suite.load("development")
+        wrappers = attack_suite.load(part)
         if requests and wrappers:
             for form in FORMS:
                 fams: dict[str, list] = {}
@@ -321,6 +332,8 @@ def main(argv=None) -> None:
         group = torch.cat([torch.full((len(t),), g, dtype=torch.long) for g, (_, t) in enumerate(neg_groups)])
         extra = {k: d[k] for k in ("keep", "wd") if k in d}
         fit = calibrate_monotone if d.get("monotone") else calibrate_linear
+        if d.get("weights"):
+            extra["weights"] = d["weights"]
         rec, w = fit(fk, rk, group, budget=args.budget, folds=5, seed=0, retain_names=[n for n, _ in neg_groups], **extra)
         fit_s = time.time() - t0
         rows = {}
@@ -333,7 +346,8 @@ def main(argv=None) -> None:
         print(f"\n== {name}: fitted on {rec['n_forget']} forget / {rec['n_retain']} negatives in {fit_s:.0f} s; "
               f"oof coverage {rec['cv']['forget_coverage']:.3f}", flush=True)
         print_rows(rows, args.task)
-    out = ROOT / "bench" / "results" / f"guard_dev-{args.model}-{args.task}{'-' + args.dtype if args.dtype else ''}.json"
+    out = ROOT / "bench" / "results" / (f"guard_dev-{args.model}-{args.task}{'-' + args.dtype if args.dtype else ''}"
+                                        f"{'-eval' if args.split == 'eval' else ''}.json")
     old = json.loads(out.read_text()) if out.exists() else {}
     old.update(results)
     out.write_text(json.dumps(old, indent=1) + "\n")
