@@ -70,8 +70,22 @@ def model_file_identity(recipe: Recipe) -> dict:
     return out
 
 
+class _NotPacked(logging.Filter):
+    """transformers ≥ 5.25 warns, for any GGUF load in a dtype other than float32, that "its weights
+    packed" compute fastest in float32 — but the architectures this tool edits (llama, qwen2, …) go
+    through its legacy loader, which dequantizes every tensor to plain ``nn.Linear`` weights in the
+    asked dtype: nothing stays packed, and the advice would mislead. Only that message is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith("Loading a GGUF checkpoint with its weights packed")
+
+
+_NOT_PACKED = _NotPacked()
+
+
 def _need_gguf(src: ModelSource) -> None:
     if src.gguf_file:
+        logging.getLogger("transformers.quantizers.quantizer_gguf").addFilter(_NOT_PACKED)
         try:
             import gguf  # noqa: F401
         except ImportError:
