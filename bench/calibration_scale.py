@@ -5,7 +5,7 @@ features (layers × d_ff), on a real model's pooled keys, side by side with the 
 from the project's history, commit ``OLD_COMMIT``).
 
     python bench/calibration_scale.py --model smollm2 --sizes 500,1000,2000
-    python bench/calibration_scale.py --model qwen --sizes 500,1000,2000,4000 --no-old
+    python bench/calibration_scale.py --model qwen --sizes 1000,2000,3000 --fits kernel,nonnegative
 
 The keys: every layer's key max-pooled over the prompt, for the shipped ordinary prompts and the
 battery's probe items in raw and chat form (``bench/guard_dev.py``'s cache); the first rows of the
@@ -80,7 +80,8 @@ def child(model: str, n: int, which: str, threads: int) -> None:
         sys.path.insert(0, str(ROOT))
         from editor.methods.calibrate import calibrate_linear
 
-        fit = lambda: calibrate_linear(forget, retain, group, budget=0.01, folds=5, seed=0)  # noqa: E731
+        weights = "nonnegative" if which == "nonnegative" else "signed"
+        fit = lambda: calibrate_linear(forget, retain, group, budget=0.01, folds=5, seed=0, weights=weights)  # noqa: E731
     t0, c0 = time.perf_counter(), time.process_time()
     rec, _ = fit()
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -122,6 +123,8 @@ def main(argv=None) -> None:
     ap.add_argument("--sizes", default="500,1000,2000")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-old", action="store_true", help="skip the replaced fit")
+    ap.add_argument("--fits", default="kernel,old", help="which fits: kernel (signed, the default weights), "
+                                                          "nonnegative (key_space.weights: nonnegative), old")
     ap.add_argument("--child", nargs=3, metavar=("MODEL", "N", "FIT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -132,9 +135,11 @@ def main(argv=None) -> None:
         collect_keys(args.model, keys, args.threads)
     rows = []
     for n in [int(s) for s in args.sizes.split(",")]:
-        for which in ("kernel",) + (() if args.no_old else ("old",)):
+        for which in [f for f in args.fits.split(",") if not (args.no_old and f == "old")]:
+            # numpy's BLAS (scipy's L-BFGS-B) pinned to the same thread count as torch: honest CPU seconds
+            threads = {v: str(args.threads) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
             proc = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--child", args.model, str(n), which],
-                                  env={**os.environ, "CAL_KEYS": str(keys)}, capture_output=True, text=True)
+                                  env={**os.environ, **threads, "CAL_KEYS": str(keys)}, capture_output=True, text=True)
             if proc.returncode != 0:
                 print(proc.stderr[-2000:])
                 continue
