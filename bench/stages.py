@@ -49,6 +49,38 @@ class LoadSampler(threading.Thread):
             self.samples.append(round(os.getloadavg()[0], 2))
 
 
+def _peak_mib_and_reset() -> int | None:
+    """This process's peak RSS (VmHWM, MiB) since the last call, then the mark reset (``5`` into
+    /proc/self/clear_refs) so the next stage's peak is its own; None where /proc has no such file."""
+    try:
+        peak = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
+                    if line.startswith("VmHWM:")) // 1024
+        Path("/proc/self/clear_refs").write_text("5")
+        return peak
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def _dry_run_check(recipe: str, stages: list[dict]) -> dict:
+    """Each stage's measured peak RSS beside ``skill-editor run --dry-run``'s estimate (``DryRun.peaks``):
+    profile, calibration (its key collection and fit), export."""
+    from editor.dryrun.estimate import estimate
+
+    peaks = estimate(recipe).peaks
+    by = {s["stage"]: s.get("peak_rss_mib") for s in stages}
+    measured = {"profile": by.get("profile"), "export": by.get("export"),
+                "calibration": max((by.get(k) or 0) for k in ("calibration keys", "calibration fit")) or None}
+    if "export onnx" in peaks:  # one export stage writes both formats: its peak is the ONNX export's
+        measured["export onnx"], measured["export"] = measured["export"], None
+    out = {}
+    for stage, est in peaks.items():
+        m = measured.get(stage)
+        if m:
+            e = round(est / 2**20)
+            out[stage] = {"measured": m, "estimate": e, "error": round(e / m - 1, 3)}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("recipe")
@@ -77,8 +109,11 @@ def main() -> None:
         hf_logging.disable_progress_bar()
 
     def record(name: str, wall: float, cpu: float) -> None:
-        stages.append({"stage": name, "wall_s": wall, "cpu_s": cpu})
-        print(f"[stage] {name}: {wall:.1f} s wall, {cpu:.1f} s CPU", file=sys.stderr, flush=True)
+        peak = _peak_mib_and_reset()
+        stages.append({"stage": name, "wall_s": wall, "cpu_s": cpu, "peak_rss_mib": peak})
+        print(f"[stage] {name}: {wall:.1f} s wall, {cpu:.1f} s CPU, peak RSS {peak} MiB", file=sys.stderr, flush=True)
+
+    _peak_mib_and_reset()  # the import stage's peak is not the run's
 
     with tempfile.TemporaryDirectory(prefix="skill-editor-stages-") as tmp:
         out = Path(args.out) if args.out else Path(tmp) / "ck"
@@ -105,6 +140,7 @@ def main() -> None:
         "when": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "scorecard": bool(summary.get("scorecard")),
     }
+    report["dry_run_peaks_mib"] = _dry_run_check(args.recipe, stages)
     width = max(len(s["stage"]) for s in stages)
     print(f"{args.recipe}: {threads} thread(s), {report['machine']['cpu']} ({report['machine']['cores']} cores), "
           f"torch {report['machine']['torch']}; 1-min load {load_start[0]} at start, "
@@ -113,6 +149,8 @@ def main() -> None:
     for s in stages:
         print(f"{s['stage']:<{width}}  {s['wall_s']:>8.1f}  {s['cpu_s']:>8.1f}")
     print(f"{'total':<{width}}  {total_wall:>8.1f}  {total_cpu:>8.1f}")
+    for stage, d in report["dry_run_peaks_mib"].items():
+        print(f"peak RSS {stage}: measured {d['measured']} MiB, dry run {d['estimate']} MiB ({d['error']:+.0%})")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

@@ -9,6 +9,9 @@ results (identical to the straightforward formulation they replace)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -131,3 +134,19 @@ def test_dry_run_calibration_estimate_names_the_peak(monkeypatch):
     assert (est.keys_bytes, est.fit_bytes) == (keys, fit)
     memory = calibration_memory(est)
     assert human_bytes(fit) in memory and "screened features" in memory and "Gram" not in memory
+
+
+@pytest.mark.parametrize("model, d_ff", [("smollm2", 1536), ("qwen", 4864)])
+def test_dry_run_stage_peaks_within_25_percent_of_the_real_models(model, d_ff):
+    """The dry run's per-stage peak RSS (``stage_peaks``) against what ``bench/peak_memory.py``
+    measured on the two real models in float32 (batch 8, ≤ 512 tokens): within ±25 % for profile,
+    export and the ONNX export. The profile and export lines were fitted on random Llamas, so these
+    two points test them; the ONNX line's slope was read off these two points (docs/SCALE.md)."""
+    from editor.dryrun.estimate import stage_peaks
+
+    rec = json.loads((Path(__file__).resolve().parents[1] / "bench" / "results" / f"peak_memory-{model}.json").read_text())
+    w = rec["model"]["weights_bytes"]
+    est = stage_peaks(w, transient_bytes=8 * 512 * d_ff * 8, onnx=True)
+    for stage, key in (("profile", "profile"), ("export", "export"), ("export onnx", "export-onnx")):
+        measured = rec[key]["peak_mb"] * 2**20
+        assert abs(est[stage] / measured - 1) <= 0.25, (model, stage, est[stage] / 2**20, rec[key]["peak_mb"])

@@ -435,6 +435,14 @@ class DryRun:
         return p.batch_size * p.max_length * self.shape["d_ff"] * 8
 
     @property
+    def peaks(self) -> dict[str, int]:
+        """``stage_peaks`` of this run (host memory; on a GPU the weights and activations live there)."""
+        c = self.calibration
+        cal = (c.keys_bytes or 0) + (c.fit_bytes or 0) if c is not None and c.queries is not None else 0
+        return stage_peaks(self.weight_bytes, transient_bytes=self.transient_bytes, calibration_bytes=cal,
+                           onnx="onnx" in self.recipe.export.formats)
+
+    @property
     def edit_bytes(self) -> int:
         """What the edit adds to the checkpoint: NA's a, b, c, slope, offset + the inverse permutations;
         the linear detector's weight per layer (+ the bias); a box's lower + upper (a calibration may
@@ -449,6 +457,29 @@ class DryRun:
         elif ks:
             added += (2 if self.calibration is not None else 1) * 2 * d_ff * 4
         return added
+
+
+# Peak RSS per stage, W = the weights in the dtype they are loaded in (docs/SCALE.md, "Memory"): lines
+# fitted on random Llamas of 58-374 M parameters (profile, export) and through the two real models'
+# ONNX exports (the ONNX line); each stage in its own process, torch + transformers + the tool imported.
+PROFILE_PEAK = (385 * 2**20, 1.18)  # the weights once, one batch's activations, the statistics
+EXPORT_PEAK = (370 * 2**20, 1.03)  # the weights once; saving and hashing stream
+ONNX_PEAK = (340 * 2**20, 2.5)  # PyTorch's weights, the exported initializers, ONNX Runtime's session
+
+
+def stage_peaks(weight_bytes: int, *, transient_bytes: int = 0, calibration_bytes: int = 0,
+                onnx: bool = False) -> dict[str, int]:
+    """Estimated peak RSS (bytes) of each stage of a run on the CPU: ``profile`` (plus the profiler's
+    float64 transient), ``calibration`` (the profile's peak + the keys and the fit it holds),
+    ``export`` (HF) and, when asked, ``export onnx`` (export + ONNX Runtime validation)."""
+    profile = PROFILE_PEAK[0] + PROFILE_PEAK[1] * weight_bytes + transient_bytes
+    out = {"profile": int(profile)}
+    if calibration_bytes:
+        out["calibration"] = int(profile + calibration_bytes)
+    out["export"] = int(EXPORT_PEAK[0] + EXPORT_PEAK[1] * weight_bytes)
+    if onnx:
+        out["export onnx"] = int(ONNX_PEAK[0] + ONNX_PEAK[1] * weight_bytes)
+    return out
 
 
 def _load_config(recipe: Recipe):
