@@ -398,3 +398,29 @@ def test_weights_field_is_for_the_linear_detector():
     assert calibrate.calibration_config(r)["weights"] == "nonnegative"
     r2 = parse_recipe({**base, "key_space": {"forget": "f", "retain": "r", "detector": "linear", "check": "prompt"}})
     assert "weights" not in calibrate.calibration_config(r2)  # statistics fitted before the field stay valid
+
+
+def test_nonnegative_fit_keeps_numpy_to_the_commands_threads(monkeypatch):
+    """The bounded fit runs scipy (numpy's BLAS) inside a thread limit equal to torch's thread count
+    (the command's --threads), instead of every core of the machine."""
+    import scipy.optimize
+    from threadpoolctl import threadpool_info
+
+    seen = []
+    real = scipy.optimize.minimize
+
+    def spy(*a, **kw):
+        seen.append({i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})
+        return real(*a, **kw)
+
+    monkeypatch.setattr(scipy.optimize, "minimize", spy)
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        g = torch.Generator().manual_seed(0)
+        z = torch.randn(40, 6, generator=g)
+        y = (z[:, 0] > 0).double()
+        calibrate.fit_nonnegative_logistic(z, y)
+    finally:
+        torch.set_num_threads(old)
+    assert seen and all(s <= {1} for s in seen), seen

@@ -459,6 +459,7 @@ def fit_nonnegative_logistic(z: torch.Tensor, y: torch.Tensor, *, weight_decay: 
     problem with bounds, solved by L-BFGS-B (scipy) from zeros — deterministic. Returns (w [k] float64, b)."""
     import numpy as np
     from scipy.optimize import minimize
+    from threadpoolctl import threadpool_limits
 
     yt = y.to(torch.float64).numpy()
     n_pos = float(yt.sum())
@@ -477,8 +478,10 @@ def fit_nonnegative_logistic(z: torch.Tensor, y: torch.Tensor, *, weight_decay: 
         return float(loss.sum() + weight_decay * (w @ w)), np.concatenate([gw, [g.sum()]])
 
     k = zt.shape[1]
-    res = minimize(loss_grad, np.zeros(k + 1), jac=True, method="L-BFGS-B", bounds=[(0.0, None)] * k + [(None, None)],
-                   options={"maxiter": max_iter, "ftol": 1e-12, "gtol": 1e-9})
+    # numpy's BLAS sized like torch's pool (the command's --threads), not every core of the machine
+    with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
+        res = minimize(loss_grad, np.zeros(k + 1), jac=True, method="L-BFGS-B",
+                       bounds=[(0.0, None)] * k + [(None, None)], options={"maxiter": max_iter, "ftol": 1e-12, "gtol": 1e-9})
     w, b = torch.from_numpy(res.x[:-1].copy()), float(res.x[-1])
     if not (torch.isfinite(w).all() and math.isfinite(b)):
         raise EditorError("key_space calibration: the linear detector did not converge to finite weights")
