@@ -49,11 +49,7 @@ class TextSet:
         """The texts of one form as a set of their own (the same set when it has only that form)."""
         if self.form_names == [form]:
             return self
-        idx = [i for i in range(len(self.texts)) if self.form_of(i) == form]
-        texts = [self.texts[i] for i in idx]
-        return TextSet(f"{self.name}[{form}]", texts, [self.records[i] for i in idx],
-                       {**self.info, "texts": len(texts), "fingerprint": fingerprint(texts)},
-                       [self.origins[i] for i in idx] if self.origins else [], [form] * len(texts))
+        return subset(self, [i for i in range(len(self.texts)) if self.form_of(i) == form], f"{self.name}[{form}]")
 
 
 def _template_fields(template: str) -> list[str]:
@@ -376,7 +372,8 @@ def contrast_split(ts: TextSet) -> list[tuple[str, TextSet]]:
     near = [i for i, r in enumerate(ts.records) if isinstance(r, dict) and r.get("category") in CONTRAST_CATEGORIES]
     if not near or len(near) == len(ts.texts):
         return [("", ts)]
-    rest = [i for i in range(len(ts.texts)) if i not in set(near)]
+    near_set = set(near)
+    rest = [i for i in range(len(ts.texts)) if i not in near_set]
     return [("", subset(ts, rest, ts.name)), ("contrast", subset(ts, near, f"{ts.name}:contrast"))]
 
 

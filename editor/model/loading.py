@@ -85,7 +85,6 @@ _NOT_PACKED = _NotPacked()
 
 def _need_gguf(src: ModelSource) -> None:
     if src.gguf_file:
-        logging.getLogger("transformers.quantizers.quantizer_gguf").addFilter(_NOT_PACKED)
         try:
             import gguf  # noqa: F401
         except ImportError:
@@ -207,6 +206,8 @@ def load_model(recipe: Recipe, config=None, *, device: str | None = None):
             model = AutoModelForCausalLM.from_pretrained(str(copy), **kwargs)
             dequantized.as_read_from_file(model, copy, src.ref)
         else:
+            if src.gguf_file:
+                logging.getLogger("transformers.quantizers.quantizer_gguf").addFilter(_NOT_PACKED)
             model = AutoModelForCausalLM.from_pretrained(src.ref, **kwargs)
     except (OSError, ValueError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
