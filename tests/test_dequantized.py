@@ -161,3 +161,30 @@ def test_profile_and_export_are_byte_identical_through_the_copy(gguf_model, tmp_
                      {p.name: p.read_bytes() for p in sorted(ckpt.iterdir()) if p.is_file()})
     assert dequantized.lookup(gguf_model, torch.float32) is not None
     assert out["file"] == out["first"] == out["copy"]
+
+
+def test_no_misleading_packed_weights_warning_in_bfloat16(gguf_model, monkeypatch):
+    """transformers ≥ 5.25 advises float32 for GGUF weights "kept packed" on any non-float32 load; a
+    Llama is dequantized to plain weights (nothing stays packed), so that line is dropped — and only it."""
+    import logging
+
+    from editor.model.loading import load_model
+
+    monkeypatch.setenv(dequantized.ENV, "0")
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    log = logging.getLogger("transformers.quantizers.quantizer_gguf")
+    handler = Keep()
+    log.addHandler(handler)
+    try:
+        m = load_model(_recipe(gguf_model, "bfloat16"))
+        log.warning("another message")  # the filter drops that one line only
+    finally:
+        log.removeHandler(handler)
+    assert all(type(x).__name__ != "GgufLinear" for x in m.modules())
+    assert next(m.parameters()).dtype == torch.bfloat16
+    assert not any("weights packed" in s for s in seen) and "another message" in seen, seen
