@@ -125,9 +125,17 @@ def profile_job(job: Job, model, tokenizer, *, progress: bool = True, dist: Dist
                           f"{len(off)} module(s) to cpu/disk (e.g. {off[0]}): give the model enough GPU memory")
     spec = spec_for(job.config)
     out = ProfiledSets()
+    # a pooled linear detector reads its forget set's keys as they are in the base model: the profile
+    # pass of that set collects them too (one pass, not two), unless the NA-active pass changes them
+    shared = None
+    if (dist is None and r.key_space and r.key_space.calibrated and r.key_space.detector == "linear"
+            and not r.neuron_adjust and r.key_space.forget in r.profiled_sets()):
+        shared = collect.PerTextKeys(model, spec, len(job.sets[r.key_space.forget].texts), collect.max_over_real_tokens)
     with stage("profile"):
         for name in r.profiled_sets():
-            out[name] = profile(model, tokenizer, spec, job.sets[name], r.profile, progress=progress)
+            tap = shared.tap if shared is not None and name == r.key_space.forget else None
+            out[name] = profile(model, tokenizer, spec, job.sets[name], r.profile, progress=progress,
+                                **({"also_key": tap} if tap is not None else {}))
         if r.neuron_adjust and r.key_space:
             plan = plan_na(r, job.n_layers, out)
             apply_neuron_adjust(model, spec, job.model_type, plan)
@@ -137,17 +145,19 @@ def profile_job(job: Job, model, tokenizer, *, progress: bool = True, dist: Dist
             out[ts.name + NA_SUFFIX] = s
     if r.key_space and r.key_space.calibrated:
         target = out[ksd_set_name(r)]
-        target.info["calibration"], target.detector = calibrate_job(job, model, tokenizer, spec, progress=progress)
+        target.info["calibration"], target.detector = calibrate_job(
+            job, model, tokenizer, spec, progress=progress, forget_keys=shared.result() if shared is not None else None)
     return out
 
 
-def calibrate_job(job: Job, model, tokenizer, spec: ArchSpec, *,
-                  progress: bool = False) -> tuple[dict, dict[int, torch.Tensor]]:
+def calibrate_job(job: Job, model, tokenizer, spec: ArchSpec, *, progress: bool = False,
+                  forget_keys: dict[int, torch.Tensor] | None = None) -> tuple[dict, dict[int, torch.Tensor]]:
     """The calibrated ``key_space``: the keys of its forget set, of its retain query sets and of its
     background negatives (the only sets it reads; the budget holds on the background as on each
     retain set), then the pure calibration (``editor.methods.calibrate``). Returns the record
     stored with the statistics and the linear detector's weights ({} for a box). Two timed stages,
-    ``calibration keys`` and ``calibration fit``, each with its progress bars."""
+    ``calibration keys`` and ``calibration fit``, each with its progress bars. ``forget_keys``: the
+    linear detector's pooled keys of the forget set, when the profile pass collected them."""
     ks, p = job.recipe.key_space, job.recipe.profile
     kw = dict(batch_size=p.batch_size, max_length=p.max_length, padding_side=p.padding_side, progress=progress)
     forget = job.sets[ks.forget].texts
@@ -167,7 +177,8 @@ def calibrate_job(job: Job, model, tokenizer, spec: ArchSpec, *,
     fit = dict(budget=ks.false_positive_budget, folds=ks.folds, seed=ks.seed, retain_names=names)
     if ks.detector == "linear":
         with stage("calibration keys"):
-            pooled_f = collect.pooled_keys(model, tokenizer, spec, forget, desc="keys: forget queries", **kw)
+            pooled_f = forget_keys if forget_keys is not None else collect.pooled_keys(
+                model, tokenizer, spec, forget, desc="keys: forget queries", **kw)
             pooled_r = collect.pooled_keys(model, tokenizer, spec, retain, desc=f"keys: {which}", **kw)
         with stage("calibration fit"), bar(progress, ks.folds, "fitting the detector", "fold") as shown:
             record, weights = calibrate_linear(pooled_f, pooled_r, group, weights=ks.weights, on_fold=shown.update, **fit)

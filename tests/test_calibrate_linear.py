@@ -18,7 +18,7 @@ from editor.methods import calibrate
 from editor.methods.calibrate import budget_threshold, calibrate_linear, feature_moments, fit_kernel_logistic, gram
 from editor.errors import EditorError
 from editor.profile import collect
-from tests.helpers import QUERIES, calibration_project
+from tests.helpers import QUERIES, QUERY_SETS, calibration_project
 from tests.reference_methods import primal_logistic
 from tests.tiny import save_tiny
 
@@ -449,3 +449,38 @@ def test_nonnegative_fit_keeps_numpy_to_the_commands_threads(monkeypatch):
     finally:
         torch.set_num_threads(old)
     assert seen and all(s <= {1} for s in seen), seen
+
+
+def test_profile_pass_collects_the_forget_keys_once(make_project, monkeypatch):
+    """Without Neuron Adjust, the pooled linear detector's forget keys come from the pass that
+    profiles the forget set (not a second pass over it), and the detector is the one a separate
+    collection gives, bit for bit."""
+    from editor import pipeline
+    from editor.model.arch import spec_for
+    from editor.model.loading import load_model, load_tokenizer
+    from editor.pipeline import calibrate_job, prepare, profile_job
+
+    recipe = make_project("shared-keys", """\
+        key_space: {forget: forget, retain: retain, detector: linear, check: prompt, folds: 3, seed: 0,
+                    false_positive_budget: 0.05, weights: nonnegative}
+        """, files=QUERIES, sets=QUERY_SETS, profile="{batch_size: 8, max_length: 32}")
+    job = prepare(recipe)
+    tok = load_tokenizer(job.recipe)
+    model = load_model(job.recipe, job.config)
+    passes: list[list[str]] = []
+    real = collect.pooled_keys
+
+    def spy(m, t, spec, texts, **kw):
+        passes.append(list(texts))
+        return real(m, t, spec, texts, **kw)
+
+    monkeypatch.setattr(collect, "pooled_keys", spy)
+    shared = profile_job(job, model, tok, progress=False)
+    assert not any(set(p) & set(QUERIES["forget"]) for p in passes), "the forget set ran through the model again"
+    assert passes, "the negatives are collected in their own pass"
+    record, weights = calibrate_job(job, model, tok, spec_for(job.config))  # forget keys collected on their own
+    monkeypatch.undo()
+    assert any(set(p) == set(QUERIES["forget"]) for p in passes)
+    got = shared["forget"]
+    assert got.info["calibration"]["bias"] == record["bias"]
+    assert all(torch.equal(got.detector[i], weights[i]) for i in weights)

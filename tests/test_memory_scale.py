@@ -73,7 +73,7 @@ def test_pooled_row_maxima_ignore_padding_on_both_sides():
             if side == "right":
                 mask[r, :n] = 1
         b = collect.Batch(torch.zeros(3, 5, dtype=torch.long), mask, mask, torch.zeros(0), torch.zeros(3), 8, torch.arange(3))
-        got = collect._max_over_real_tokens(x, b)
+        got = collect.max_over_real_tokens(x, b)
         want = x.masked_fill(~mask.bool()[:, :, None], float("-inf")).amax(1)
         assert torch.equal(got, want)
 

@@ -153,41 +153,52 @@ def run(model: nn.Module, spec: ArchSpec, batches: list[Batch], *, pre: Tap | No
     return time.perf_counter() - t0
 
 
-@torch.inference_mode()
-def _per_text_keys(model, tokenizer, spec: ArchSpec, texts: list[str], reduce, *, batch_size: int = 8,
-                   max_length: int = 512, padding_side: str | None = None, progress: bool = False,
-                   desc: str = "keys") -> dict[int, torch.Tensor]:
-    """One key vector per text and layer: ``reduce(keys [B, T, d_ff], batch)`` → [B, d_ff].
-    {layer: float32 [len(texts), d_ff]} on the CPU, rows in the order of ``texts``. ``progress``: a
-    bar over the texts (stderr).
+class PerTextKeys:
+    """One key vector per text and layer, ``reduce(keys [B, T, d_ff], batch)`` → [B, d_ff], filled by
+    ``tap`` (a ``run`` key tap) batch by batch: {layer: float32 [n, d_ff]} on the CPU, rows in the
+    order of the texts. A tap of its own, so a pass that profiles a set can collect its keys too
+    (``editor.profile.stream.profile_texts``'s ``also_key``).
 
     Memory: the result matrices are allocated once, before the first batch, and each batch's rows are
     written into them in place (no list of per-batch chunks, no concatenation, no reordering copy).
     Growing lists of small chunks interleaved with every batch's larger temporaries kept glibc from
     reusing or returning freed memory — +2.5 GiB of retained heap for 690 pooled texts on SmolLM2
     (30 layers), for 127 MB of keys (docs/SCALE.md, "Calibration")."""
+
+    def __init__(self, model, spec: ArchSpec, n_texts: int, reduce):
+        self.width = d_ff(model, spec)
+        self.reduce = reduce
+        self.keys = {i: torch.empty(n_texts, self.width, dtype=torch.float32)
+                     for i in range(len(decoder_layers(model, spec)))}
+
+    def tap(self, i: int, x: torch.Tensor, b: Batch) -> None:
+        keys = self.reduce(x.reshape(b.input_ids.shape[0], b.input_ids.shape[1], self.width), b)
+        self.keys[i].index_copy_(0, b.rows, keys.to(device="cpu", dtype=torch.float32))
+
+    def result(self) -> dict[int, torch.Tensor]:
+        for i, keys in self.keys.items():
+            if not torch.isfinite(keys).all():
+                raise EditorError(f"non-finite keys (NaN/Inf) in layer {i} during key_space calibration")
+        return self.keys
+
+
+@torch.inference_mode()
+def _per_text_keys(model, tokenizer, spec: ArchSpec, texts: list[str], reduce, *, batch_size: int = 8,
+                   max_length: int = 512, padding_side: str | None = None, progress: bool = False,
+                   desc: str = "keys") -> dict[int, torch.Tensor]:
+    """``PerTextKeys`` of ``texts`` in a pass of their own. ``progress``: a bar over the texts (stderr)."""
     prepared = batched_texts(tokenizer, texts, batch_size=batch_size, max_length=max_length, padding_side=padding_side)
-    width = d_ff(model, spec)
-    n_layers = len(decoder_layers(model, spec))
-    out = {i: torch.empty(len(texts), width, dtype=torch.float32) for i in range(n_layers)}
-
-    def tap(i: int, x: torch.Tensor, b: Batch) -> None:
-        keys = reduce(x.reshape(b.input_ids.shape[0], b.input_ids.shape[1], width), b)
-        out[i].index_copy_(0, b.rows, keys.to(device="cpu", dtype=torch.float32))
-
+    keys = PerTextKeys(model, spec, len(texts), reduce)
     with bar(progress, len(texts), desc) as shown:
-        run(model, spec, prepared.batches, key=tap, after=lambda k, b: shown.update(b.input_ids.shape[0]))
-    for i, keys in out.items():
-        if not torch.isfinite(keys).all():
-            raise EditorError(f"non-finite keys (NaN/Inf) in layer {i} during key_space calibration")
-    return out
+        run(model, spec, prepared.batches, key=keys.tap, after=lambda k, b: shown.update(b.input_ids.shape[0]))
+    return keys.result()
 
 
 def _last_token(x: torch.Tensor, b: Batch) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).index_select(0, b.last_index.to(x.device))  # flat [B*T] indices
 
 
-def _max_over_real_tokens(x: torch.Tensor, b: Batch) -> torch.Tensor:
+def max_over_real_tokens(x: torch.Tensor, b: Batch) -> torch.Tensor:
     """[B, d_ff]: each row's maximum over its real tokens — a contiguous run (left or right
     padding), reduced through a view of the row: no masked copy of the whole [B, T, d_ff] batch."""
     mask = b.attention_mask
@@ -205,7 +216,7 @@ def last_token_keys(model, tokenizer, spec: ArchSpec, texts: list[str], **kw) ->
 def pooled_keys(model, tokenizer, spec: ArchSpec, texts: list[str], **kw) -> dict[int, torch.Tensor]:
     """Per text and layer, the key max-pooled over the text's real tokens (what the runtime's
     linear detector scores over the prompt's call): {layer: float32 [len(texts), d_ff]}."""
-    return _per_text_keys(model, tokenizer, spec, texts, _max_over_real_tokens, **kw)
+    return _per_text_keys(model, tokenizer, spec, texts, max_over_real_tokens, **kw)
 
 
 @torch.inference_mode()

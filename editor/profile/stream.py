@@ -78,8 +78,11 @@ def profile_texts(
     desc: str = "profile",
     progress: bool = True,
     check_every: int = 16,
+    also_key: collect.Tap | None = None,
 ) -> tuple[dict[int, dict[str, Moments]], dict]:
-    """Stream ``texts`` through ``model``; return per-layer Moments and a summary (tokens, time)."""
+    """Stream ``texts`` through ``model``; return per-layer Moments and a summary (tokens, time).
+    ``also_key``: a second key tap fed in the same pass (``collect.PerTextKeys.tap``: the
+    calibration's keys of a profiled set, without running the set through the model again)."""
     from tqdm.auto import tqdm
 
     prepared = collect.batched_texts(tokenizer, texts, batch_size=batch_size, max_length=max_length, padding_side=padding_side)
@@ -99,8 +102,13 @@ def profile_texts(
             acc.check_finite(names)
 
     try:
-        seconds = collect.run(model, spec, prepared.batches, pre=acc.add_pre if want_pre else None,
-                              key=acc.add_key if want_key else None, after=after)
+        key = acc.add_key if want_key else None
+        if also_key is not None:
+            def key(i: int, x: torch.Tensor, b: collect.Batch, own=key) -> None:
+                if own is not None:
+                    own(i, x, b)
+                also_key(i, x, b)
+        seconds = collect.run(model, spec, prepared.batches, pre=acc.add_pre if want_pre else None, key=key, after=after)
         acc.check_finite(names)
     finally:
         shown.close()
@@ -116,11 +124,12 @@ def profile_texts(
     return out, summary
 
 
-def profile_set(model, tokenizer, spec: ArchSpec, text_set, recipe_profile, *, desc=None, progress=True) -> SetStats:
+def profile_set(model, tokenizer, spec: ArchSpec, text_set, recipe_profile, *, desc=None, progress=True,
+                also_key: collect.Tap | None = None) -> SetStats:
     layers, summary = profile_texts(
         model, tokenizer, spec, text_set.texts,
         batch_size=recipe_profile.batch_size, max_length=recipe_profile.max_length,
-        padding_side=recipe_profile.padding_side, desc=desc or text_set.name, progress=progress,
+        padding_side=recipe_profile.padding_side, desc=desc or text_set.name, progress=progress, also_key=also_key,
     )
     info = dict(text_set.info)
     info.update({"tokens": summary["tokens"], "truncated": summary["truncated"], "max_length": summary["max_length"],
