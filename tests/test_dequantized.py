@@ -190,3 +190,45 @@ def test_no_misleading_packed_weights_warning_in_bfloat16(gguf_model, monkeypatc
     assert all(type(x).__name__ != "GgufLinear" for x in m.modules())
     assert next(m.parameters()).dtype == torch.bfloat16
     assert not any("weights packed" in s for s in seen) and "another message" in seen, seen
+
+
+def test_config_and_tokenizer_are_parsed_from_the_file_once(gguf_model, monkeypatch):
+    """The file's config and tokenizer: parsed from the file the first time, read from their saved
+    copies afterwards — the same config and tokenizer as the file gives, under the file's name."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from editor.model.loading import load_config, load_tokenizer
+
+    r = _recipe(gguf_model)
+    monkeypatch.setenv(dequantized.ENV, "0")
+    plain_cfg, plain_tok = load_config(r), load_tokenizer(r)
+    monkeypatch.setenv(dequantized.ENV, "1")
+    seen = []
+    for cls in (AutoConfig, AutoTokenizer):
+        real = cls.from_pretrained.__func__
+
+        def spy(c, ref, *a, _real=real, **kw):
+            seen.append((c.__name__, str(ref), kw.get("gguf_file")))
+            return _real(c, ref, *a, **kw)
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
+    for _ in range(2):
+        cfg, tok = load_config(r), load_tokenizer(r)
+        assert dequantized.same_config(cfg, plain_cfg) and dequantized.same_tokenizer(tok, plain_tok)
+        assert cfg._name_or_path == plain_cfg._name_or_path and tok.name_or_path == plain_tok.name_or_path
+    from_file = [s for s in seen if s[2] == "tiny.gguf"]
+    assert [s[0] for s in from_file] == ["AutoConfig", "AutoTokenizer"], seen  # each parsed once
+    cached = {s[1] for s in seen if s[2] is None and not s[1].endswith(".partial")}  # (.partial: the read-back check)
+    assert cached == {str(dequantized.metadata_dir(gguf_model, k)) for k in ("config", "tokenizer")}
+
+
+def test_metadata_that_reads_back_differently_is_not_kept(gguf_model, monkeypatch, caplog):
+    from editor.model.loading import load_config
+
+    r = _recipe(gguf_model)
+    monkeypatch.setattr(dequantized, "same_config", lambda a, b: False)
+    with caplog.at_level(logging.WARNING, logger="editor.model.dequantized"):
+        cfg = load_config(r)
+    assert cfg.num_hidden_layers == 2
+    assert any("reads back differently" in rec.getMessage() for rec in caplog.records)
+    assert not (dequantized.metadata_dir(gguf_model, "config") / dequantized.SOURCE).exists()

@@ -96,3 +96,61 @@ def store(model, gguf: Path, dtype: torch.dtype) -> Path | None:
         log.warning("not caching the dequantized %s: %s", Path(gguf).name, e)
         return None
     return d
+
+
+# ---------------------------------------------------------------------------------------------
+# the file's config and tokenizer
+# ---------------------------------------------------------------------------------------------
+
+# transformers reads a GGUF file's config and its tokenizer by parsing every metadata field of the
+# file (the vocabulary and merges too), in Python, once for each: ~5 s of a SmolLM2 run's validation.
+# Both are kept beside the dequantized copies, saved with save_pretrained, and kept only when reading
+# the saved copy back gives the same config / tokenizer (``same_config`` / ``same_tokenizer``).
+PROBE = "Hello, world! 12 + 7 = 19.\n def f(x):\treturn x ** 2  # héllo 日本"
+
+
+def metadata_dir(gguf: Path, kind: str) -> Path:
+    return cache_dir() / "gguf-metadata" / f"{Path(gguf).stem}-{file_sha256(gguf)[:16]}-{kind}"
+
+
+def same_config(a, b) -> bool:
+    skip = ("_name_or_path", "transformers_version")
+    return ({k: v for k, v in a.to_dict().items() if k not in skip} == {k: v for k, v in b.to_dict().items() if k not in skip}
+            and type(a) is type(b))
+
+
+def same_tokenizer(a, b) -> bool:
+    def key(t):
+        messages = [{"role": "user", "content": PROBE}]
+        chat = t.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) if t.chat_template else None
+        return (type(t).__name__, t.get_vocab(), t.all_special_tokens, t.bos_token, t.eos_token, t.pad_token, t.unk_token,
+                t.chat_template, t(PROBE)["input_ids"], t(PROBE, add_special_tokens=False)["input_ids"], chat,
+                t.padding_side, t.truncation_side)
+    return key(a) == key(b)
+
+
+def cached_metadata(gguf: Path, kind: str, read_file, read_dir, same):
+    """The GGUF file's ``kind`` (config or tokenizer): ``read_dir(path)`` of its saved copy when there is
+    one, else ``read_file()``, saved for the next time (once, under the entry's lock) when reading the
+    saved copy back gives the same thing (``same``); anything that cannot be written is skipped."""
+    if not enabled():
+        return read_file()
+    d = metadata_dir(gguf, kind)
+    source = {"gguf_file": Path(gguf).name, "gguf_sha256": file_sha256(gguf), "kind": kind}
+    try:
+        if json.loads((d / SOURCE).read_text(encoding="utf-8")) == source:
+            return read_dir(str(d))
+    except (OSError, ValueError):
+        pass
+    obj = read_file()
+    try:
+        check_parent(d, "GGUF metadata cache")
+        with hold_destination(d, wait=True):
+            with atomic_directory(d, overwrite=True) as tmp:
+                obj.save_pretrained(str(tmp))
+                if not same(obj, read_dir(str(tmp))):
+                    raise EditorError(f"its saved {kind} reads back differently")
+                atomic_write_json(tmp / SOURCE, source)
+    except (EditorError, OSError, ValueError) as e:
+        log.warning("not caching the %s of %s: %s", kind, Path(gguf).name, e)
+    return obj

@@ -97,9 +97,17 @@ def load_config(recipe: Recipe):
 
     src = model_source(recipe)
     _need_gguf(src)
+    def from_file():
+        return AutoConfig.from_pretrained(src.ref, revision=recipe.revision, trust_remote_code=recipe.trust_remote_code,
+                                          **src.kwargs())
+
     try:
-        config = AutoConfig.from_pretrained(src.ref, revision=recipe.revision, trust_remote_code=recipe.trust_remote_code,
-                                            **src.kwargs())
+        if src.gguf_file and src.local_file is not None:  # parsed once, then read from the cache
+            config = dequantized.cached_metadata(src.local_file, "config", from_file, AutoConfig.from_pretrained,
+                                                 dequantized.same_config)
+            config._name_or_path = src.ref
+        else:
+            config = from_file()
     except OSError as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise EditorError(f"model: cannot load config of {recipe.model!r}: {first}") from None
@@ -124,9 +132,17 @@ def load_tokenizer(recipe: Recipe):
 
     src = model_source(recipe)
     _need_gguf(src)
+    def from_file():
+        return AutoTokenizer.from_pretrained(src.ref, revision=recipe.revision, trust_remote_code=recipe.trust_remote_code,
+                                             **src.kwargs())
+
     try:
-        tok = AutoTokenizer.from_pretrained(src.ref, revision=recipe.revision, trust_remote_code=recipe.trust_remote_code,
-                                            **src.kwargs())
+        if src.gguf_file and src.local_file is not None:  # parsed once, then read from the cache
+            tok = dequantized.cached_metadata(src.local_file, "tokenizer", from_file, AutoTokenizer.from_pretrained,
+                                              dequantized.same_tokenizer)
+            tok.name_or_path = src.ref
+        else:
+            tok = from_file()
     except (OSError, ValueError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise EditorError(f"model: cannot load tokenizer of {recipe.model!r}: {first}") from None

@@ -263,29 +263,21 @@ class KeyScore(Guard):
         self.score: torch.Tensor | None = None
         self._call: tuple | None = None
 
-    def bind(self, attention_mask, batch: int, seq: int, spans: list[tuple[int, int]] | None = None) -> None:
-        self._call = (attention_mask, batch, seq, spans)
+    def bind(self, attention_mask, batch: int, seq: int) -> None:
+        self._call = (attention_mask, batch, seq)
 
     def observe(self, key: torch.Tensor) -> None:
         if not self.enabled:
             return
         if self._call is not None:
-            mask, batch, seq, spans = self._call
+            mask, batch, seq = self._call
         else:  # not called through the checkpoint class: one call, every token real
-            mask, batch, seq, spans = (None, key.shape[0], key.shape[1], None) if key.dim() == 3 else (None, 1, key.shape[0], None)
-        # a maximum is one of its inputs, so a half-precision key is pooled as it is and only the
-        # pooled row is widened: the same result without a float32 copy of the whole call (the ONNX
-        # graph keeps the float32 path: not every runtime reduces half-precision tensors)
-        narrow = key.dtype in (torch.bfloat16, torch.float16) and not torch.onnx.is_in_onnx_export()
-        k = (key if narrow else key.float()).reshape(batch, seq, -1)
-        if spans is not None:  # each row's real tokens are one run (``real_spans``): pooled through views
-            empty = torch.full((k.shape[-1],), float("-inf"), dtype=k.dtype, device=k.device)
-            pooled = torch.stack([k[r, s : s + n].amax(dim=0) if n else empty for r, (s, n) in enumerate(spans)]).float()
-        else:
-            if mask is not None and mask.dim() == 2:
-                real = mask[:, -seq:].to(device=k.device, dtype=torch.bool)
-                k = k.masked_fill(~real[:, :, None], float("-inf"))
-            pooled = k.amax(dim=1).float()
+            mask, batch, seq = (None, key.shape[0], key.shape[1]) if key.dim() == 3 else (None, 1, key.shape[0])
+        k = key.float().reshape(batch, seq, -1)
+        if mask is not None and mask.dim() == 2:
+            real = mask[:, -seq:].to(device=k.device, dtype=torch.bool)
+            k = k.masked_fill(~real[:, :, None], float("-inf"))
+        pooled = k.amax(dim=1)
         # a row without real tokens pools to -inf: score it 0 (its decision is masked out anyway)
         pooled = torch.where(torch.isfinite(pooled), pooled, torch.zeros_like(pooled))
         self.score = pooled @ self.weight + self.bias
@@ -306,24 +298,6 @@ PATCHES = ("neuron_adjust", "key_space")
 
 def guards_of(model: nn.Module) -> list[Guard]:
     return [m for m in model.modules() if isinstance(m, Guard)]
-
-
-def real_spans(attention_mask, seq: int) -> list[tuple[int, int]] | None:
-    """(first, count) of each row's real tokens in the current chunk (the mask's last ``seq``
-    columns) when the mask is on the CPU and every row's real tokens are one contiguous run (left or
-    right padding): ``KeyScore`` then pools each row through a view instead of a masked copy of the
-    whole call. None — the masked path — otherwise: no mask, an accelerator (no host sync per call),
-    a trace or export, or a row with holes."""
-    if (attention_mask is None or attention_mask.dim() != 2 or attention_mask.device.type != "cpu"
-            or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()):
-        return None
-    m = attention_mask[:, -seq:].to(torch.bool)
-    count = m.sum(dim=1)
-    first = m.to(torch.int8).argmax(dim=1)
-    last = seq - 1 - m.flip(1).to(torch.int8).argmax(dim=1)
-    if bool(((last - first + 1 != count) & (count > 0)).any()):
-        return None
-    return list(zip(first.tolist(), count.tolist()))
 
 
 def last_real_index(attention_mask: torch.Tensor | None, batch: int, seq: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -612,11 +586,10 @@ class SkillEditorForCausalLM(SkillEditorPreTrainedModel, GenerationMixin):
         skip = state is not None and state.skip_test
         ref = input_ids if input_ids is not None else inputs_embeds
         batch, seq = ref.shape[0], ref.shape[1]
-        spans = real_spans(attention_mask, seq) if not skip else None
         for g in guards:
             g.enabled = not skip
             if isinstance(g, KeyScore):
-                g.bind(attention_mask, batch, seq, spans)
+                g.bind(attention_mask, batch, seq)
         try:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              inputs_embeds=inputs_embeds, logits_to_keep=logits_to_keep, **kwargs)
