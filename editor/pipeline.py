@@ -19,6 +19,7 @@ from editor.errors import EditorError
 from editor.eval.attacks import attack_prompts, attack_requests
 from editor.eval.scorecard import examples_of, render_scorecard, score, scorecard
 from editor.export.hf import export_hf
+from editor.heap import release_freed
 from editor.io import atomic_directory, check_destination, check_parent, hold_destination, replaced_together
 from editor.manifest import DEFAULT_SHARD, Edit, build_manifest
 from editor.methods.calibrate import KeySet, calibrate_keys, calibrate_linear, calibration_config, continuation_tokens
@@ -180,6 +181,7 @@ def calibrate_job(job: Job, model, tokenizer, spec: ArchSpec, *, progress: bool 
             pooled_f = forget_keys if forget_keys is not None else collect.pooled_keys(
                 model, tokenizer, spec, forget, desc="keys: forget queries", **kw)
             pooled_r = collect.pooled_keys(model, tokenizer, spec, retain, desc=f"keys: {which}", **kw)
+        release_freed()  # the forwards' activations: the fit's temporaries start from the keys alone
         with stage("calibration fit"), bar(progress, ks.folds, "fitting the detector", "fold") as shown:
             record, weights = calibrate_linear(pooled_f, pooled_r, group, weights=ks.weights, on_fold=shown.update, **fit)
     else:
@@ -372,8 +374,10 @@ def _run(job: Job, out: Path, onnx_out: Path, formats: list[str], stats_dir: Pat
         with stage("base scorecard"):
             before = score(model, tokenizer, records, batch_size=r.evaluate.batch_size,
                            max_new_tokens=r.evaluate.max_new_tokens, progress=progress, desc="scoring base")
+        release_freed()  # the generation's caches: not carried into the profile and calibration peaks
 
     profiled = profile_job(job, model, tokenizer, progress=progress)
+    release_freed()  # the calibration's keys and the fit's temporaries
     with stage("plan + patch"):
         with atomic_directory(stats_dir, overwrite=overwrite) as tmp:
             write_stats(job, tmp / STATS_NAME, profiled, identity)
@@ -388,6 +392,7 @@ def _run(job: Job, out: Path, onnx_out: Path, formats: list[str], stats_dir: Pat
             card = scorecard(None, edited, tokenizer, records, batch_size=r.evaluate.batch_size,
                              max_new_tokens=r.evaluate.max_new_tokens, before=before, ordinary=job.ordinary,
                              ordinary_new_tokens=r.evaluate.ordinary_new_tokens, attacks=attacks, progress=progress)
+        release_freed()
     if hasattr(edited, "reset_neuron_adjust_rng"):
         edited.reset_neuron_adjust_rng()  # the export starts from the seed, whatever ran before
 
