@@ -484,8 +484,11 @@ def fit_nonnegative_logistic(z: torch.Tensor, y: torch.Tensor, *, weight_decay: 
         return float(loss.sum() + weight_decay * (w @ w)), np.concatenate([gw, [g.sum()]])
 
     k = zt.shape[1]
-    # numpy's BLAS sized like torch's pool (the command's --threads), not every core of the machine
-    with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
+    # numpy's BLAS on one thread, whatever the machine's cores or the command's --threads: the two
+    # matrix-vector products per evaluation are memory-bound, and on 2 cores they took 3x the CPU time
+    # and longer in wall time than on one (SmolLM2's recipe: 26 s against 16 s); the fitted weights
+    # then do not depend on the thread count either (a BLAS's summation order does)
+    with threadpool_limits(limits=1, user_api="blas"):
         res = minimize(loss_grad, np.zeros(k + 1), jac=True, method="L-BFGS-B",
                        bounds=[(0.0, None)] * k + [(None, None)], options={"maxiter": max_iter, "ftol": 1e-12, "gtol": 1e-9})
     w, b = torch.from_numpy(res.x[:-1].copy()), float(res.x[-1])
