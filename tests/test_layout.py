@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "editor"
 # every module of the package, in pipeline order: a module may import only modules listed before it
 # ("pkg.*": every module of that package, at one rank)
 ORDER = [
-    "editor", "editor.errors", "editor.hooks", "editor.io", "editor.threads", "editor.progress",
+    "editor", "editor.errors", "editor.hooks", "editor.io", "editor.threads", "editor.progress", "editor.heap",
     "editor.runtime", "editor.runtime.configuration_skill_editor", "editor.runtime.modeling_skill_editor",
     "editor.manifest",
     "editor.recipe", "editor.options", "editor.ordinary", "editor.attacks", "editor.data",
