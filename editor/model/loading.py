@@ -91,23 +91,29 @@ def _need_gguf(src: ModelSource) -> None:
             raise EditorError("model: reading a GGUF file needs the gguf package (pip install 'skill-editor[gguf]')") from None
 
 
+def _read(recipe: Recipe, src: ModelSource, auto, kind: str, same):
+    """``auto.from_pretrained`` (AutoConfig / AutoTokenizer) of the recipe's model; a local GGUF file's
+    is parsed once and then read from its saved copy in the cache (``dequantized.cached_metadata``),
+    under the file's name as when parsed."""
+    def from_file():
+        return auto.from_pretrained(src.ref, revision=recipe.revision, trust_remote_code=recipe.trust_remote_code,
+                                    **src.kwargs())
+
+    if not (src.gguf_file and src.local_file is not None):
+        return from_file()
+    obj = dequantized.cached_metadata(src.local_file, kind, from_file, auto.from_pretrained, same)
+    obj.name_or_path = src.ref
+    return obj
+
+
 def load_config(recipe: Recipe):
     """The model's config.json only (no weights): used to validate the recipe first."""
     from transformers import AutoConfig
 
     src = model_source(recipe)
     _need_gguf(src)
-    def from_file():
-        return AutoConfig.from_pretrained(src.ref, revision=recipe.revision, trust_remote_code=recipe.trust_remote_code,
-                                          **src.kwargs())
-
     try:
-        if src.gguf_file and src.local_file is not None:  # parsed once, then read from the cache
-            config = dequantized.cached_metadata(src.local_file, "config", from_file, AutoConfig.from_pretrained,
-                                                 dequantized.same_config)
-            config._name_or_path = src.ref
-        else:
-            config = from_file()
+        config = _read(recipe, src, AutoConfig, "config", dequantized.same_config)
     except OSError as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise EditorError(f"model: cannot load config of {recipe.model!r}: {first}") from None
@@ -132,17 +138,8 @@ def load_tokenizer(recipe: Recipe):
 
     src = model_source(recipe)
     _need_gguf(src)
-    def from_file():
-        return AutoTokenizer.from_pretrained(src.ref, revision=recipe.revision, trust_remote_code=recipe.trust_remote_code,
-                                             **src.kwargs())
-
     try:
-        if src.gguf_file and src.local_file is not None:  # parsed once, then read from the cache
-            tok = dequantized.cached_metadata(src.local_file, "tokenizer", from_file, AutoTokenizer.from_pretrained,
-                                              dequantized.same_tokenizer)
-            tok.name_or_path = src.ref
-        else:
-            tok = from_file()
+        tok = _read(recipe, src, AutoTokenizer, "tokenizer", dequantized.same_tokenizer)
     except (OSError, ValueError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise EditorError(f"model: cannot load tokenizer of {recipe.model!r}: {first}") from None
