@@ -49,6 +49,15 @@ class LoadSampler(threading.Thread):
             self.samples.append(round(os.getloadavg()[0], 2))
 
 
+def _rss_mib() -> int | None:
+    """This process's resident size now (VmRSS, MiB): what a stage leaves to the next one."""
+    try:
+        return next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
+                    if line.startswith("VmRSS:")) // 1024
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
 def _peak_mib_and_reset() -> int | None:
     """This process's peak RSS (VmHWM, MiB) since the last call, then the mark reset (``5`` into
     /proc/self/clear_refs) so the next stage's peak is its own; None where /proc has no such file."""
@@ -62,11 +71,12 @@ def _peak_mib_and_reset() -> int | None:
 
 
 def _dry_run_check(recipe: str, stages: list[dict]) -> dict:
-    """Each stage's measured peak RSS beside ``skill-editor run --dry-run``'s estimate (``DryRun.peaks``):
+    """Each stage's measured peak RSS beside ``skill-editor run --dry-run``'s estimate for ``run``
+    (``DryRun.run_peaks``):
     profile, calibration (its key collection and fit), export."""
     from editor.dryrun.estimate import estimate
 
-    peaks = estimate(recipe).peaks
+    peaks = estimate(recipe).run_peaks
     by = {s["stage"]: s.get("peak_rss_mib") for s in stages}
     measured = {"profile": by.get("profile"), "export": by.get("export"),
                 "calibration": max((by.get(k) or 0) for k in ("calibration keys", "calibration fit")) or None}
@@ -109,9 +119,10 @@ def main() -> None:
         hf_logging.disable_progress_bar()
 
     def record(name: str, wall: float, cpu: float) -> None:
-        peak = _peak_mib_and_reset()
-        stages.append({"stage": name, "wall_s": wall, "cpu_s": cpu, "peak_rss_mib": peak})
-        print(f"[stage] {name}: {wall:.1f} s wall, {cpu:.1f} s CPU, peak RSS {peak} MiB", file=sys.stderr, flush=True)
+        peak, left = _peak_mib_and_reset(), _rss_mib()
+        stages.append({"stage": name, "wall_s": wall, "cpu_s": cpu, "peak_rss_mib": peak, "end_rss_mib": left})
+        print(f"[stage] {name}: {wall:.1f} s wall, {cpu:.1f} s CPU, peak RSS {peak} MiB, {left} MiB at its end",
+              file=sys.stderr, flush=True)
 
     _peak_mib_and_reset()  # the import stage's peak is not the run's
 

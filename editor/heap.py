@@ -1,4 +1,5 @@
-"""Freed memory handed back to the operating system between the stages of a run.
+"""Freed memory handed back to the operating system between the stages of a run, and batches run
+in the order that keeps the heap from growing within a stage (``longest_first``).
 
 glibc keeps what a stage freed in its heap (blocks under its mmap threshold — which grows after
 every large free — stay in the arena, and the arena only shrinks from the top), so without this a
@@ -12,6 +13,10 @@ import ctypes
 import ctypes.util
 import gc
 import sys
+from collections.abc import Sequence
+from typing import TypeVar
+
+T = TypeVar("T")
 
 _TRIM = None
 
@@ -38,3 +43,13 @@ def release_freed() -> bool:
         return False
     trim(0)
     return True
+
+
+def longest_first(batches: Sequence[T]) -> list[T]:
+    """Batches cut from a list sorted by length (shortest first), in the order to run them: longest
+    first. The first batch then allocates the largest activations and every later one fits in the
+    blocks it freed; shortest first, each batch needs blocks a little larger than any freed one and
+    the heap grows batch after batch — the edited scorecard's 768 attack prompts on SmolLM2 peaked
+    1.37 GiB above their start in ascending order, 0.62 GiB in descending. Only for passes whose
+    results do not depend on the order (each batch's rows written to their own places)."""
+    return list(batches)[::-1]

@@ -129,8 +129,7 @@ def profile_job(job: Job, model, tokenizer, *, progress: bool = True, dist: Dist
     # a pooled linear detector reads its forget set's keys as they are in the base model: the profile
     # pass of that set collects them too (one pass, not two), unless the NA-active pass changes them
     shared = None
-    if (dist is None and r.key_space and r.key_space.calibrated and r.key_space.detector == "linear"
-            and not r.neuron_adjust and r.key_space.forget in r.profiled_sets()):
+    if dist is None and r.profile_collects_forget_keys():
         shared = collect.PerTextKeys(model, spec, len(job.sets[r.key_space.forget].texts), collect.max_over_real_tokens)
     with stage("profile"):
         for name in r.profiled_sets():
@@ -147,7 +146,7 @@ def profile_job(job: Job, model, tokenizer, *, progress: bool = True, dist: Dist
     if r.key_space and r.key_space.calibrated:
         target = out[ksd_set_name(r)]
         target.info["calibration"], target.detector = calibrate_job(
-            job, model, tokenizer, spec, progress=progress, forget_keys=shared.result() if shared is not None else None)
+            job, model, tokenizer, spec, progress=progress, forget_keys=shared.take() if shared is not None else None)
     return out
 
 
@@ -181,9 +180,11 @@ def calibrate_job(job: Job, model, tokenizer, spec: ArchSpec, *, progress: bool 
             pooled_f = forget_keys if forget_keys is not None else collect.pooled_keys(
                 model, tokenizer, spec, forget, desc="keys: forget queries", **kw)
             pooled_r = collect.pooled_keys(model, tokenizer, spec, retain, desc=f"keys: {which}", **kw)
-        release_freed()  # the forwards' activations: the fit's temporaries start from the keys alone
+            release_freed()  # the forwards' activations: the fit's temporaries start from the keys alone
         with stage("calibration fit"), bar(progress, ks.folds, "fitting the detector", "fold") as shown:
             record, weights = calibrate_linear(pooled_f, pooled_r, group, weights=ks.weights, on_fold=shown.update, **fit)
+            del pooled_f, pooled_r, forget_keys  # the only references (the profile pass's tap handed its keys over)
+            release_freed()  # the keys and the fit's temporaries
     else:
         new_tokens = continuation_tokens(ks.check)
 
@@ -374,10 +375,9 @@ def _run(job: Job, out: Path, onnx_out: Path, formats: list[str], stats_dir: Pat
         with stage("base scorecard"):
             before = score(model, tokenizer, records, batch_size=r.evaluate.batch_size,
                            max_new_tokens=r.evaluate.max_new_tokens, progress=progress, desc="scoring base")
-        release_freed()  # the generation's caches: not carried into the profile and calibration peaks
+            release_freed()  # inside the stage: the generation's caches are not carried into the next stages' peaks
 
     profiled = profile_job(job, model, tokenizer, progress=progress)
-    release_freed()  # the calibration's keys and the fit's temporaries
     with stage("plan + patch"):
         with atomic_directory(stats_dir, overwrite=overwrite) as tmp:
             write_stats(job, tmp / STATS_NAME, profiled, identity)
@@ -392,7 +392,7 @@ def _run(job: Job, out: Path, onnx_out: Path, formats: list[str], stats_dir: Pat
             card = scorecard(None, edited, tokenizer, records, batch_size=r.evaluate.batch_size,
                              max_new_tokens=r.evaluate.max_new_tokens, before=before, ordinary=job.ordinary,
                              ordinary_new_tokens=r.evaluate.ordinary_new_tokens, attacks=attacks, progress=progress)
-        release_freed()
+            release_freed()
     if hasattr(edited, "reset_neuron_adjust_rng"):
         edited.reset_neuron_adjust_rng()  # the export starts from the seed, whatever ran before
 

@@ -412,6 +412,15 @@ class Recipe(_Strict):
         """``export.out`` resolved against the recipe file, like every local path of a recipe."""
         return self.resolve(self.export.out).resolve()
 
+    def profile_collects_forget_keys(self) -> bool:
+        """Whether the pass that profiles the key_space forget set also collects the pooled linear
+        detector's keys of it (one pass over the set, not two): a calibrated linear detector, reading
+        the base model's keys — no Neuron Adjust pass changes them. The profile stage then holds them
+        until the fit (the dry run counts them there)."""
+        ks = self.key_space
+        return bool(ks and ks.calibrated and ks.detector == "linear" and not self.neuron_adjust
+                    and ks.forget in self.profiled_sets())
+
     def profiled_sets(self) -> list[str]:
         """The sets whose streaming statistics the methods read (what ``profile`` streams): NA /
         prune forget and retain, the key_space forget set. Retain queries and background sets are

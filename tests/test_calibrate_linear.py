@@ -485,3 +485,36 @@ def test_profile_pass_collects_the_forget_keys_once(make_project, monkeypatch):
     got = shared["forget"]
     assert got.info["calibration"]["bias"] == record["bias"]
     assert all(torch.equal(got.detector[i], weights[i]) for i in weights)
+
+
+def test_forget_keys_are_freed_inside_the_fit(make_project, monkeypatch):
+    """The forget set's keys that the profile pass collected are handed over (``PerTextKeys.take``:
+    the tap keeps no reference) and freed inside the ``calibration fit`` stage, before its heap trim —
+    not when the profile job returns: the stages after it do not carry them."""
+    import weakref
+
+    from editor.model.loading import load_model, load_tokenizer
+    from editor.pipeline import prepare, profile_job
+    from editor.progress import listen
+
+    recipe = make_project("handed-keys", """\
+        key_space: {forget: forget, retain: retain, detector: linear, check: prompt, folds: 3, seed: 0,
+                    false_positive_budget: 0.05, weights: nonnegative}
+        """, files=QUERIES, sets=QUERY_SETS, profile="{batch_size: 8, max_length: 32}")
+    job = prepare(recipe)
+    tok = load_tokenizer(job.recipe)
+    model = load_model(job.recipe, job.config)
+    refs: list = []
+    real_take = collect.PerTextKeys.take
+
+    def take(self):
+        keys = real_take(self)
+        assert self.keys == {}
+        refs.extend(weakref.ref(t) for t in keys.values())
+        return keys
+
+    monkeypatch.setattr(collect.PerTextKeys, "take", take)
+    alive: list[int] = []
+    with listen(lambda name, wall, cpu: alive.append(sum(r() is not None for r in refs)) if name == "calibration fit" else None):
+        profile_job(job, model, tok, progress=False)
+    assert refs and alive == [0], (len(refs), alive)

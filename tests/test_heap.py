@@ -32,3 +32,66 @@ def test_freed_heap_pages_go_back():
     after = _rss_mib()
     assert held - after > 128, (held, after)
     assert len(kept) == 256
+
+
+def test_run_trims_inside_the_stages_that_free(tmp_path, monkeypatch):
+    """``run`` hands freed heap back at the end of each stage that frees most — the base scorecard's
+    generation, the calibration's keys, the fit, the edited scorecard — inside the stage, before a
+    listener hears that it ended: ``bench/stages.py`` resets its peak mark there, so the next stage's
+    peak starts from the trimmed heap, not from this stage's high-water mark."""
+    import editor.pipeline as pipeline
+    from editor.progress import listen
+
+    events: list[str] = []
+    monkeypatch.setattr(pipeline, "release_freed", lambda: events.append("trim") or True)
+    root = Path(__file__).resolve().parents[1]
+    with listen(lambda name, wall, cpu: events.append(name)):
+        pipeline.run_recipe(root / "recipes" / "forget-french-linear.yaml", tmp_path / "ck", progress=False,
+                            echo=lambda s: None)
+    for name in ("base scorecard", "calibration keys", "calibration fit", "edited scorecard"):
+        assert name in events, events
+        assert events[events.index(name) - 1] == "trim", (name, events)
+
+
+def test_batches_run_longest_first_with_the_same_results(monkeypatch):
+    """The passes whose rows land in their own places — pooled keys, generation, the guard's
+    forwards — run their length-sorted batches longest first (``longest_first``: the heap then
+    reuses the first batch's blocks instead of growing), with exactly the results of the ascending
+    order."""
+    import torch
+
+    import editor.eval.scorecard as scorecard
+    import editor.profile.collect as collect
+    from editor.heap import longest_first
+    from editor.model.arch import spec_for
+    from tests.tiny import char_tokenizer, tiny_model
+
+    model, tok = tiny_model("llama").eval(), char_tokenizer()
+    texts = [("ab " * n).strip() for n in (9, 1, 5, 12, 3, 7, 2, 11, 4)]
+    widths: list[int] = []
+    def width(module, args, kwargs):
+        ids = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]
+        widths.append(ids.shape[1])
+
+    handle = model.model.register_forward_pre_hook(width, with_kwargs=True)  # the decoder: every pass calls it
+    try:
+        keys = collect.pooled_keys(model, tok, spec_for(model.config), texts, batch_size=2, max_length=64)
+        assert widths == sorted(widths, reverse=True) and len(set(widths)) > 1, widths
+        widths.clear()
+        got, _ = scorecard.generate_texts(model, tok, texts, batch_size=2, max_new_tokens=3)
+        prompt_widths = [w for w in widths if w > 1]  # each batch's prompt call (the new tokens come one by one)
+        assert len(prompt_widths) == 5 and prompt_widths == sorted(prompt_widths, reverse=True), widths
+        widths.clear()
+        scorecard.guard_flags(model, tok, texts, batch_size=2)
+        assert len(widths) == 5 and widths == sorted(widths, reverse=True), widths
+        for module in (collect, scorecard):
+            monkeypatch.setattr(module, "longest_first", list)  # ascending, as cut
+        widths.clear()
+        ascending = collect.pooled_keys(model, tok, spec_for(model.config), texts, batch_size=2, max_length=64)
+        assert widths == sorted(widths)
+        want, _ = scorecard.generate_texts(model, tok, texts, batch_size=2, max_new_tokens=3)
+    finally:
+        handle.remove()
+    assert all(torch.equal(keys[i], ascending[i]) for i in keys)
+    assert got == want
+    assert longest_first(range(0, 7, 3)) == [6, 3, 0]

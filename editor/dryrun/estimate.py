@@ -294,6 +294,7 @@ class CalibrationEstimate:
     background_sets: list[str]
     n_background: int | None  # the shipped ordinary prompts' calibration part (background: default)
     queries: int | None  # forget + retain + background queries, when every count is known
+    forget: int | None  # the forget queries (every form), when known
     n_layers: int
     d_ff: int
     scales: tuple = ()
@@ -377,11 +378,13 @@ def calibration_estimate(recipe: Recipe, sets: dict[str, dict], n_layers: int, d
     elif ks.background != "none":
         counts += [texts(n) for n in ks.background_sets]
     queries = sum(int(c) for c in counts) if all(c is not None for c in counts) else None
+    forget = counts[0]
     return CalibrationEstimate(
         detector=ks.detector, weights=ks.weights, retain=retain, budget=float(cfg["false_positive_budget"]), folds=int(cfg["folds"]),
         seed=cfg["seed"], continuation_tokens=int(cfg["continuation_tokens"]),
         background=ks.background if ks.background in ("default", "none") else "sets",
-        background_sets=list(ks.background_sets), n_background=n_bg, queries=queries, n_layers=n_layers, d_ff=d_ff,
+        background_sets=list(ks.background_sets), n_background=n_bg, queries=queries,
+        forget=None if forget is None else int(forget), n_layers=n_layers, d_ff=d_ff,
         scales=tuple(SCALES))
 
 
@@ -435,12 +438,31 @@ class DryRun:
         return p.batch_size * p.max_length * self.shape["d_ff"] * 8
 
     @property
-    def peaks(self) -> dict[str, int]:
-        """``stage_peaks`` of this run (host memory; on a GPU the weights and activations live there)."""
+    def shared_keys_bytes(self) -> int:
+        """The forget queries' pooled keys that the profile pass collects for the linear detector
+        (``Recipe.profile_collects_forget_keys``), float32: held from the profile stage to the fit."""
+        c = self.calibration
+        if c is None or c.forget is None or not self.recipe.profile_collects_forget_keys():
+            return 0
+        return c.forget * self.shape["layers"] * self.shape["d_ff"] * 4
+
+    def _peak_terms(self) -> dict:
         c = self.calibration
         cal = (c.keys_bytes or 0) + (c.fit_bytes or 0) if c is not None and c.queries is not None else 0
-        return stage_peaks(self.weight_bytes, transient_bytes=self.transient_bytes, calibration_bytes=cal,
-                           onnx="onnx" in self.recipe.export.formats)
+        return dict(transient_bytes=self.transient_bytes, calibration_bytes=cal, shared_keys_bytes=self.shared_keys_bytes,
+                    onnx="onnx" in self.recipe.export.formats)
+
+    @property
+    def peaks(self) -> dict[str, int]:
+        """``stage_peaks`` of this recipe, each stage in its own process as ``profile`` and ``export``
+        run it (host memory; on a GPU the weights and activations live there)."""
+        return stage_peaks(self.weight_bytes, **self._peak_terms())
+
+    @property
+    def run_peaks(self) -> dict[str, int]:
+        """``run_stage_peaks``: the same stages inside ``run``'s one process, after its base scorecard
+        when the recipe has one."""
+        return run_stage_peaks(self.weight_bytes, scorecard=bool(self.recipe.evaluate), **self._peak_terms())
 
     @property
     def edit_bytes(self) -> int:
@@ -467,18 +489,46 @@ EXPORT_PEAK = (370 * 2**20, 1.03)  # the weights once; saving and hashing stream
 ONNX_PEAK = (340 * 2**20, 2.5)  # PyTorch's weights, the exported initializers, ONNX Runtime's session
 
 
+# Inside ``run``, after the base scorecard's generation, the profile peaks this much higher than in
+# a fresh process: measured on both real models' shipped recipes (bench/stages.py: SmolLM2 +265 MiB,
+# Qwen +243 MiB above this module's profile line with the shared forget keys) — what the generation
+# leaves in the C heap, and the profile's batches then keep there. Not a fitted slope: two points.
+AFTER_SCORECARD = 256 * 2**20
+
+
 def stage_peaks(weight_bytes: int, *, transient_bytes: int = 0, calibration_bytes: int = 0,
-                onnx: bool = False) -> dict[str, int]:
-    """Estimated peak RSS (bytes) of each stage of a run on the CPU: ``profile`` (plus the profiler's
-    float64 transient), ``calibration`` (the profile's peak + the keys and the fit it holds),
-    ``export`` (HF) and, when asked, ``export onnx`` (export + ONNX Runtime validation)."""
-    profile = PROFILE_PEAK[0] + PROFILE_PEAK[1] * weight_bytes + transient_bytes
+                shared_keys_bytes: int = 0, onnx: bool = False) -> dict[str, int]:
+    """Estimated peak RSS (bytes) of each stage on the CPU, each in its own process: ``profile``
+    (plus the profiler's float64 transient and the forget keys its pass collects,
+    ``shared_keys_bytes``), ``calibration`` (the profile's peak + the keys and the fit it holds; the
+    shared keys are among the keys), ``export`` (HF) and, when asked, ``export onnx`` (export + ONNX
+    Runtime validation)."""
+    profile = PROFILE_PEAK[0] + PROFILE_PEAK[1] * weight_bytes + transient_bytes + shared_keys_bytes
     out = {"profile": int(profile)}
     if calibration_bytes:
-        out["calibration"] = int(profile + calibration_bytes)
+        out["calibration"] = int(profile - shared_keys_bytes + calibration_bytes)
     out["export"] = int(EXPORT_PEAK[0] + EXPORT_PEAK[1] * weight_bytes)
     if onnx:
         out["export onnx"] = int(ONNX_PEAK[0] + ONNX_PEAK[1] * weight_bytes)
+    return out
+
+
+def run_stage_peaks(weight_bytes: int, *, scorecard: bool, transient_bytes: int = 0, calibration_bytes: int = 0,
+                    shared_keys_bytes: int = 0, onnx: bool = False) -> dict[str, int]:
+    """``stage_peaks`` inside ``run``: one process, the weights loaded once. After a base scorecard
+    the profile starts ``AFTER_SCORECARD`` higher and the calibration with it; nothing the profile
+    took is handed back before the export but the forget keys (freed after the fit), so the export
+    peaks at the profile's level less those keys, or at its own line when that is higher (a model
+    with little else to hold); the ONNX export adds to that what it adds to an HF export."""
+    alone = stage_peaks(weight_bytes, transient_bytes=transient_bytes, calibration_bytes=calibration_bytes,
+                        shared_keys_bytes=shared_keys_bytes, onnx=onnx)
+    lift = AFTER_SCORECARD if scorecard else 0
+    out = {"profile": alone["profile"] + lift}
+    if "calibration" in alone:
+        out["calibration"] = alone["calibration"] + lift
+    out["export"] = max(alone["export"], out["profile"] - shared_keys_bytes)
+    if onnx:
+        out["export onnx"] = out["export"] + alone["export onnx"] - alone["export"]
     return out
 
 

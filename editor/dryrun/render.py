@@ -170,10 +170,11 @@ def render(plan: DryRun) -> str:
         out.more(f"checkpoint: the base weights ({human_bytes(plan.weight_bytes)}) + {human_bytes(plan.edit_bytes)} of edit tensors")
     if plan.calibration is not None:
         out.more(f"calibration: {calibration_memory(plan.calibration)}")
-    peaks = ", ".join(f"{stage} ≈ {human_bytes(b)}" for stage, b in plan.peaks.items())
-    out.more(f"peak RSS per stage on the CPU, each in its own process as profile / export run it (docs/SCALE.md "
-             f"formulas; within ±25 % on SmolLM2 and Qwen): {peaks}; in run, the base scorecard's generation "
-             f"comes first and the allocator keeps what it took")
+    alone = ", ".join(f"{stage} ≈ {human_bytes(b)}" for stage, b in plan.peaks.items())
+    in_run = ", ".join(f"{stage} ≈ {human_bytes(b)}" for stage, b in plan.run_peaks.items())
+    after = " after its base scorecard" if recipe.evaluate else ""
+    out.more(f"peak RSS per stage on the CPU (docs/SCALE.md formulas; within ±25 % on SmolLM2 and Qwen): in run, "
+             f"one process{after}: {in_run}; each in its own process as profile / export run it: {alone}")
     out.raw()
     e = recipe.export
     out.row("export", f"{', '.join(e.formats)} → {Path(plan.out).resolve()}")

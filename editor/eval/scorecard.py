@@ -36,6 +36,7 @@ import torch
 
 from editor.errors import EditorError
 from editor.eval.attacks import attack_rates, render_attacks
+from editor.heap import longest_first
 from editor.manifest import CONFIG, is_patched_config
 from editor.model.tokens import eos_ids, pad_id
 
@@ -188,8 +189,8 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], *, batch_size: int 
     text only, cut at EOS; ``stop`` strings end a row's generation early) and whether each row
     abstained (the edited model's ``generate`` output carries ``abstained``; a plain model never
     abstains), both in the order of ``prompts``. Left padding, prompts of similar length batched
-    together; greedy unless ``do_sample`` (seeded with ``seed``). ``bar``: a progress bar advanced
-    by each batch's rows."""
+    together and run longest first (``editor.heap.longest_first``); greedy unless ``do_sample``
+    (seeded with ``seed``). ``bar``: a progress bar advanced by each batch's rows."""
     prompts = list(prompts)
     old_side = getattr(tokenizer, "padding_side", "left")
     tokenizer.padding_side = "left"
@@ -215,7 +216,7 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], *, batch_size: int 
     try:
         if do_sample:
             torch.manual_seed(seed)
-        for start in range(0, len(order), batch_size):
+        for start in longest_first(range(0, len(order), batch_size)):
             idx = order[start:start + batch_size]
             enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True)
             enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
@@ -351,7 +352,8 @@ def decides_on_prompt(model) -> bool:
 def guard_flags(model, tokenizer, prompts: Sequence[str], *, batch_size: int = 32, bar=None) -> list[bool]:
     """Whether ``model`` (an edited checkpoint class) abstains on each prompt, from one forward call
     over the prompt — the call in which ``generate`` takes a ``check: prompt`` decision, with the same
-    left padding and position ids; only the last position's logits are computed."""
+    left padding and position ids; only the last position's logits are computed. Batches of similar
+    length, run longest first (``editor.heap.longest_first``)."""
     prompts = list(prompts)
     old_side = getattr(tokenizer, "padding_side", "left")
     tokenizer.padding_side = "left"
@@ -362,7 +364,7 @@ def guard_flags(model, tokenizer, prompts: Sequence[str], *, batch_size: int = 3
     order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
     flags = [False] * len(prompts)
     try:
-        for start in range(0, len(order), batch_size):
+        for start in longest_first(range(0, len(order), batch_size)):
             idx = order[start:start + batch_size]
             enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True)
             mask = enc["attention_mask"].to(device)

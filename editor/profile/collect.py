@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from editor.errors import EditorError
+from editor.heap import longest_first
 from editor.hooks import hooks
 from editor.model.arch import ArchSpec, d_ff, decoder_layers
 from editor.model.tokens import eos_ids, pad_id
@@ -181,6 +182,13 @@ class PerTextKeys:
                 raise EditorError(f"non-finite keys (NaN/Inf) in layer {i} during key_space calibration")
         return self.keys
 
+    def take(self) -> dict[int, torch.Tensor]:
+        """``result``, handed over: this object keeps no reference, so the keys are freed as soon as
+        their new owner (the calibration) drops them, not when this object goes."""
+        keys = self.result()
+        self.keys = {}
+        return keys
+
 
 @torch.inference_mode()
 def _per_text_keys(model, tokenizer, spec: ArchSpec, texts: list[str], reduce, *, batch_size: int = 8,
@@ -190,7 +198,8 @@ def _per_text_keys(model, tokenizer, spec: ArchSpec, texts: list[str], reduce, *
     prepared = batched_texts(tokenizer, texts, batch_size=batch_size, max_length=max_length, padding_side=padding_side)
     keys = PerTextKeys(model, spec, len(texts), reduce)
     with bar(progress, len(texts), desc) as shown:
-        run(model, spec, prepared.batches, key=keys.tap, after=lambda k, b: shown.update(b.input_ids.shape[0]))
+        # each batch's rows land in their own places: any order gives the same keys, longest first the lowest peak
+        run(model, spec, longest_first(prepared.batches), key=keys.tap, after=lambda k, b: shown.update(b.input_ids.shape[0]))
     return keys.result()
 
 
