@@ -113,9 +113,11 @@ class _StepKeyScore(KeyScore):
         if rows is None:
             self.score = None
             return
-        k = key[: rows.numel()].float()
-        pooled = torch.full((n_rows, k.shape[-1]), float("-inf"), device=k.device, dtype=torch.float32)
-        self.score = pooled.index_reduce_(0, rows, k, "amax")  # [R, d]: the step's pool, not yet a score
+        k = key[: rows.numel()]
+        # pooled in the key's own dtype, then cast (as the runtime's KeyScore): a max is exact in any
+        # dtype, and a step no longer holds a float32 copy of every token's key
+        pooled = torch.full((n_rows, k.shape[-1]), float("-inf"), device=k.device, dtype=k.dtype)
+        self.score = pooled.index_reduce_(0, rows, k, "amax").float()  # [R, d]: the step's pool, not yet a score
 
 
 _SWAPPED: dict[tuple[type, type], type] = {}
