@@ -49,11 +49,16 @@ class LoadSampler(threading.Thread):
             self.samples.append(round(os.getloadavg()[0], 2))
 
 
+def _status_mib(field: str) -> int:
+    """A size line of /proc/self/status (``VmRSS``, ``VmHWM``), in MiB."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1]) // 1024
+
+
 def _rss_mib() -> int | None:
     """This process's resident size now (VmRSS, MiB): what a stage leaves to the next one."""
     try:
-        return next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
-                    if line.startswith("VmRSS:")) // 1024
+        return _status_mib("VmRSS")
     except (OSError, StopIteration, ValueError):
         return None
 
@@ -62,8 +67,7 @@ def _peak_mib_and_reset() -> int | None:
     """This process's peak RSS (VmHWM, MiB) since the last call, then the mark reset (``5`` into
     /proc/self/clear_refs) so the next stage's peak is its own; None where /proc has no such file."""
     try:
-        peak = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
-                    if line.startswith("VmHWM:")) // 1024
+        peak = _status_mib("VmHWM")
         Path("/proc/self/clear_refs").write_text("5")
         return peak
     except (OSError, StopIteration, ValueError):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 import sys
 from collections.abc import Sequence
@@ -18,20 +19,15 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-_TRIM = None
-
-
+@functools.cache
 def _malloc_trim():
-    global _TRIM
-    if _TRIM is None:
-        _TRIM = False
-        if sys.platform.startswith("linux"):
-            try:
-                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-                _TRIM = libc.malloc_trim if hasattr(libc, "malloc_trim") else False
-            except OSError:
-                _TRIM = False
-    return _TRIM
+    """glibc's ``malloc_trim``, or None (another OS or C library)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), "malloc_trim", None)
+    except OSError:
+        return None
 
 
 def release_freed() -> bool:
@@ -39,7 +35,7 @@ def release_freed() -> bool:
     ``malloc_trim``). True when the C library could be asked."""
     gc.collect()
     trim = _malloc_trim()
-    if not trim:
+    if trim is None:
         return False
     trim(0)
     return True

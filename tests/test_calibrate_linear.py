@@ -452,22 +452,28 @@ def test_nonnegative_fit_keeps_numpy_to_one_thread(monkeypatch, threads):
     assert seen and all(s <= {1} for s in seen), seen
 
 
-def test_profile_pass_collects_the_forget_keys_once(make_project, monkeypatch):
-    """Without Neuron Adjust, the pooled linear detector's forget keys come from the pass that
-    profiles the forget set (not a second pass over it), and the detector is the one a separate
-    collection gives, bit for bit."""
-    from editor import pipeline
-    from editor.model.arch import spec_for
+def _linear_job(make_project, name: str):
+    """A prepared job with a calibrated non-negative linear detector and no Neuron Adjust (its profile
+    pass collects the forget keys), its model and tokenizer."""
     from editor.model.loading import load_model, load_tokenizer
-    from editor.pipeline import calibrate_job, prepare, profile_job
+    from editor.pipeline import prepare
 
-    recipe = make_project("shared-keys", """\
+    recipe = make_project(name, """\
         key_space: {forget: forget, retain: retain, detector: linear, check: prompt, folds: 3, seed: 0,
                     false_positive_budget: 0.05, weights: nonnegative}
         """, files=QUERIES, sets=QUERY_SETS, profile="{batch_size: 8, max_length: 32}")
     job = prepare(recipe)
-    tok = load_tokenizer(job.recipe)
-    model = load_model(job.recipe, job.config)
+    return job, load_model(job.recipe, job.config), load_tokenizer(job.recipe)
+
+
+def test_profile_pass_collects_the_forget_keys_once(make_project, monkeypatch):
+    """Without Neuron Adjust, the pooled linear detector's forget keys come from the pass that
+    profiles the forget set (not a second pass over it), and the detector is the one a separate
+    collection gives, bit for bit."""
+    from editor.model.arch import spec_for
+    from editor.pipeline import calibrate_job, profile_job
+
+    job, model, tok = _linear_job(make_project, "shared-keys")
     passes: list[list[str]] = []
     real = collect.pooled_keys
 
@@ -493,17 +499,10 @@ def test_forget_keys_are_freed_inside_the_fit(make_project, monkeypatch):
     not when the profile job returns: the stages after it do not carry them."""
     import weakref
 
-    from editor.model.loading import load_model, load_tokenizer
-    from editor.pipeline import prepare, profile_job
+    from editor.pipeline import profile_job
     from editor.progress import listen
 
-    recipe = make_project("handed-keys", """\
-        key_space: {forget: forget, retain: retain, detector: linear, check: prompt, folds: 3, seed: 0,
-                    false_positive_budget: 0.05, weights: nonnegative}
-        """, files=QUERIES, sets=QUERY_SETS, profile="{batch_size: 8, max_length: 32}")
-    job = prepare(recipe)
-    tok = load_tokenizer(job.recipe)
-    model = load_model(job.recipe, job.config)
+    job, model, tok = _linear_job(make_project, "handed-keys")
     refs: list = []
     real_take = collect.PerTextKeys.take
 
