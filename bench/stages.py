@@ -77,12 +77,13 @@ def _peak_mib_and_reset() -> int | None:
 def _dry_run_check(recipe: str, stages: list[dict]) -> dict:
     """Each stage's measured peak RSS beside ``skill-editor run --dry-run``'s estimate for ``run``
     (``DryRun.run_peaks``):
-    profile, calibration (its key collection and fit), export."""
+    base scorecard, profile, calibration (its key collection and fit), edited scorecard, export."""
     from editor.dryrun.estimate import estimate
 
     peaks = estimate(recipe).run_peaks
     by = {s["stage"]: s.get("peak_rss_mib") for s in stages}
-    measured = {"profile": by.get("profile"), "export": by.get("export"),
+    measured = {"profile": by.get("profile"), "export": by.get("export"), "base scorecard": by.get("base scorecard"),
+                "edited scorecard": by.get("edited scorecard"),
                 "calibration": max((by.get(k) or 0) for k in ("calibration keys", "calibration fit")) or None}
     if "export onnx" in peaks:  # one export stage writes both formats: its peak is the ONNX export's
         measured["export onnx"], measured["export"] = measured["export"], None

@@ -1,5 +1,6 @@
-"""Freed memory handed back to the operating system between the stages of a run, and batches run
-in the order that keeps the heap from growing within a stage (``longest_first``).
+"""Freed memory handed back to the operating system between the stages of a run, batches of a
+bounded size (``length_batches``), run in the order that keeps the heap from growing within a stage
+(``longest_first``).
 
 glibc keeps what a stage freed in its heap (blocks under its mmap threshold — which grows after
 every large free — stay in the arena, and the arena only shrinks from the top), so without this a
@@ -49,3 +50,26 @@ def longest_first(batches: Sequence[T]) -> list[T]:
     1.37 GiB above their start in ascending order, 0.62 GiB in descending. Only for passes whose
     results do not depend on the order (each batch's rows written to their own places)."""
     return list(batches)[::-1]
+
+
+# A batch's activations grow with its rows × its longest row: the scorecard's passes (generation, the
+# guard's forwards) hold at most this many token positions per batch, whatever the prompts' lengths —
+# 32 attack prompts of 287 tokens were 9 184 positions, SmolLM2's guard pass then peaked 0.8 GiB above
+# the model (docs/SCALE.md, "Scorecards"); 8 192 keeps the shipped recipes' batches of short prompts whole.
+BATCH_TOKENS = 8192
+
+
+def length_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Indices into ``lengths`` in batches of similar length: sorted by length (then index), cut every
+    ``batch_size`` rows, and a cut whose rows × longest row exceeds ``max_tokens`` (default
+    ``BATCH_TOKENS``) token positions split into as many rows as fit (at least one) — the batches are
+    the plain ``batch_size`` cuts wherever the cap does not bind. In the order to run them:
+    ``longest_first``."""
+    cap = BATCH_TOKENS if max_tokens is None else max_tokens
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    batches: list[list[int]] = []
+    for start in range(0, len(order), batch_size):
+        cut = order[start:start + batch_size]
+        rows = max(1, cap // max(1, lengths[cut[-1]]))
+        batches += [cut[k:k + rows] for k in range(0, len(cut), rows)]
+    return longest_first(batches)

@@ -61,6 +61,7 @@ def test_batches_run_longest_first_with_the_same_results(monkeypatch):
     import torch
 
     import editor.eval.scorecard as scorecard
+    import editor.heap as heap
     import editor.profile.collect as collect
     from editor.heap import longest_first
     from editor.model.arch import spec_for
@@ -84,7 +85,7 @@ def test_batches_run_longest_first_with_the_same_results(monkeypatch):
         widths.clear()
         scorecard.guard_flags(model, tok, texts, batch_size=2)
         assert len(widths) == 5 and widths == sorted(widths, reverse=True), widths
-        for module in (collect, scorecard):
+        for module in (collect, heap):
             monkeypatch.setattr(module, "longest_first", list)  # ascending, as cut
         widths.clear()
         ascending = collect.pooled_keys(model, tok, spec_for(model.config), texts, batch_size=2, max_length=64)
@@ -95,3 +96,50 @@ def test_batches_run_longest_first_with_the_same_results(monkeypatch):
     assert all(torch.equal(keys[i], ascending[i]) for i in keys)
     assert got == want
     assert longest_first(range(0, 7, 3)) == [6, 3, 0]
+
+
+def test_length_batches_cap_the_token_positions_and_keep_the_plain_cuts_elsewhere():
+    """``length_batches``: the ``batch_size`` cuts of the length-sorted order, longest first; a cut whose
+    rows × longest row exceeds the cap split into as many rows as fit (one at least)."""
+    from editor.heap import length_batches
+
+    lengths = [5, 3, 9, 1, 7, 2]
+    assert length_batches(lengths, 2, 10**6) == [[4, 2], [1, 0], [3, 5]]  # uncapped: the plain cuts
+    got = length_batches(lengths, 4, 12)  # cut [3,5,1,0] (width 5: 2 rows fit), cut [4,2] (width 9: 1 row)
+    assert got == [[2], [4], [1, 0], [3, 5]], got
+    assert length_batches([50, 40], 8, 10) == [[0], [1]]  # a row over the cap is a batch of its own
+    for batch in length_batches([7, 30, 12, 30, 9, 1, 22, 18], 3, 40):
+        assert len(batch) * max([7, 30, 12, 30, 9, 1, 22, 18][i] for i in batch) <= 40 or len(batch) == 1
+
+
+def test_scorecard_batches_hold_at_most_the_cap_with_the_same_results(monkeypatch):
+    """Generation and the guard's forwards cut their batches at ``BATCH_TOKENS`` positions (the new
+    tokens counted for generation), with the answers and decisions of uncut batches."""
+    import editor.eval.scorecard as scorecard
+    import editor.heap as heap
+    from tests.helpers import patched_model
+    from tests.tiny import char_tokenizer, tiny_model
+
+    edited, tok = patched_model("llama", model=tiny_model("llama"), tokenizer=char_tokenizer())
+    texts = [("ab " * n).strip() for n in (9, 1, 5, 12, 3, 7, 2, 11, 4, 10, 6, 8)]
+    shapes: list[tuple[int, int]] = []
+
+    def record(module, args, kwargs):
+        ids = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]
+        if ids.shape[1] > 1:  # a prompt call
+            shapes.append(tuple(ids.shape))
+
+    want_t, want_a = scorecard.generate_texts(edited, tok, texts, batch_size=6, max_new_tokens=4)
+    want_f = scorecard.guard_flags(edited, tok, texts, batch_size=6)
+    monkeypatch.setattr(heap, "BATCH_TOKENS", 40)
+    handle = edited.get_decoder().register_forward_pre_hook(record, with_kwargs=True)  # every call's prompt
+    try:
+        got_t, got_a = scorecard.generate_texts(edited, tok, texts, batch_size=6, max_new_tokens=4)
+        gen_shapes = list(shapes)
+        shapes.clear()
+        got_f = scorecard.guard_flags(edited, tok, texts, batch_size=6)
+    finally:
+        handle.remove()
+    assert (got_t, got_a, got_f) == (want_t, want_a, want_f)
+    assert len(gen_shapes) > 2 and all(rows == 1 or rows * (width + 4) <= 40 for rows, width in gen_shapes), gen_shapes
+    assert len(shapes) > 2 and all(rows == 1 or rows * width <= 40 for rows, width in shapes), shapes

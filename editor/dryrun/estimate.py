@@ -461,8 +461,19 @@ class DryRun:
     @property
     def run_peaks(self) -> dict[str, int]:
         """``run_stage_peaks``: the same stages inside ``run``'s one process, after its base scorecard
-        when the recipe has one."""
-        return run_stage_peaks(self.weight_bytes, scorecard=bool(self.recipe.evaluate), **self._peak_terms())
+        when the recipe has one, and the two scorecards themselves."""
+        ev = self.recipe.evaluate
+        if not ev:
+            return run_stage_peaks(self.weight_bytes, scorecard=False, **self._peak_terms())
+        b = _BYTES[self.dtype]
+        generation = scorecard_batch_bytes(self.shape, b, ev.batch_size, generate=True)
+        ks = self.recipe.key_space
+        on_prompt = bool(ks) and ks.check == "prompt" and not self.recipe.neuron_adjust  # scorecard.decides_on_prompt
+        edited = (min(GUARD_PASS[0], self.weight_bytes)
+                  + GUARD_PASS[1] * scorecard_batch_bytes(self.shape, b, ev.batch_size, generate=False)
+                  if on_prompt else generation)
+        return run_stage_peaks(self.weight_bytes, scorecard=True, generation_bytes=generation, edited_bytes=int(edited),
+                               **self._peak_terms())
 
     @property
     def edit_bytes(self) -> int:
@@ -497,6 +508,33 @@ ONNX_PEAK = (340 * 2**20, 2.5)  # PyTorch's weights, the exported initializers, 
 AFTER_SCORECARD = 256 * 2**20
 
 
+# The scorecards inside ``run`` (docs/SCALE.md, "Scorecards"). Their batches hold at most
+# ``editor.heap.BATCH_TOKENS`` token positions, so what one batch holds is bounded by the model's shape
+# alone (``scorecard_batch_bytes``). The base scorecard's generation peaks that much above the loaded
+# model (``EXPORT_PEAK``'s line: SmolLM2 −9 %, Qwen −4 %, the testbed's demo +1 % of the measured peak);
+# a guard deciding on the prompt (one forward per prompt, no cache) peaks above the level ``run`` holds
+# after its fit by ``GUARD_PASS``: a constant (at most the weights' size, as ``AFTER_SCORECARD``) plus a
+# factor on the batch's activations — the C heap keeps more than one batch's live tensors, more with
+# two threads than with one. Read off the two real models' shipped runs (SmolLM2 +606 / +747 MiB at
+# 1 / 2 threads on 168 MiB of activations, Qwen +1 059 MiB on 416 MiB): two points, not a law.
+# An edited model that generates (Neuron Adjust, ``check: every_call``) peaks like the base scorecard.
+GUARD_PASS = (417 * 2**20, 1.54)
+
+
+def scorecard_batch_bytes(shape: dict, dtype_bytes: int, batch_size: int, *, generate: bool) -> int:
+    """One scorecard batch at its cap of ``BATCH_TOKENS`` positions: a layer's activations per position
+    (the MLP's gate, up, activation and product: 4 × d_ff; the hidden state, its float32 norm and the
+    attention's q, k, v and output: ~8 × hidden) and, when it generates, every layer's KV cache of those
+    positions and the float32 logits of each row's last position (twice: the logits and their copy)."""
+    from editor.heap import BATCH_TOKENS
+
+    act = BATCH_TOKENS * (4 * shape["d_ff"] + 8 * shape["hidden"]) * dtype_bytes
+    if not generate:
+        return act
+    kv = BATCH_TOKENS * shape["layers"] * 2 * shape["kv_heads"] * shape["head_dim"] * dtype_bytes
+    return act + kv + batch_size * shape["vocab"] * 4 * 2
+
+
 def stage_peaks(weight_bytes: int, *, transient_bytes: int = 0, calibration_bytes: int = 0,
                 shared_keys_bytes: int = 0, onnx: bool = False) -> dict[str, int]:
     """Estimated peak RSS (bytes) of each stage on the CPU, each in its own process: ``profile``
@@ -515,19 +553,27 @@ def stage_peaks(weight_bytes: int, *, transient_bytes: int = 0, calibration_byte
 
 
 def run_stage_peaks(weight_bytes: int, *, scorecard: bool, transient_bytes: int = 0, calibration_bytes: int = 0,
-                    shared_keys_bytes: int = 0, onnx: bool = False) -> dict[str, int]:
-    """``stage_peaks`` inside ``run``: one process, the weights loaded once. After a base scorecard
-    the profile starts ``AFTER_SCORECARD`` higher (at most the weights' size) and the calibration with it; nothing the profile
-    took is handed back before the export but the forget keys (freed after the fit), so the export
-    peaks at the profile's level less those keys, or at its own line when that is higher (a model
-    with little else to hold); the ONNX export adds to that what it adds to an HF export."""
+                    shared_keys_bytes: int = 0, onnx: bool = False, generation_bytes: int = 0,
+                    edited_bytes: int = 0) -> dict[str, int]:
+    """``stage_peaks`` inside ``run``: one process, the weights loaded once, the stages in ``run``'s
+    order. The base scorecard peaks ``generation_bytes`` above the loaded model (the export line).
+    After it the profile starts ``AFTER_SCORECARD`` higher (at most the weights' size) and the
+    calibration with it; nothing the profile took is handed back before the export but the forget
+    keys (freed after the fit), so the export peaks at the profile's level less those keys, or at its
+    own line when that is higher (a model with little else to hold); the edited scorecard runs at that
+    level and peaks ``edited_bytes`` above it; the ONNX export adds to the export what it adds to an
+    HF export."""
     alone = stage_peaks(weight_bytes, transient_bytes=transient_bytes, calibration_bytes=calibration_bytes,
                         shared_keys_bytes=shared_keys_bytes, onnx=onnx)
     lift = min(AFTER_SCORECARD, weight_bytes) if scorecard else 0
-    out = {"profile": alone["profile"] + lift}
+    out = {"base scorecard": alone["export"] + generation_bytes} if scorecard else {}
+    out["profile"] = alone["profile"] + lift
     if "calibration" in alone:
         out["calibration"] = alone["calibration"] + lift
-    out["export"] = max(alone["export"], out["profile"] - shared_keys_bytes)
+    level = max(alone["export"], out["profile"] - shared_keys_bytes)
+    if scorecard:
+        out["edited scorecard"] = level + edited_bytes
+    out["export"] = level
     if onnx:
         out["export onnx"] = out["export"] + alone["export onnx"] - alone["export"]
     return out

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from editor.dryrun.estimate import CalibrationEstimate, DryRun
+from editor.heap import BATCH_TOKENS
 
 LABEL = 14  # the width of the label column
 
@@ -172,9 +173,9 @@ def render(plan: DryRun) -> str:
         out.more(f"calibration: {calibration_memory(plan.calibration)}")
     alone = ", ".join(f"{stage} ≈ {human_bytes(b)}" for stage, b in plan.peaks.items())
     in_run = ", ".join(f"{stage} ≈ {human_bytes(b)}" for stage, b in plan.run_peaks.items())
-    after = " after its base scorecard" if recipe.evaluate else ""
+    cap = f" (batches of at most {BATCH_TOKENS} token positions)" if recipe.evaluate else ""
     out.more(f"peak RSS per stage on the CPU (docs/SCALE.md formulas; within ±25 % on SmolLM2 and Qwen): in run, "
-             f"one process{after}: {in_run}; each in its own process as profile / export run it: {alone}")
+             f"one process, in its order{cap}: {in_run}; each in its own process as profile / export run it: {alone}")
     out.raw()
     e = recipe.export
     out.row("export", f"{', '.join(e.formats)} → {Path(plan.out).resolve()}")

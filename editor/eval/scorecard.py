@@ -36,7 +36,7 @@ import torch
 
 from editor.errors import EditorError
 from editor.eval.attacks import attack_rates, render_attacks
-from editor.heap import longest_first
+from editor.heap import length_batches
 from editor.manifest import CONFIG, is_patched_config
 from editor.model.tokens import eos_ids, pad_id
 
@@ -189,7 +189,8 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], *, batch_size: int 
     text only, cut at EOS; ``stop`` strings end a row's generation early) and whether each row
     abstained (the edited model's ``generate`` output carries ``abstained``; a plain model never
     abstains), both in the order of ``prompts``. Left padding, prompts of similar length batched
-    together and run longest first (``editor.heap.longest_first``); greedy unless ``do_sample``
+    together — at most ``batch_size`` rows and ``editor.heap.BATCH_TOKENS`` positions, the new tokens
+    included (``length_batches``) — and run longest first; greedy unless ``do_sample``
     (seeded with ``seed``). ``bar``: a progress bar advanced by each batch's rows."""
     prompts = list(prompts)
     old_side = getattr(tokenizer, "padding_side", "left")
@@ -210,14 +211,12 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], *, batch_size: int 
     model.eval()
     # batch prompts of similar length together; results go back to input order
     lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
     texts: List[str] = [""] * len(prompts)
     abst: List[bool] = [False] * len(prompts)
     try:
         if do_sample:
             torch.manual_seed(seed)
-        for start in longest_first(range(0, len(order), batch_size)):
-            idx = order[start:start + batch_size]
+        for idx in length_batches([n + max_new_tokens for n in lengths], batch_size):  # positions incl. the new tokens
             enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True)
             enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
             out = model.generate(**enc, **kwargs)
@@ -353,7 +352,8 @@ def guard_flags(model, tokenizer, prompts: Sequence[str], *, batch_size: int = 3
     """Whether ``model`` (an edited checkpoint class) abstains on each prompt, from one forward call
     over the prompt — the call in which ``generate`` takes a ``check: prompt`` decision, with the same
     left padding and position ids; only the last position's logits are computed. Batches of similar
-    length, run longest first (``editor.heap.longest_first``)."""
+    length, at most ``batch_size`` rows and ``editor.heap.BATCH_TOKENS`` positions, run longest first
+    (``editor.heap.length_batches``)."""
     prompts = list(prompts)
     old_side = getattr(tokenizer, "padding_side", "left")
     tokenizer.padding_side = "left"
@@ -361,11 +361,9 @@ def guard_flags(model, tokenizer, prompts: Sequence[str], *, batch_size: int = 3
         tokenizer.pad_token = tokenizer.eos_token
     device = model_device(model)
     lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
     flags = [False] * len(prompts)
     try:
-        for start in longest_first(range(0, len(order), batch_size)):
-            idx = order[start:start + batch_size]
+        for idx in length_batches(lengths, batch_size):
             enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True)
             mask = enc["attention_mask"].to(device)
             pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
