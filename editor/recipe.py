@@ -267,7 +267,9 @@ class EvaluateSpec(_Strict):
     """Scorecard data: a named set whose records carry ``prompt``, ``answer`` and ``skill``."""
 
     data: str = Field(description="the data set of scorecard records (prompt, answer, skill)")
-    batch_size: Annotated[int, Field(gt=0)] = Field(32, description="prompts per generate call; short answers, so "
+    batch_size: Annotated[int, Field(gt=0)] = Field(32, description="prompts per generate call (and per guard "
+                                                                    "forward), at most 8 192 token positions a batch "
+                                                                    "(editor.heap.BATCH_TOKENS); short answers, so "
                                                                     "larger batches than profiling")
     max_new_tokens: Annotated[int, Field(gt=0)] | None = Field(None, description="tokens generated per prompt; default: "
                                                                                  "each skill's longest answer + 4, "
