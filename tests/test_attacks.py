@@ -114,3 +114,23 @@ def test_loader_refuses_duplicates_parts_against_the_rule_and_bad_json(tmp_path)
 def test_imports_no_torch():
     code = "import sys, editor.attacks as a; a.load(); assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("n_requests", [1, 5, 8, 16, 48, 100])
+def test_each_wrapper_wraps_distinct_requests_and_every_request_is_used(n_requests):
+    """Wrapper j wraps ``per_wrapper`` different requests (as many as there are, if fewer), and the
+    suite spreads over every request — whatever the number of requests against the number of
+    wrappers (48 requests and 48 wrappers once gave every wrapper one request eight times)."""
+    from editor.eval.attacks import PER_WRAPPER, attack_prompts
+
+    requests = [f"What is {k} plus {k + 1}?" for k in range(n_requests)]
+    out = attack_prompts(requests, ["raw"], None)
+    per = {}
+    for p in out:
+        per.setdefault(p["wrapper"], []).append(p["request"])
+    wrappers = attacks.load("evaluation")
+    assert list(per) == [w["id"] for w in wrappers]
+    assert all(len(v) == len(set(v)) == min(PER_WRAPPER, n_requests) for v in per.values())
+    used = {r for v in per.values() for r in v}
+    assert used == set(requests[:len(wrappers) * PER_WRAPPER])
+    assert len({p["prompt"] for p in out}) == len(out)

@@ -12,7 +12,8 @@ from typing import Sequence
 from editor.data import chat_text, raw_conversation
 from editor.errors import EditorError
 
-# requests wrapped by each wrapper (spread over the skill's requests: wrapper j starts at request j)
+# requests wrapped by each wrapper: wrapper j takes the requests j × PER_WRAPPER, j × PER_WRAPPER + 1, …
+# (cyclically) — distinct within a wrapper, and every request wrapped about as often as any other
 PER_WRAPPER = 8
 
 
@@ -29,7 +30,7 @@ def attack_prompts(requests: Sequence[str], forms: Sequence[str], tokenizer, *, 
     wrappers = attacks.load(part)
     for j, w in enumerate(wrappers):
         for k in range(min(per_wrapper, len(requests))):
-            req = requests[(j + k * len(wrappers)) % len(requests)]
+            req = requests[(j * per_wrapper + k) % len(requests)]
             rendered = attacks.render(w, req)
             conv = rendered if isinstance(rendered, list) else [{"role": "user", "content": rendered}]
             for form in forms:

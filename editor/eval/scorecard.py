@@ -347,13 +347,74 @@ def decides_on_prompt(model) -> bool:
     return bool(ks) and ks.get("check") == "prompt" and not edit.get("neuron_adjust")
 
 
+def linear_guards(model) -> dict[int, object] | None:
+    """{layer: ``KeyScore``} of an edited checkpoint class whose every guard is the pooled linear
+    detector's share of a layer; None otherwise (a box, no guard, not the checkpoint class)."""
+    from editor.model.arch import decoder_layers, spec_for
+    from editor.runtime.modeling_skill_editor import KeyScore
+
+    inner, guards = getattr(model, "model", None), getattr(model, "_guards", lambda: [])()
+    if inner is None or not guards or not all(isinstance(g, KeyScore) for g in guards):
+        return None
+    spec = spec_for(inner.config)
+    found = {i: getattr(layer.get_submodule(spec.down), "key_space", None)
+             for i, layer in enumerate(decoder_layers(inner, spec))}
+    found = {i: g for i, g in found.items() if isinstance(g, KeyScore)}
+    return found if len(found) == len(guards) else None
+
+
+def pooled_guard_flags(model, tokenizer, prompts: Sequence[str], guards: dict, *, batch_size: int = 32,
+                       bar=None) -> list[bool]:
+    """``guard_flags`` of the pooled linear detector from shared-prefix forwards of the decoder stack
+    (``editor.profile.prefix``): each layer's key max-pooled over the whole prompt, scored by that
+    layer's ``KeyScore.pooled_score`` and summed in layer order, as the runtime's first forward call
+    does (``guard_decision``: abstain when the sum is > 0). Prompts that begin alike — a chat
+    template's turn, a few-shot template, an attack's wrapper — read their beginning once."""
+    from editor.model.arch import spec_for
+    from editor.model.tokens import pad_id
+    from editor.profile.prefix import pooled_by_prefix
+
+    prompts = list(prompts)
+    if not prompts:
+        return []
+    inner = model.model
+    ids = [list(x) for x in tokenizer(prompts, add_special_tokens=True)["input_ids"]]
+    if any(not x for x in ids):
+        raise EditorError("a prompt tokenizes to nothing")
+    layers = sorted(guards)
+    shares = torch.zeros(len(prompts), len(layers), dtype=torch.float32)
+    column = {i: c for c, i in enumerate(layers)}
+
+    def sink(i: int, rows: torch.Tensor, pooled: torch.Tensor) -> None:
+        if i in column:
+            shares[rows, column[i]] = guards[i].pooled_score(pooled).reshape(-1).cpu()
+
+    old = [g.enabled for g in guards.values()]
+    try:
+        for g in guards.values():
+            g.enabled = False  # the hook reads the keys; the guards' own per-call test would be wasted work
+        pooled_by_prefix(inner, spec_for(inner.config), ids, sink, batch_size=batch_size, pad=pad_id(tokenizer, inner),
+                         on_rows=bar.update if bar is not None else None)
+    finally:
+        for g, e in zip(guards.values(), old):
+            g.enabled = e
+    score = shares[:, 0]
+    for c in range(1, len(layers)):
+        score = score + shares[:, c]
+    return (score > 0).tolist()
+
+
 @torch.no_grad()
 def guard_flags(model, tokenizer, prompts: Sequence[str], *, batch_size: int = 32, bar=None) -> list[bool]:
     """Whether ``model`` (an edited checkpoint class) abstains on each prompt, from one forward call
     over the prompt — the call in which ``generate`` takes a ``check: prompt`` decision, with the same
     left padding and position ids; only the last position's logits are computed. Batches of similar
     length, at most ``batch_size`` rows and ``editor.heap.BATCH_TOKENS`` positions, run longest first
-    (``editor.heap.length_batches``)."""
+    (``editor.heap.length_batches``). The pooled linear detector's decisions come from shared-prefix
+    forwards instead (``pooled_guard_flags``): the same keys, the common beginnings read once."""
+    guards = linear_guards(model)
+    if guards is not None:
+        return pooled_guard_flags(model, tokenizer, prompts, guards, batch_size=batch_size, bar=bar)
     prompts = list(prompts)
     old_side = getattr(tokenizer, "padding_side", "left")
     tokenizer.padding_side = "left"

@@ -173,8 +173,11 @@ class PerTextKeys:
                      for i in range(len(decoder_layers(model, spec)))}
 
     def tap(self, i: int, x: torch.Tensor, b: Batch) -> None:
-        keys = self.reduce(x.reshape(b.input_ids.shape[0], b.input_ids.shape[1], self.width), b)
-        self.keys[i].index_copy_(0, b.rows, keys.to(device="cpu", dtype=torch.float32))
+        self.put(i, b.rows, self.reduce(x.reshape(b.input_ids.shape[0], b.input_ids.shape[1], self.width), b))
+
+    def put(self, i: int, rows: torch.Tensor, keys: torch.Tensor) -> None:
+        """Layer ``i``'s keys of the texts ``rows`` (a ``editor.profile.prefix.pooled_by_prefix`` sink)."""
+        self.keys[i].index_copy_(0, rows, keys.to(device="cpu", dtype=torch.float32))
 
     def result(self) -> dict[int, torch.Tensor]:
         for i, keys in self.keys.items():
@@ -222,10 +225,20 @@ def last_token_keys(model, tokenizer, spec: ArchSpec, texts: list[str], **kw) ->
     return _per_text_keys(model, tokenizer, spec, texts, _last_token, **kw)
 
 
-def pooled_keys(model, tokenizer, spec: ArchSpec, texts: list[str], **kw) -> dict[int, torch.Tensor]:
+def pooled_keys(model, tokenizer, spec: ArchSpec, texts: list[str], *, batch_size: int = 8, max_length: int = 512,
+                padding_side: str | None = None, progress: bool = False, desc: str = "keys") -> dict[int, torch.Tensor]:
     """Per text and layer, the key max-pooled over the text's real tokens (what the runtime's
-    linear detector scores over the prompt's call): {layer: float32 [len(texts), d_ff]}."""
-    return _per_text_keys(model, tokenizer, spec, texts, max_over_real_tokens, **kw)
+    linear detector scores over the prompt's call): {layer: float32 [len(texts), d_ff]}. Texts that
+    begin alike read their common beginning once (``editor.profile.prefix``)."""
+    from editor.profile.prefix import pooled_by_prefix
+
+    side = padding_side or getattr(tokenizer, "padding_side", "right") or "right"
+    ids, _ = tokenize(tokenizer, texts, max_length) if texts else ([], 0)
+    keys = PerTextKeys(model, spec, len(texts), max_over_real_tokens)
+    with bar(progress, len(texts), desc) as shown:
+        pooled_by_prefix(model, spec, ids, keys.put, batch_size=batch_size, pad=pad_id(tokenizer), padding_side=side,
+                         on_rows=shown.update)
+    return keys.result()
 
 
 @torch.inference_mode()

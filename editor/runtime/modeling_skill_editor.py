@@ -280,10 +280,14 @@ class KeyScore(Guard):
         # pooled in the key's own dtype, then cast: a max is exact in any dtype and float32 holds every
         # bfloat16 / float16 value, so the score is the same while the call holds one key-sized copy
         # (the masked one) instead of two float32 ones — 4x less for a half-precision model's prefill
-        pooled = k.amax(dim=1).float()
+        self.score = self.pooled_score(k.amax(dim=1))
+
+    def pooled_score(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Per row ``weight · pooled + bias`` of keys already max-pooled ([rows, d_ff], any float dtype)."""
+        pooled = pooled.float()
         # a row without real tokens pools to -inf: score it 0 (its decision is masked out anyway)
         pooled = torch.where(torch.isfinite(pooled), pooled, torch.zeros_like(pooled))
-        self.score = pooled @ self.weight + self.bias
+        return pooled @ self.weight + self.bias
 
 
 class KeySpaceGuardedMixin:
