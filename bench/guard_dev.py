@@ -288,15 +288,15 @@ def main(argv=None) -> None:
             dev_sets.append((f"ordinary:{c}", "ordinary", render(texts, form, tok), form))
     try:
         from editor import attacks as attack_suite
+        from editor.eval.attacks import wrapped
 
         requests = list(dict.fromkeys(r["prompt"] for r in dev if r["skill"] == args.task and r.get("kind") == "request"))
         wrappers = attack_suite.load(part)
         if requests and wrappers:
             for form in FORMS:
                 fams: dict[str, list] = {}
-                for j, w in enumerate(wrappers):
-                    for k in range(min(6, len(requests))):
-                        fams.setdefault(w["family"], []).append(attack_suite.render(w, requests[(j + k * len(wrappers)) % len(requests)]))
+                for w, req in wrapped(wrappers, requests, per_wrapper=6):
+                    fams.setdefault(w["family"], []).append(attack_suite.render(w, req))
                 for fam, items in sorted(fams.items()):
                     dev_sets.append((f"attack:{fam}", "attack", render(items, form, tok), form))
     except ImportError:

@@ -469,9 +469,13 @@ def _linear_job(make_project, name: str):
 def test_profile_pass_collects_the_forget_keys_once(make_project, monkeypatch):
     """Without Neuron Adjust, the pooled linear detector's forget keys come from the pass that
     profiles the forget set (not a second pass over it), and the detector is the one a separate
-    collection gives, bit for bit."""
+    collection gives, bit for bit (with every prompt read whole, as the profile pass reads it: shared
+    prefixes round differently)."""
     from editor.model.arch import spec_for
     from editor.pipeline import calibrate_job, profile_job
+    from editor.profile import prefix
+
+    monkeypatch.setattr(prefix, "PREFIX_CALL_TOKENS", 10**9)  # no group saves that much
 
     job, model, tok = _linear_job(make_project, "shared-keys")
     passes: list[list[str]] = []
@@ -486,7 +490,7 @@ def test_profile_pass_collects_the_forget_keys_once(make_project, monkeypatch):
     assert not any(set(p) & set(QUERIES["forget"]) for p in passes), "the forget set ran through the model again"
     assert passes, "the negatives are collected in their own pass"
     record, weights = calibrate_job(job, model, tok, spec_for(job.config))  # forget keys collected on their own
-    monkeypatch.undo()
+    monkeypatch.setattr(collect, "pooled_keys", real)
     assert any(set(p) == set(QUERIES["forget"]) for p in passes)
     got = shared["forget"]
     assert got.info["calibration"]["bias"] == record["bias"]

@@ -63,12 +63,21 @@ def test_batches_run_longest_first_with_the_same_results(monkeypatch):
     import editor.eval.scorecard as scorecard
     import editor.heap as heap
     import editor.profile.collect as collect
+    import editor.profile.prefix as prefix
     from editor.heap import longest_first
     from editor.model.arch import spec_for
     from tests.tiny import char_tokenizer, tiny_model
 
     model, tok = tiny_model("llama").eval(), char_tokenizer()
     texts = [("ab " * n).strip() for n in (9, 1, 5, 12, 3, 7, 2, 11, 4)]
+    # shared prefixes: units by their widest call (cached + own positions), each unit's tails likewise
+    units = prefix.plan_calls([tok(t)["input_ids"] for t in texts], batch_size=2, pad=0, call_tokens=0)
+    assert any("heads" in u for u in units)
+    assert [u["width"] for u in units] == sorted((u["width"] for u in units), reverse=True)
+    for u in units:
+        tails = [b["input_ids"].shape[1] for b in u.get("tails", [])]
+        assert tails == sorted(tails, reverse=True), tails
+    monkeypatch.setattr(prefix, "PREFIX_CALL_TOKENS", 10**9)  # below, every prompt is read whole
     widths: list[int] = []
     def width(module, args, kwargs):
         ids = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]
@@ -85,7 +94,7 @@ def test_batches_run_longest_first_with_the_same_results(monkeypatch):
         widths.clear()
         scorecard.guard_flags(model, tok, texts, batch_size=2)
         assert len(widths) == 5 and widths == sorted(widths, reverse=True), widths
-        for module in (collect, heap):
+        for module in (collect, heap, prefix):
             monkeypatch.setattr(module, "longest_first", list)  # ascending, as cut
         widths.clear()
         ascending = collect.pooled_keys(model, tok, spec_for(model.config), texts, batch_size=2, max_length=64)

@@ -21,7 +21,7 @@ ORDER = [
     "editor.recipe", "editor.options", "editor.ordinary", "editor.attacks", "editor.data",
     "editor.model", "editor.model.tokens", "editor.model.arch", "editor.model.identity", "editor.model.packaged",
     "editor.model.dequantized", "editor.model.loading",
-    "editor.profile", "editor.profile.stats", "editor.profile.collect", "editor.profile.stream",
+    "editor.profile", "editor.profile.stats", "editor.profile.prefix", "editor.profile.collect", "editor.profile.stream",
     "editor.profile.distributed",
     "editor.methods", "editor.methods.neuron_adjust", "editor.methods.key_space", "editor.methods.calibrate",
     "editor.plan", "editor.patch",

@@ -74,14 +74,14 @@ def test_pooled_keys_by_prefix_are_each_prompts_own(arch, window, monkeypatch):
     """Every key max-pooled over a prompt's tokens, from forwards that read shared beginnings once,
     equals the one-prompt forward's (float32), on every supported architecture — and with a sliding
     attention window shorter than the prompts."""
-    from editor.model.arch import spec_for
+    from editor.model.arch import backbone, spec_for
 
     model = tiny_model(arch, **({"sliding_window": window} if window else {})).eval()
     tok = char_tokenizer()
     spec = spec_for(model.config)
     monkeypatch.setattr(prefix, "PREFIX_CALL_TOKENS", 4)
     calls: list[tuple[int, int]] = []
-    handle = collect.backbone(model).register_forward_pre_hook(
+    handle = backbone(model).register_forward_pre_hook(
         lambda m, a, kw: calls.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
     try:
         got = collect.pooled_keys(model, tok, spec, TEXTS, batch_size=3)

@@ -17,6 +17,13 @@ from editor.errors import EditorError
 PER_WRAPPER = 8
 
 
+def wrapped(wrappers: Sequence[dict], requests: Sequence[str], per_wrapper: int = PER_WRAPPER) -> list[tuple[dict, str]]:
+    """(wrapper, request) pairs: each wrapper around ``per_wrapper`` distinct requests (all of them
+    when there are fewer), wrapper j from request j × ``per_wrapper`` on, cyclically."""
+    return [(w, requests[(j * per_wrapper + k) % len(requests)])
+            for j, w in enumerate(wrappers) for k in range(min(per_wrapper, len(requests)))]
+
+
 def attack_prompts(requests: Sequence[str], forms: Sequence[str], tokenizer, *, part: str = "evaluation",
                    per_wrapper: int = PER_WRAPPER) -> list[dict]:
     """Every wrapper of the suite's ``part`` around ``per_wrapper`` of ``requests``, in each of
@@ -27,18 +34,15 @@ def attack_prompts(requests: Sequence[str], forms: Sequence[str], tokenizer, *, 
     if not requests:
         raise EditorError("attacks: no requests of the skill to wrap")
     out = []
-    wrappers = attacks.load(part)
-    for j, w in enumerate(wrappers):
-        for k in range(min(per_wrapper, len(requests))):
-            req = requests[(j * per_wrapper + k) % len(requests)]
-            rendered = attacks.render(w, req)
-            conv = rendered if isinstance(rendered, list) else [{"role": "user", "content": rendered}]
-            for form in forms:
-                if form == "chat":
-                    prompt = chat_text(tokenizer, conv)
-                else:
-                    prompt = raw_conversation(conv) if isinstance(rendered, list) else rendered
-                out.append({"prompt": prompt, "form": form, "family": w["family"], "wrapper": w["id"], "request": req})
+    for w, req in wrapped(attacks.load(part), requests, per_wrapper):
+        rendered = attacks.render(w, req)
+        conv = rendered if isinstance(rendered, list) else [{"role": "user", "content": rendered}]
+        for form in forms:
+            if form == "chat":
+                prompt = chat_text(tokenizer, conv)
+            else:
+                prompt = raw_conversation(conv) if isinstance(rendered, list) else rendered
+            out.append({"prompt": prompt, "form": form, "family": w["family"], "wrapper": w["id"], "request": req})
     return out
 
 

@@ -39,6 +39,27 @@ def spec_for(config) -> ArchSpec:
         raise EditorError(str(e)) from None
 
 
+def backbone(model: nn.Module) -> nn.Module:
+    """The decoder stack without the LM head (``base_model``), falling back to the whole model."""
+    base = getattr(model, "base_model", None)
+    return base if isinstance(base, nn.Module) else model
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Where ``module`` runs: its accelerate execution device when dispatched, else its weights'
+    device (CPU for weights offloaded to ``meta``)."""
+    hook = getattr(module, "_hf_hook", None)
+    dev = getattr(hook, "execution_device", None)
+    if dev is not None:
+        return torch.device(dev if not isinstance(dev, int) else f"cuda:{dev}")
+    p = next(module.parameters(), None)
+    return p.device if p is not None and p.device.type != "meta" else torch.device("cpu")
+
+
+def input_device(model: nn.Module) -> torch.device:
+    return module_device(model.get_input_embeddings())
+
+
 def layer_module(model: nn.Module, spec: ArchSpec, layer: int, role: str) -> nn.Module:
     """The module playing ``role`` ("pre", "up", "down", "act") in decoder layer ``layer``."""
     path = getattr(spec, role)

@@ -26,8 +26,9 @@ from torch import nn
 from editor.errors import EditorError
 from editor.heap import longest_first
 from editor.hooks import hooks
-from editor.model.arch import ArchSpec, d_ff, decoder_layers
+from editor.model.arch import ArchSpec, backbone, d_ff, decoder_layers, input_device
 from editor.model.tokens import eos_ids, pad_id
+from editor.profile.prefix import pooled_by_prefix
 from editor.progress import bar
 
 
@@ -95,27 +96,6 @@ def batched_texts(tokenizer, texts: list[str], *, batch_size: int = 8, max_lengt
     ids, truncated = tokenize(tokenizer, texts, max_length) if texts else ([], 0)
     batches = make_batches(ids, batch_size, pad_id(tokenizer), side)
     return Texts(batches, sum(b.tokens for b in batches), truncated, side)
-
-
-def backbone(model: nn.Module) -> nn.Module:
-    """The decoder stack without the LM head (``base_model``), falling back to the whole model."""
-    base = getattr(model, "base_model", None)
-    return base if isinstance(base, nn.Module) else model
-
-
-def module_device(module: nn.Module) -> torch.device:
-    """Where ``module`` runs: its accelerate execution device when dispatched, else its weights'
-    device (CPU for weights offloaded to ``meta``)."""
-    hook = getattr(module, "_hf_hook", None)
-    dev = getattr(hook, "execution_device", None)
-    if dev is not None:
-        return torch.device(dev if not isinstance(dev, int) else f"cuda:{dev}")
-    p = next(module.parameters(), None)
-    return p.device if p is not None and p.device.type != "meta" else torch.device("cpu")
-
-
-def input_device(model: nn.Module) -> torch.device:
-    return module_device(model.get_input_embeddings())
 
 
 Tap = Callable[[int, torch.Tensor, Batch], None]  # (layer, activations, batch)
@@ -230,8 +210,6 @@ def pooled_keys(model, tokenizer, spec: ArchSpec, texts: list[str], *, batch_siz
     """Per text and layer, the key max-pooled over the text's real tokens (what the runtime's
     linear detector scores over the prompt's call): {layer: float32 [len(texts), d_ff]}. Texts that
     begin alike read their common beginning once (``editor.profile.prefix``)."""
-    from editor.profile.prefix import pooled_by_prefix
-
     side = padding_side or getattr(tokenizer, "padding_side", "right") or "right"
     ids, _ = tokenize(tokenizer, texts, max_length) if texts else ([], 0)
     keys = PerTextKeys(model, spec, len(texts), max_over_real_tokens)

@@ -26,10 +26,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from editor.heap import BATCH_TOKENS
+from editor.heap import BATCH_TOKENS, longest_first
 from editor.hooks import hooks
-from editor.model.arch import ArchSpec, d_ff, decoder_layers
-from editor.profile.collect import backbone, input_device
+from editor.model.arch import ArchSpec, backbone, d_ff, decoder_layers, input_device
 from editor.runtime.modeling_skill_editor import CACHE_KEY
 
 # What forming a group costs, in prompt-token positions: its prefix is one more row of a batched
@@ -130,7 +129,7 @@ def _pool(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def plan_calls(ids: list[list[int]], *, batch_size: int, pad: int, padding_side: str = "right",
                call_tokens: int | None = None) -> list[dict]:
-    """The forward calls of ``pooled_by_prefix``, longest first: units of either one batch of
+    """The forward calls of ``pooled_by_prefix``, longest first (``longest_first``): units of either one batch of
     prompts read whole (``{"whole": batch}``) or a batch of up to ``batch_size`` groups' prefixes,
     left-padded (``{"heads": batch, "tails": [batch]}``), then their members' remaining tokens in
     batches that mix the groups: each row right-padded after its own prefix's cache row (``group``:
@@ -159,9 +158,10 @@ def plan_calls(ids: list[list[int]], *, batch_size: int, pad: int, padding_side:
             start = torch.tensor([chunk[owner[j]][0] for j in k], dtype=torch.long)
             b["position_ids"] = start[:, None] + b["position_ids"]
         width = past + max(b["input_ids"].shape[1] for b in batches)
-        units.append({"heads": heads, "tails": batches, "width": width})
-    units.sort(key=lambda u: -u["width"])  # longest first: the largest activations come first (lowest peak)
-    return units
+        units.append({"heads": heads, "tails": longest_first(batches), "width": width})
+    # longest first (units by their widest call: cached positions + the tail's; a unit's tails likewise):
+    # the heap reuses the first call's blocks instead of growing
+    return longest_first(sorted(units, key=lambda u: u["width"]))
 
 
 @torch.inference_mode()

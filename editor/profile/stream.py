@@ -15,7 +15,7 @@ import time
 import torch
 
 from editor.errors import EditorError
-from editor.model.arch import ArchSpec, d_ff, decoder_layers
+from editor.model.arch import ArchSpec, d_ff, decoder_layers, module_device
 from editor.profile import collect
 from editor.profile.stats import Moments, Scratch, SetStats
 from editor.progress import bar
@@ -116,9 +116,9 @@ def profile_texts(
     for i in range(len(layers)):
         out[i] = {}
         if want_pre:
-            out[i]["pre"] = acc.pre[i] if i in acc.pre else Moments.empty(width, collect.module_device(layers[i]))
+            out[i]["pre"] = acc.pre[i] if i in acc.pre else Moments.empty(width, module_device(layers[i]))
         if want_key:
-            out[i]["key"] = acc.key[i] if i in acc.key else Moments.empty(width, collect.module_device(layers[i]))
+            out[i]["key"] = acc.key[i] if i in acc.key else Moments.empty(width, module_device(layers[i]))
     summary = {"texts": len(texts), "tokens": prepared.tokens, "truncated": prepared.truncated, "max_length": max_length,
                "padding_side": prepared.padding_side, "batch_size": batch_size, "seconds": round(seconds, 3)}
     return out, summary
