@@ -471,6 +471,7 @@ class DryRun:
         on_prompt = bool(ks) and ks.check == "prompt" and not self.recipe.neuron_adjust  # scorecard.decides_on_prompt
         edited = (min(GUARD_PASS[0], self.weight_bytes)
                   + GUARD_PASS[1] * scorecard_batch_bytes(self.shape, b, ev.batch_size, generate=False)
+                  + (PREFIX_CACHES * kv_cache_bytes(self.shape, b) if ks.detector == "linear" else 0)
                   if on_prompt else generation)
         return run_stage_peaks(self.weight_bytes, scorecard=True, generation_bytes=generation, edited_bytes=int(edited),
                                **self._peak_terms())
@@ -519,6 +520,18 @@ AFTER_SCORECARD = 256 * 2**20
 # 1 / 2 threads on 168 MiB of activations, Qwen +1 059 MiB on 416 MiB): two points, not a law.
 # An edited model that generates (Neuron Adjust, ``check: every_call``) peaks like the base scorecard.
 GUARD_PASS = (417 * 2**20, 1.54)
+# A pooled linear guard's decisions come from shared-prefix forwards (``editor.profile.prefix``): a
+# group of prefixes' KV cache and the copy of its rows that a batch of members continues live together,
+# each at most ``BATCH_TOKENS`` positions (the heads' rows × their width; a tail's rows × cached + own
+# positions).
+PREFIX_CACHES = 2
+
+
+def kv_cache_bytes(shape: dict, dtype_bytes: int) -> int:
+    """Every layer's keys and values of ``BATCH_TOKENS`` token positions."""
+    from editor.heap import BATCH_TOKENS
+
+    return BATCH_TOKENS * shape["layers"] * 2 * shape["kv_heads"] * shape["head_dim"] * dtype_bytes
 
 
 def scorecard_batch_bytes(shape: dict, dtype_bytes: int, batch_size: int, *, generate: bool) -> int:
@@ -531,8 +544,7 @@ def scorecard_batch_bytes(shape: dict, dtype_bytes: int, batch_size: int, *, gen
     act = BATCH_TOKENS * (4 * shape["d_ff"] + 8 * shape["hidden"]) * dtype_bytes
     if not generate:
         return act
-    kv = BATCH_TOKENS * shape["layers"] * 2 * shape["kv_heads"] * shape["head_dim"] * dtype_bytes
-    return act + kv + batch_size * shape["vocab"] * 4 * 2
+    return act + kv_cache_bytes(shape, dtype_bytes) + batch_size * shape["vocab"] * 4 * 2
 
 
 def stage_peaks(weight_bytes: int, *, transient_bytes: int = 0, calibration_bytes: int = 0,
