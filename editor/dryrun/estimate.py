@@ -469,10 +469,13 @@ class DryRun:
         generation = scorecard_batch_bytes(self.shape, b, ev.batch_size, generate=True)
         ks = self.recipe.key_space
         on_prompt = bool(ks) and ks.check == "prompt" and not self.recipe.neuron_adjust  # scorecard.decides_on_prompt
-        edited = (min(GUARD_PASS[0], self.weight_bytes)
-                  + GUARD_PASS[1] * scorecard_batch_bytes(self.shape, b, ev.batch_size, generate=False)
-                  + (PREFIX_CACHES * kv_cache_bytes(self.shape, b) if ks.detector == "linear" else 0)
-                  if on_prompt else generation)
+        if not on_prompt:
+            edited = generation
+        elif ks.detector == "linear":  # its decisions come from shared-prefix forwards (scorecard.pooled_guard_flags)
+            edited = PREFIX_PASS[0] + PREFIX_PASS[1] * kv_cache_bytes(self.shape, b)
+        else:
+            edited = (min(GUARD_PASS[0], self.weight_bytes)
+                      + GUARD_PASS[1] * scorecard_batch_bytes(self.shape, b, ev.batch_size, generate=False))
         return run_stage_peaks(self.weight_bytes, scorecard=True, generation_bytes=generation, edited_bytes=int(edited),
                                **self._peak_terms())
 
@@ -517,14 +520,18 @@ AFTER_SCORECARD = 256 * 2**20
 # after its fit by ``GUARD_PASS``: a constant (at most the weights' size, as ``AFTER_SCORECARD``) plus a
 # factor on the batch's activations — the C heap keeps more than one batch's live tensors, more with
 # two threads than with one. Read off the two real models' shipped runs (SmolLM2 +606 / +747 MiB at
-# 1 / 2 threads on 168 MiB of activations, Qwen +1 059 MiB on 416 MiB): two points, not a law.
+# 1 / 2 threads on 168 MiB of activations, Qwen +1 059 MiB on 416 MiB, when their pooled linear guards
+# still ran through that forward: before stop 31): two points, not a law. A pooled linear guard: ``PREFIX_PASS``.
 # An edited model that generates (Neuron Adjust, ``check: every_call``) peaks like the base scorecard.
 GUARD_PASS = (417 * 2**20, 1.54)
-# A pooled linear guard's decisions come from shared-prefix forwards (``editor.profile.prefix``): a
-# group of prefixes' KV cache and the copy of its rows that a batch of members continues live together,
-# each at most ``BATCH_TOKENS`` positions (the heads' rows × their width; a tail's rows × cached + own
-# positions).
-PREFIX_CACHES = 2
+# A pooled linear guard's decisions come from shared-prefix forwards (``editor.profile.prefix``), which
+# run the decoder stack only: what they hold is key/value caches — a group of prefixes' cache, the copy
+# of its rows that a batch of members continues and that copy grown by the members' own tokens, each at
+# most ``BATCH_TOKENS`` positions (``kv_cache_bytes``) — and one layer's activations at a time. Their
+# peak above the level ``run`` holds after its fit: a constant plus a factor on one such cache, read off
+# the two real models' shipped runs (AMD EPYC, stop 31: SmolLM2 +770 / +800 MiB at 1 / 2 threads on a
+# 180 MiB cache, Qwen +335 MiB on 96 MiB — the C heap keeps freed caches' blocks): two points, not a law.
+PREFIX_PASS = (64 * 2**20, 4)
 
 
 def kv_cache_bytes(shape: dict, dtype_bytes: int) -> int:
