@@ -49,6 +49,25 @@ def reference_stats(model, token_lists):
     return {i: {k: torch.cat(v) for k, v in r.items()} for i, r in rows.items()}
 
 
+@torch.no_grad()
+def reference_pooled_keys(model, token_lists):
+    """{layer: [texts, d]}: each text's key (the down projection's input) max-pooled over all of its
+    tokens, from single-text forwards — what the pooled linear detector scores."""
+    layers_path, _, down_path, _ = paths(model.config.model_type)
+    layers = model.get_submodule(layers_path)
+    rows = {i: [] for i in range(len(layers))}
+    handles = [layer.get_submodule(down_path).register_forward_pre_hook(
+        lambda m, a, i=i: rows[i].append(a[0].reshape(-1, a[0].shape[-1]).amax(dim=0).float()))
+        for i, layer in enumerate(layers)]
+    try:
+        for ids in token_lists:
+            model(input_ids=torch.tensor([ids]))
+    finally:
+        for h in handles:
+            h.remove()
+    return {i: torch.stack(r) for i, r in rows.items()}
+
+
 def summarize(x):
     return {
         "count": x.shape[0],

@@ -19,6 +19,7 @@ from editor.methods.calibrate import budget_threshold, calibrate_linear, feature
 from editor.errors import EditorError
 from editor.profile import collect
 from tests.helpers import QUERIES, QUERY_SETS, calibration_project
+from tests.reference import reference_pooled_keys
 from tests.reference_methods import primal_logistic
 from tests.tiny import save_tiny
 
@@ -156,20 +157,10 @@ def test_pooled_keys_are_the_max_over_every_real_token(arch, side, tmp_path):
     spec = spec_for(model.config)
     texts = ["3 + 4 = ", "the cat sat on the long mat", "a", "12 + 19 = 31 and more"]
     got = collect.pooled_keys(model, tok, spec, texts, batch_size=3, padding_side=side)
-    layers = model.get_submodule(spec.layers)
-    for q, text in enumerate(texts):
-        rec = {}
-        handles = [layer.get_submodule(spec.down).register_forward_pre_hook(
-            lambda m, a, i=i: rec.__setitem__(i, a[0].reshape(-1, a[0].shape[-1]).detach().clone()))
-            for i, layer in enumerate(layers)]
-        try:
-            with torch.no_grad():
-                model(torch.tensor([tok(text)["input_ids"]]))
-        finally:
-            for h in handles:
-                h.remove()
-        for i in rec:
-            torch.testing.assert_close(got[i][q], rec[i].max(dim=0).values, atol=1e-5, rtol=1e-4)
+    want = reference_pooled_keys(model, [tok(t)["input_ids"] for t in texts])
+    assert set(want) == set(got)
+    for i in want:
+        torch.testing.assert_close(got[i], want[i], atol=1e-5, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------

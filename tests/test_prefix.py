@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from editor.profile import collect, prefix
+from tests.reference import reference_pooled_keys
 from tests.tiny import ALL_ARCHS, char_tokenizer, tiny_model
 
 SYSTEM = "system: you are a helpful assistant. user: "
@@ -91,20 +92,10 @@ def test_pooled_keys_by_prefix_are_each_prompts_own(arch, window, monkeypatch):
     assert len(groups) >= 2 and len(tok(SYSTEM)["input_ids"]) - 1 in groups  # SYSTEM alone is a prompt: one token short
     assert (len(groups), max(groups)) in calls, calls  # the groups' prefixes: one call, left-padded
     assert sum(b * t for b, t in calls) < sum(len(tok(t)["input_ids"]) for t in TEXTS) * 0.6
-    layers = model.get_submodule(spec.layers)
-    for q, text in enumerate(TEXTS):
-        rec = {}
-        handles = [layer.get_submodule(spec.down).register_forward_pre_hook(
-            lambda m, a, i=i: rec.__setitem__(i, a[0].reshape(-1, a[0].shape[-1]).detach().clone()))
-            for i, layer in enumerate(layers)]
-        try:
-            with torch.no_grad():
-                model(torch.tensor([tok(text)["input_ids"]]))
-        finally:
-            for h in handles:
-                h.remove()
-        for i in rec:
-            torch.testing.assert_close(got[i][q], rec[i].max(dim=0).values, atol=1e-5, rtol=1e-4)
+    want = reference_pooled_keys(model, [tok(t)["input_ids"] for t in TEXTS])
+    assert set(want) == set(got)
+    for i in want:
+        torch.testing.assert_close(got[i], want[i], atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3_text"])
@@ -127,21 +118,9 @@ def test_guard_flags_of_the_linear_detector_are_the_checkpoints_own(arch, monkey
     edited = wrap(model, {"format": FORMAT, "arch": model.config.model_type, "key_space": {"detector": "linear", "check": "prompt", "layers": list(range(n)),
                                                           "refusal": "No."}})
     assert scorecard.decides_on_prompt(edited) and scorecard.linear_guards(edited) is not None
-    scores, want = [], []
-    for text in TEXTS:
-        with torch.no_grad():
-            out = edited(**tok(text, return_tensors="pt"))
-        want.append(bool(out.abstained[0]))
-        with torch.no_grad():  # the literal sum of the layers' shares
-            rec = {}
-            handles = [decoder_layers(model, spec)[i].get_submodule(spec.down).register_forward_pre_hook(
-                lambda m, a, i=i: rec.__setitem__(i, a[0].reshape(-1, width).amax(0))) for i in range(n)]
-            try:
-                edited(**tok(text, return_tensors="pt"))
-            finally:
-                for h in handles:
-                    h.remove()
-        scores.append(sum(float(rec[i] @ shares[i].weight) + shares[i].bias for i in range(n)))
+    keys = reference_pooled_keys(model, [tok(t)["input_ids"] for t in TEXTS])
+    scores = [sum(float(keys[i][q] @ shares[i].weight) + shares[i].bias for i in range(n))  # the literal sum of the shares
+              for q in range(len(TEXTS))]
     # a bias that puts the threshold between the prompts' scores: some abstain, some do not
     shift = -sorted(scores)[len(scores) // 2] + 1e-3
     for i in range(n):

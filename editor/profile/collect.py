@@ -28,7 +28,7 @@ from editor.heap import longest_first
 from editor.hooks import hooks
 from editor.model.arch import ArchSpec, backbone, d_ff, decoder_layers, input_device
 from editor.model.tokens import eos_ids, pad_id
-from editor.profile.prefix import pooled_by_prefix
+from editor.profile.prefix import max_over_mask, pooled_by_prefix
 from editor.progress import bar
 
 
@@ -191,12 +191,8 @@ def _last_token(x: torch.Tensor, b: Batch) -> torch.Tensor:
 
 
 def max_over_real_tokens(x: torch.Tensor, b: Batch) -> torch.Tensor:
-    """[B, d_ff]: each row's maximum over its real tokens — a contiguous run (left or right
-    padding), reduced through a view of the row: no masked copy of the whole [B, T, d_ff] batch."""
-    mask = b.attention_mask
-    first = mask.argmax(dim=1).tolist()  # the first real token of each row
-    count = mask.sum(dim=1).tolist()
-    return torch.stack([x[r, s : s + n].amax(dim=0) for r, (s, n) in enumerate(zip(first, count))])
+    """[B, d_ff]: each row's maximum over its real tokens (``prefix.max_over_mask``)."""
+    return max_over_mask(x, b.attention_mask)
 
 
 def last_token_keys(model, tokenizer, spec: ArchSpec, texts: list[str], **kw) -> dict[int, torch.Tensor]:
